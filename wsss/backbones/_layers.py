@@ -1,0 +1,71 @@
+"""Small layers shared by the backbone families (no timm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth per sample: zero a sample's residual branch with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear (ViT / DeiT / Conformer MLP)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, capture: bool) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention core.
+
+    q: (B, h, Nq, d), k/v: (B, h, Nk, d). Returns the output (B, h, Nq, d) and, when ``capture``,
+    the scaled pre-softmax logits (B, h, Nq, Nk); otherwise the fused SDPA kernel runs and the
+    logits are never materialised.
+    """
+    if not capture:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    logits = (q @ k.transpose(-2, -1)) * scale
+    out = logits.softmax(dim=-1) @ v
+    return out, logits
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """timm-style init: truncated normal(0.02) Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def dpr(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over ``depth`` blocks."""
+    return [float(r) for r in torch.linspace(0, drop_path_rate, depth)] if depth > 1 else [0.0]

@@ -1,0 +1,88 @@
+"""The contract every backbone family follows.
+
+A backbone maps an image batch to feature maps and, on request, the pre-softmax attention logits
+of chosen blocks. Layers are numbered globally from 0 (MiT-B1: blocks 0..7 over the four stages;
+ViT/DeiT/Conformer: 0..11).
+
+Attention contract: ``out.attn[l]`` is the **scaled** pre-softmax logit tensor
+``q k^T / sqrt(head_dim)`` of block ``l``, shape (B, heads, N, N) over all tokens of that block,
+non-patch (class) tokens first; ``softmax(-1)`` of it is the attention the block really used.
+MiT blocks with spatial reduction (sr > 1) have Nq != Nk; their query axis is average-pooled to
+the reduced grid (the official AFA behaviour), so the map is square. Consumers that need the
+official unscaled AFA logits multiply by ``sqrt(head_dims[l])``. When ``attn_reduce`` is given,
+``out.attn[l] = attn_reduce(l, logits)`` is stored instead, so a caller can reduce each layer at
+once (e.g. to a head-mean softmax) and never hold every (B, heads, N, N) map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+AttnReduce = Callable[[int, Tensor], Tensor]
+
+
+@dataclass
+class BackboneOutput:
+    """What ``forward_features`` returns.
+
+    features: feature maps, each (B, C_i, h_i, w_i); ``features[-1]`` is the stride-16 map the CAM
+        is computed from.
+    attn: layer index -> (B, heads, N, N) scaled logits, or what ``attn_reduce`` made of them.
+    grids: layer index -> (h, w) of that layer's patch tokens (after pooling for MiT sr > 1).
+    prefix: non-patch token outputs (B, T, D) (class tokens), or None.
+    """
+
+    features: list[Tensor]
+    attn: dict[int, Tensor] = field(default_factory=dict)
+    grids: dict[int, tuple[int, int]] = field(default_factory=dict)
+    prefix: Tensor | None = None
+
+
+class Backbone(nn.Module):
+    """Base class. Subclasses set the attributes below and implement ``forward_features``."""
+
+    num_layers: int
+    num_heads: list[int]  # per layer
+    head_dims: list[int]  # per layer
+    out_channels: list[int]  # per feature map
+    num_prefix_tokens: int = 0  # T: class tokens before the patch tokens
+    patch_stride: int = 16  # stride of features[-1]
+
+    # Subclasses define:
+    #   forward_features(x, attn_layers=(), attn_reduce=None) -> BackboneOutput
+
+    def forward(
+        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
+    ) -> BackboneOutput:
+        return self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+
+    def check_layers(self, attn_layers: Sequence[int]) -> set[int]:
+        """Normalise negative indices and reject out-of-range ones with a clear message."""
+        out = set()
+        for layer in attn_layers:
+            idx = layer + self.num_layers if layer < 0 else layer
+            if not 0 <= idx < self.num_layers:
+                raise ValueError(f"attention layer {layer} out of range for {self.num_layers} layers")
+            out.add(idx)
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (positional embeddings and the like)."""
+        return set()
+
+
+def check_input(x: Tensor, multiple: int = 1, name: str = "input") -> None:
+    """Reject inputs that are not (B, 3, H, W) floats, or whose sides are not multiples of ``multiple``."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be (B, 3, H, W), got {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if multiple > 1 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
+        raise ValueError(
+            f"{name} sides {tuple(x.shape[-2:])} must be multiples of {multiple}; pad the image "
+            f"(wsss.data.transforms.pad_to_multiple) first"
+        )
