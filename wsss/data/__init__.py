@@ -1,1 +1,72 @@
-"""data."""
+"""Datasets (VOC, COCO, your own folder, synthetic), augmentation, robust IO and loaders.
+
+Every dataset returns the sample dict documented in :class:`wsss.data.voc.SegmentationDataset`
+and exposes ``class_names`` / ``num_classes``; :func:`build_dataset` / :func:`build_loader` build
+them from a config section.
+"""
+
+from .build import SeededSampler, build_dataset, build_loader, build_transform, collate
+from .coco import COCO_CLASSES, COCODataset, convert_coco_instances
+from .folder import FolderDataset
+from .io import IGNORE_INDEX, DataError, load_image, load_mask, save_mask, voc_palette
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    color_jitter,
+    denormalize,
+    normalize,
+    pad_to_multiple,
+    random_crop,
+    random_hflip,
+    random_rescale,
+    random_resized_crop,
+)
+from .voc import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
+
+
+def __getattr__(name: str) -> object:  # lazy: `python -m wsss.data.synthetic` must not import it twice
+    if name in ("generate_synthetic", "render_sample"):
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module 'wsss.data' has no attribute {name!r}")
+
+
+__all__ = [
+    "COCO_CLASSES",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VOC_CLASSES",
+    "COCODataset",
+    "DataError",
+    "EvalTransform",
+    "FolderDataset",
+    "SeededSampler",
+    "SegmentationDataset",
+    "TrainTransform",
+    "VOCDataset",
+    "build_dataset",
+    "build_loader",
+    "build_transform",
+    "collate",
+    "color_jitter",
+    "convert_cls_labels_npy",
+    "convert_coco_instances",
+    "denormalize",
+    "generate_synthetic",
+    "load_image",
+    "load_mask",
+    "normalize",
+    "pad_to_multiple",
+    "random_crop",
+    "random_hflip",
+    "random_rescale",
+    "random_resized_crop",
+    "read_labels_file",
+    "render_sample",
+    "save_mask",
+    "voc_palette",
+]

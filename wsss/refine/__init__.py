@@ -1,1 +1,31 @@
-"""refine."""
+"""Refinement stage: PAR, affinity propagation, window masks and pseudo / affinity labels."""
+
+from wsss.refine.labels import (
+    affinity_labels,
+    box_mask,
+    cam_to_label,
+    combine_high_low,
+    masked_softmax,
+    par_pseudo_label,
+    par_refine_scores_label,
+    present_index,
+)
+from wsss.refine.par import PAR, neighbour_distances, neighbour_offsets
+from wsss.refine.propagation import propagate_affinity, propagate_affinity_plain, window_mask
+
+__all__ = [
+    "PAR",
+    "affinity_labels",
+    "box_mask",
+    "cam_to_label",
+    "combine_high_low",
+    "masked_softmax",
+    "neighbour_distances",
+    "neighbour_offsets",
+    "par_pseudo_label",
+    "par_refine_scores_label",
+    "present_index",
+    "propagate_affinity",
+    "propagate_affinity_plain",
+    "window_mask",
+]

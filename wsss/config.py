@@ -1,0 +1,201 @@
+"""YAML configs with dotted command-line overrides.
+
+A config file may name a ``base`` file (relative to itself) that it extends. Values are merged
+as: built-in defaults <- base chain <- file <- overrides (``train.max_iters=100``). Unknown keys
+in an override are an error (typos must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Every key a config may set, with the defaults of the official AFA VOC recipe where one exists.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "method": "afa",  # cam | afa | aream | supervised
+    "seed": 1,
+    "out_dir": "runs/${name}",
+    "model": {
+        "backbone": "mit_b1",
+        "backbone_kwargs": {},
+        "pretrained": None,
+        "cam_head": {"kernel_size": 1, "bias": False, "pooling": "gmp"},
+        "token_head": None,  # null | mean | linear
+        "seg_head": {"enabled": True, "embed_dim": 256, "dropout": 0.1},
+        "aff_layers": [-2, -1],  # blocks whose attention feeds the AFA head
+    },
+    "data": {  # read by wsss.data.build.build_dataset / build_transform
+        "type": "voc",  # voc | coco | folder | synthetic
+        "root": "data/VOC2012",
+        "train_split": "train_aug",
+        "val_split": "val",
+        "num_classes": 21,  # including background
+        "class_names": None,
+        "labels_file": None,
+        "train_labels_file": None,
+        "val_labels_file": None,
+        "image_dir": None,
+        "train_image_dir": None,
+        "val_image_dir": None,
+        "mask_dir": "auto",
+        "crop_size": 512,
+        "scale_range": [0.5, 2.0],
+        "interpolation": "bilinear",
+        "flip": True,
+        "color_jitter": False,
+        "resized_crop": False,
+        "cat_max_ratio": None,
+        "batch_size": 2,
+        "num_workers": 2,
+        "seed": 0,
+        # synthetic set (generated into root on first use)
+        "num_train": 400,
+        "num_val": 100,
+        "size": 128,
+        "synthetic_seed": 0,
+    },
+    "optim": {  # read by wsss.engine.optim.build_optimizer / build_scheduler
+        "param_rules": "afa",  # afa | aream | mctformer: parameter groups of each official recipe
+        "param_rules_args": {},  # e.g. {norm: train} to train AFA's frozen encoder LayerNorms
+        "lr": 6.0e-5,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.999],
+        "eps": 1.0e-8,
+        "schedule": "poly",  # poly (per step) | cosine (per step) | epoch_cosine (per epoch)
+        "max_iters": "${train.max_iters}",
+        "warmup_iters": 1500,
+        "warmup_ratio": 1.0e-6,
+        "power": 1.0,
+        "rebase": False,
+        "epochs": None,
+        "warmup_epochs": 1,
+        "start_lr": 1.0e-6,
+        "final_lr": 1.0e-6,
+        "warmup_lr": 1.0e-6,
+        "min_lr": 1.0e-5,
+        "official_lag": True,
+    },
+    "train": {
+        "max_iters": 20000,
+        "grad_accum": 1,
+        "log_every": 50,
+        "eval_every": 2000,
+        "ckpt_every": 2000,
+        "keep_ckpts": 2,
+        "amp": None,  # null | bf16
+        "cam_pass_mode": "train",  # train (official) | eval
+        "eval_max_images": None,
+    },
+    "cam": {
+        "scales": [1.0, 0.5, 1.5],
+        "flip": True,
+        "fuse": "afa",  # afa: max over flip, relu, sum scales | aream: sum all, relu after
+        "bkg_score": 0.45,
+        "high": 0.55,
+        "low": 0.35,
+    },
+    "par": {"dilations": [1, 2, 4, 8, 12, 24], "num_iter": 10, "w1": 0.3, "w2": 0.01, "downscale": 2},
+    "afa": {
+        "warmup_iters": 2000,  # classification-only iterations
+        "switch_iter": 6000,  # seg target: PAR label until here, then the propagated label
+        "aff_target_switch_iter": None,  # COCO: the affinity target also switches (15000)
+        "seg_weight": 0.1,
+        "aff_weight": 0.1,
+        "reg_weight": 0.0,  # released code: off; the paper's lambda3 = 0.01
+        "radius": 8,
+        "power": 2.0,
+        "norm_eps": 0.1,
+        "window": "square",
+        "sampling": "topleft",
+        "crop_to_box": True,
+    },
+    "aream": {
+        "layer_index": 7,  # fuse [0, k) for pseudo labels, supervise [k, L)
+        "warmup_iters": 1650,  # classification-only iterations (10 epochs of 165)
+        "aff_weight": 0.1,
+        "seg_weight": 0.0,  # an end-to-end seg head on AReAM labels (not in the paper)
+        "weighting": "uniform",  # uniform | entropy_offline | entropy_online
+        "entropy": None,  # per-layer offline mean entropies (list of L floats)
+        "class_attention": True,  # MCTformer: CAM x class-to-patch attention
+        "renormalize": False,
+        "sampling": "topleft",
+    },
+    "eval": {
+        "split": "val",
+        "scales": [1.0],
+        "flip": False,
+        "bkg_score": 0.45,
+        "aff_bkg_score": 0.35,
+        "crf": False,
+        "max_images": None,
+        "sweep": False,
+    },
+}
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path in seen:
+        raise ValueError(f"config base cycle: {' -> '.join(map(str, seen + (path,)))}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"config {path} must be a mapping")
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_load_yaml_chain((path.parent / str(base)).resolve(), seen + (path,)), cfg)
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A path, or the name of a shipped config (``afa_mit_b1_voc`` -> configs/afa_mit_b1_voc.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    for cand in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"config not found: {name} (looked in the working directory and {CONFIG_DIR})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a config file over the defaults and apply ``key=value`` overrides."""
+    cfg = OmegaConf.create(DEFAULTS)
+    if path is not None:
+        file_cfg = _load_yaml_chain(resolve_config_path(path))
+        _check_keys(cfg, file_cfg, str(path))
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key=value")
+    over = OmegaConf.from_dotlist(list(overrides))
+    _check_keys(cfg, over, "command line")
+    cfg = OmegaConf.merge(cfg, over)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+# Sections whose keys are free-form (passed through to a builder).
+_OPEN = {"model.backbone_kwargs", "model.cam_head", "model.seg_head", "optim.param_rules_args"}
+
+
+def _check_keys(ref: Any, new: Any, where: str, prefix: str = "") -> None:
+    if not isinstance(new, DictConfig) or prefix.rstrip(".") in _OPEN:
+        return
+    for key in new.keys():
+        dotted = f"{prefix}{key}"
+        if not isinstance(ref, DictConfig) or key not in ref:
+            raise KeyError(f"unknown config key '{dotted}' ({where})")
+        if isinstance(ref[key], DictConfig):
+            _check_keys(ref[key], new[key], where, dotted + ".")
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,233 @@
+"""Datasets and loaders from a config section, with reproducible, per-rank, per-sample seeding.
+
+Seeding (fixes afa.md 14 item 14, where every rank and worker repeated the same ``np.random``
+crop offsets): the loader's sampler yields ``(index, seed)`` pairs, the seed drawn from a torch
+Generator seeded by ``(seed, rank, epoch)``; the dataset builds a fresh numpy Generator from it for
+that sample. The augmentation of a sample therefore depends only on (seed, rank, epoch, position),
+not on the number of workers or their scheduling. Workers are also seeded by a ``worker_init_fn``
+(numpy, ``random`` and the dataset's own generator for plain integer indices).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from .coco import COCODataset
+from .folder import FolderDataset
+from .io import IGNORE_INDEX, DataError
+from .transforms import EvalTransform, TrainTransform
+from .voc import VOCDataset
+
+_DEFAULT_SPLITS = {"voc": {"train": "train_aug", "val": "val"}, "coco": {"train": "train", "val": "val"}}
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` for dicts, OmegaConf configs and plain objects alike."""
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            value = cfg.get(key, default)
+        except Exception:  # OmegaConf struct mode raises on unknown keys
+            value = default
+        return default if value is None else value
+    return getattr(cfg, key, default)
+
+
+def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
+    """:class:`TrainTransform` from keys crop_size (512), scale_range ([0.5, 2.0]), flip (true),
+    color_jitter (false), interpolation ("bilinear"), resized_crop (false), cat_max_ratio; or
+    :class:`EvalTransform` when not training."""
+    if not train:
+        return EvalTransform()
+    scale = _get(cfg, "scale_range", (0.5, 2.0))
+    return TrainTransform(
+        crop_size=_get(cfg, "crop_size", 512),
+        scale_range=tuple(scale) if scale not in (False, "none") else None,
+        flip=bool(_get(cfg, "flip", True)),
+        color_jitter=bool(_get(cfg, "color_jitter", False)),
+        interpolation=str(_get(cfg, "interpolation", "bilinear")),
+        resized_crop=bool(_get(cfg, "resized_crop", False)),
+        cat_max_ratio=_get(cfg, "cat_max_ratio", None),
+    )
+
+
+def _split_name(cfg: Any, kind: str, split: str) -> str:
+    """A role ("train"/"val") maps through ``splits: {train: ..., val: ...}`` or ``<role>_split``."""
+    splits = _get(cfg, "splits", None) or {}
+    if split in splits:
+        return str(splits[split])
+    explicit = _get(cfg, f"{split}_split", None)
+    if explicit is not None:
+        return str(explicit)
+    return _DEFAULT_SPLITS.get(kind, {}).get(split, split)
+
+
+def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
+    """Dataset from a config section.
+
+    Keys: ``type`` (voc | coco | folder | synthetic), ``root``, ``splits``/``<role>_split``,
+    ``num_classes``, ``labels_file``, ``mask_dir``, ``class_names``, ``seed``, the transform keys of
+    :func:`build_transform`; folder: ``image_dir``, ``labels_file`` (or ``<split>_labels_file``),
+    ``mask_dir``; synthetic: ``num_train``, ``num_val``, ``size``, ``synthetic_seed`` (generated into
+    ``root`` when it has no split files yet, then read as VOC)."""
+    kind = str(_get(cfg_data, "type", "voc")).lower()
+    transform = build_transform(cfg_data, train)
+    seed = int(_get(cfg_data, "seed", 0))
+    labels_file = _get(cfg_data, f"{split}_labels_file", None) or _get(cfg_data, "labels_file", None)
+    mask_dir = _get(cfg_data, "mask_dir", "auto")
+    class_names = _get(cfg_data, "class_names", None)
+    class_names = list(class_names) if class_names is not None else None
+    if kind == "folder":
+        image_dir = _get(cfg_data, f"{split}_image_dir", None) or _get(cfg_data, "image_dir", None)
+        if image_dir is None or labels_file is None:
+            raise DataError("a folder dataset needs image_dir and labels_file")
+        mask_dir = None if mask_dir == "auto" else mask_dir
+        return FolderDataset(image_dir, labels_file, class_names, mask_dir, transform, seed=seed)
+    root = _get(cfg_data, "root", None)
+    if root is None:
+        raise DataError(f"data config of type {kind!r} needs a root")
+    name = _split_name(cfg_data, kind, split)
+    if kind == "synthetic":
+        num_classes = int(_get(cfg_data, "num_classes", 5))
+        if not (Path(root) / "ImageSets" / "Segmentation" / "val.txt").is_file():
+            from .synthetic import generate_synthetic  # lazy: keeps `python -m wsss.data.synthetic` clean
+            generate_synthetic(
+                root,
+                num_train=int(_get(cfg_data, "num_train", 200)),
+                num_val=int(_get(cfg_data, "num_val", 50)),
+                size=int(_get(cfg_data, "size", 128)),
+                seed=int(_get(cfg_data, "synthetic_seed", 0)),
+                num_classes=num_classes,
+            )
+        return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
+    if kind == "voc":
+        num_classes = _get(cfg_data, "num_classes", None)
+        return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
+    if kind == "coco":
+        return COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
+    raise DataError(f"unknown dataset type {kind!r} (voc, coco, folder, synthetic)")
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """Stack samples; images of different sizes are padded at the bottom/right (image 0, mask 255;
+    ``img_box`` still marks each real image). Returns image (B,3,H,W), labels (B,K), mask (B,H,W),
+    img_box (B,4), size (B,2) and name (list of B str)."""
+    h = max(s["image"].shape[-2] for s in batch)
+    w = max(s["image"].shape[-1] for s in batch)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        dh, dw = h - t.shape[-2], w - t.shape[-1]
+        return F.pad(t, (0, dw, 0, dh), value=value) if dh or dw else t
+
+    return {
+        "image": torch.stack([pad(s["image"], 0.0) for s in batch]),
+        "labels": torch.stack([s["labels"] for s in batch]),
+        "mask": torch.stack([pad(s["mask"], IGNORE_INDEX) for s in batch]),
+        "img_box": torch.stack([s["img_box"] for s in batch]),
+        "size": torch.stack([s["size"] for s in batch]),
+        "name": [s["name"] for s in batch],
+    }
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler so that it yields ``(index, sample_seed)``; seeds come from a torch Generator
+    seeded by (seed, rank, epoch). The epoch advances on every pass (or via :meth:`set_epoch`)."""
+
+    def __init__(self, sampler: Sampler, seed: int, rank: int = 0) -> None:
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank * 10_007 + epoch) % (2**63))
+        seeds = torch.randint(0, 2**62, (len(self.sampler),), generator=g).tolist()
+        yield from zip(iter(self.sampler), seeds)
+
+
+class _PermutationSampler(Sampler):
+    """A seeded shuffle of ``range(n)``: permutation from (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _worker_init(worker_id: int) -> None:
+    """Seed numpy, ``random`` and the dataset's generator from the worker's torch seed."""
+    seed = torch.initial_seed() % (2**32)
+    np.random.seed(seed)  # noqa: NPY002  (for third-party transforms that use the global RNG)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    distributed: bool = False,
+    drop_last: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """DataLoader with per-rank, per-sample seeding (module docstring).
+
+    Training shuffles (a ``DistributedSampler`` when ``distributed``, with ``rank``/``world_size``
+    from ``torch.distributed`` unless given) and drops the last incomplete batch by default;
+    evaluation keeps order and every sample (a distributed eval shards without shuffling)."""
+    drop_last = train if drop_last is None else drop_last
+    if distributed:
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        base: Sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=False
+        )
+    else:
+        rank = 0 if rank is None else rank
+        base = _PermutationSampler(len(dataset), seed) if train else SequentialSampler(dataset)
+    sampler = SeededSampler(base, seed, rank)
+    g = torch.Generator().manual_seed(seed * 7919 + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        worker_init_fn=_worker_init,
+        generator=g,
+        pin_memory=False,
+        persistent_workers=False,
+    )

@@ -1,0 +1,78 @@
+"""Your own images with image-level labels (the "how do I run this on my data" path).
+
+::
+
+    FolderDataset("photos/", "labels.csv")                      # name,labels / img1,cat;dog
+    FolderDataset("photos/", "labels.json", mask_dir="masks/")  # {"classes": [...], "labels": {...}}
+
+CSV rows give class names or ids (1..K) separated by ``;`` (or spaces); the class list comes from
+``class_names`` or, for JSON, the file's ``"classes"``; for a CSV with names only and no
+``class_names``, the sorted set of names in the file. Masks (optional, PNG with the same stem)
+are used for evaluation only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .io import DataError
+from .voc import SegmentationDataset, Transform, build_from_dirs, read_labels_file, with_background
+
+
+def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:
+    """Class names from the labels file alone: JSON "classes", or the sorted names used in a CSV."""
+    if labels_file.suffix.lower() == ".json":
+        try:
+            data = json.loads(labels_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"cannot parse labels file {labels_file}: {err}") from err
+        if isinstance(data, dict) and data.get("classes"):
+            return with_background(data["classes"])
+        return None
+    names: set[str] = set()
+    with open(labels_file, newline="") as f:
+        for row in csv.reader(f):
+            if len(row) < 2 or row[0].strip().lower() in ("name", "image", "filename", "file"):
+                continue
+            tokens = " ".join(row[1:]).replace(";", " ").replace("|", " ").split()
+            names.update(t for t in tokens if not t.isdigit())
+    return with_background(sorted(names)) if names else None
+
+
+class FolderDataset(SegmentationDataset):
+    """Images in ``image_dir`` listed by ``labels_file`` (order of the file is the dataset order)."""
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        labels_file: str | os.PathLike,
+        class_names: Sequence[str] | None = None,
+        mask_dir: str | os.PathLike | None = None,
+        transform: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
+        image_dir, labels_file = Path(image_dir), Path(labels_file)
+        if not image_dir.is_dir():
+            raise DataError(f"image folder not found: {image_dir}")
+        if not labels_file.is_file():
+            raise DataError(f"labels file not found: {labels_file}")
+        classes = with_background(class_names) if class_names is not None else _infer_classes(labels_file)
+        if classes is None:
+            raise DataError(f"{labels_file}: give class_names (the file has only class ids)")
+        # the dataset order is the file's order
+        labels, file_classes = read_labels_file(labels_file, classes)
+        mdir = Path(mask_dir) if mask_dir is not None else None
+        if mdir is not None and not mdir.is_dir():
+            raise DataError(f"mask folder not found: {mdir}")
+        super().__init__(
+            **build_from_dirs(
+                list(labels), image_dir, mdir, file_classes or classes, transform, labels_file,
+                masks_required=False, cache_file=None, seed=seed,
+            )
+        )  # fmt: skip
+        self.image_dir = image_dir
+        self.mask_dir = mdir

@@ -1,0 +1,289 @@
+"""Optimisers, parameter groups and learning-rate schedules of the AFA and AReAM recipes.
+
+Parameter groups are built from :class:`ParamRule` lists (first match wins). Every group carries an
+``lr_mult``; the schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)`` where ``base_lr`` is
+the group's initial lr divided by its ``lr_mult``. For multiplicative schedules (poly) this is the same
+as scaling each group's own lr; for schedules with absolute end points (AReAM's cosine from 1e-6 to
+1e-6) it reproduces the official "lr * lr_scale" behaviour, so a x10 head also starts at 10 * 1e-6.
+
+Schedulers are stepped once per optimiser step (``PolyWarmupLR``, ``WarmupCosineLR``) or once per
+epoch (``EpochCosineLR``), always *after* ``optimizer.step()``; the lr used for step ``t`` (0-based)
+is the value at ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+Matcher = Callable[[str, nn.Parameter], bool]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """Assigns an lr multiplier and a weight decay to the parameters it matches.
+
+    match: ``f(name, param) -> bool`` or a regular expression searched in the name.
+    weight_decay: None = the optimiser's default. exclude: drop matched parameters from the optimiser.
+    """
+
+    match: Matcher | str
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+    name: str = ""
+    exclude: bool = False
+
+    def matches(self, name: str, param: nn.Parameter) -> bool:
+        if isinstance(self.match, str):
+            return re.search(self.match, name) is not None
+        return bool(self.match(name, param))
+
+
+def prefix(*prefixes: str) -> Matcher:
+    """Matcher: the name starts with one of ``prefixes``."""
+    return lambda name, _p: name.startswith(prefixes)
+
+
+def contains(*parts: str) -> Matcher:
+    """Matcher: the name contains one of ``parts``."""
+    return lambda name, _p: any(s in name for s in parts)
+
+
+def both(a: Matcher, b: Matcher) -> Matcher:
+    return lambda name, p: a(name, p) and b(name, p)
+
+
+def no_decay(extra_names: Iterable[str] = ()) -> Matcher:
+    """Matcher of timm's ``add_weight_decay``: 1-D tensors, ``*.bias`` and the listed names (compared
+    with the last component of the parameter name, so ``backbone.cls_token`` matches ``cls_token``)."""
+    names = frozenset(extra_names)
+    return lambda name, p: p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in names
+
+
+def build_param_groups(
+    model: nn.Module, rules: Sequence[ParamRule], base_lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """Optimiser groups from ``rules`` (first match wins; unmatched parameters go to a default group
+    with lr x1 and ``weight_decay``). Parameters with ``requires_grad=False`` and excluded ones are left
+    out; empty groups are dropped. Each group: ``params, lr, weight_decay, lr_mult, name``."""
+    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
+    for pname, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        idx = next((i for i, r in enumerate(rules) if r.matches(pname, param)), len(rules))
+        if idx < len(rules) and rules[idx].exclude:
+            continue
+        buckets[idx].append(param)
+    specs = [(r.name or f"rule{i}", r.lr_mult, r.weight_decay) for i, r in enumerate(rules)]
+    specs.append(("default", 1.0, None))
+    groups = []
+    for params, (gname, mult, wd) in zip(buckets, specs):
+        if params:
+            groups.append({"params": params, "lr": base_lr * mult, "lr_mult": mult, "name": gname,
+                           "weight_decay": weight_decay if wd is None else wd})
+    return groups
+
+
+def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
+              head_mult: float = 10.0) -> list[ParamRule]:
+    """AFA ``WeTr.get_param_groups`` (afa.md 9).
+
+    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
+    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
+    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
+    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
+    """
+    enc = prefix(encoder_prefix)
+    norm_rule = {
+        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
+        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
+        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
+    }
+    if norm not in norm_rule:
+        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
+    return [norm_rule[norm], ParamRule(enc, name="encoder"),
+            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]
+
+
+def aream_rules(head_mult: float = 10.0, no_decay_names: Iterable[str] = ("cls_token",),
+                head_key: str = "head") -> list[ParamRule]:
+    """AReAM Conformer ``get_param_groups``: ``head_mult`` for names containing "head"; no weight decay
+    for 1-D parameters, biases and ``no_decay_names`` (Conformer's ``no_weight_decay``)."""
+    nd, head = no_decay(no_decay_names), contains(head_key)
+    return [ParamRule(both(head, nd), lr_mult=head_mult, weight_decay=0.0, name="head_no_decay"),
+            ParamRule(head, lr_mult=head_mult, name="head"),
+            ParamRule(nd, weight_decay=0.0, name="no_decay"),
+            ParamRule(lambda _n, _p: True, name="decay")]
+
+
+def mctformer_rules(no_decay_names: Iterable[str] = ("pos_embed", "cls_token")) -> list[ParamRule]:
+    """MCTformer (timm ``create_optimizer``): no weight decay for 1-D parameters, biases and the
+    ViT's ``no_weight_decay`` set (pos_embed, cls_token); one lr for everything."""
+    return [ParamRule(no_decay(no_decay_names), weight_decay=0.0, name="no_decay"),
+            ParamRule(lambda _n, _p: True, name="decay")]
+
+
+RULE_PRESETS: dict[str, Callable[..., list[ParamRule]]] = {
+    "afa": afa_rules, "aream": aream_rules, "mctformer": mctformer_rules,
+}
+
+
+def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.optim.AdamW:
+    """AdamW (betas (0.9, 0.999), eps 1e-8) over the groups of a rule preset.
+
+    cfg keys: ``lr`` (base lr), ``weight_decay``, ``param_rules`` (preset name: afa / aream / mctformer,
+    or a list of :class:`ParamRule`), ``param_rules_args`` (kwargs of the preset), optional ``betas``,
+    ``eps``.
+    """
+    rules = _get(cfg, "param_rules", "afa")
+    if isinstance(rules, str):
+        if rules not in RULE_PRESETS:
+            raise ValueError(f"unknown param_rules '{rules}'; known: {sorted(RULE_PRESETS)}")
+        rules = RULE_PRESETS[rules](**dict(_get(cfg, "param_rules_args", None) or {}))
+    lr, wd = float(_get(cfg, "lr")), float(_get(cfg, "weight_decay", 0.01))
+    groups = build_param_groups(model, list(rules), lr, wd)
+    betas = tuple(_get(cfg, "betas", (0.9, 0.999)))
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
+                             eps=float(_get(cfg, "eps", 1e-8)), weight_decay=wd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+class _GroupScheduler(LRScheduler):
+    """Sets each group's lr to ``lr_mult * lr_at(initial_lr / lr_mult, t)`` with t = ``last_epoch``."""
+
+    def lr_at(self, base_lr: float, t: int) -> float:  # pragma: no cover - abstract
+        raise TypeError("subclasses define lr_at")
+
+    def get_lr(self) -> list[float]:
+        out = []
+        for group in self.optimizer.param_groups:
+            mult = float(group.get("lr_mult", 1.0))
+            if mult == 0.0:
+                out.append(0.0)
+                continue
+            out.append(mult * self.lr_at(group["initial_lr"] / mult, self.last_epoch))
+        return out
+
+
+class PolyWarmupLR(_GroupScheduler):
+    """AFA ``PolyWarmupAdamW`` schedule, per step (afa.md 9).
+
+    t < warmup_iters: ``1 - (1 - t / warmup_iters) * (1 - warmup_ratio)``;
+    t >= warmup_iters: ``(1 - t / max_iters) ** power`` — NOT re-based (official: the multiplier drops
+    from ~1 to 0.925 at t = 1500 of 20000). ``rebase=True`` uses ``(1 - (t - w) / (max_iters - w)) ** power``
+    instead, continuous at the end of the warm-up. Clamped at 0 from ``max_iters`` on.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, warmup_iters: int = 1500,
+                 warmup_ratio: float = 1e-6, power: float = 1.0, rebase: bool = False, last_epoch: int = -1):
+        self.max_iters, self.warmup_iters = int(max_iters), int(warmup_iters)
+        self.warmup_ratio, self.power, self.rebase = float(warmup_ratio), float(power), bool(rebase)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, t: int) -> float:
+        w = self.warmup_iters
+        if t < w:
+            return 1.0 - (1.0 - t / w) * (1.0 - self.warmup_ratio)
+        frac = (t - w) / max(self.max_iters - w, 1) if self.rebase else t / self.max_iters
+        return max(1.0 - frac, 0.0) ** self.power
+
+    def lr_at(self, base_lr: float, t: int) -> float:
+        return base_lr * self.factor(t)
+
+
+class WarmupCosineLR(_GroupScheduler):
+    """AReAM Conformer schedule (``optim.cosine_schedule``), per step.
+
+    Warm-up: ``linspace(start_lr, base, warmup_iters)[t]`` (reaches base at t = warmup_iters - 1); then
+    ``final_lr + (base - final_lr) * (1 + cos(pi * s / (total - warmup))) / 2`` with s = t - warmup_iters.
+    start/final are absolute lrs scaled by each group's ``lr_mult`` (official ``lr * lr_scale``).
+    Past ``total_iters`` the last value is kept (the official array would end).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int,
+                 start_lr: float = 1e-6, final_lr: float = 1e-6, last_epoch: int = -1):
+        self.total_iters, self.warmup_iters = int(total_iters), int(warmup_iters)
+        self.start_lr, self.final_lr = float(start_lr), float(final_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr: float, t: int) -> float:
+        t = min(max(t, 0), self.total_iters - 1)
+        w = self.warmup_iters
+        if t < w:
+            return self.start_lr + (base_lr - self.start_lr) * (t / (w - 1) if w > 1 else 0.0)
+        s, n = t - w, self.total_iters - w
+        return self.final_lr + 0.5 * (base_lr - self.final_lr) * (1.0 + math.cos(math.pi * s / n))
+
+
+class EpochCosineLR(_GroupScheduler):
+    """timm ``CosineLRScheduler`` per epoch, as MCTformer/AReAM configure it (one cycle, no noise).
+
+    lr(e) = warmup_lr + e * (base - warmup_lr) / warmup_epochs for e < warmup_epochs, else
+    ``min_lr + (base - min_lr) * (1 + cos(pi * e / epochs)) / 2`` (t not shifted by the warm-up), and
+    min_lr from ``epochs`` on. Call :meth:`step` once after each epoch.
+
+    ``official_lag=True`` (default, faithful): the official loop calls ``scheduler.step(epoch)`` after
+    epoch ``epoch``, so epochs 0 and 1 both run at lr(0) and epoch e >= 1 runs at lr(e - 1).
+    ``official_lag=False`` runs epoch e at lr(e).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 5,
+                 warmup_lr: float = 1e-6, min_lr: float = 1e-5, official_lag: bool = True,
+                 last_epoch: int = -1):
+        self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
+        self.warmup_lr, self.min_lr, self.official_lag = float(warmup_lr), float(min_lr), bool(official_lag)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr: float, t: int) -> float:
+        e = max(t - 1, 0) if self.official_lag else t
+        if e < self.warmup_epochs:
+            return self.warmup_lr + e * (base_lr - self.warmup_lr) / self.warmup_epochs
+        if e >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1.0 + math.cos(math.pi * e / self.epochs))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | Any,
+                    iters_per_epoch: int) -> LRScheduler:
+    """Scheduler from cfg ``schedule``: ``"poly"`` (AFA: ``max_iters``, ``warmup_iters`` 1500,
+    ``warmup_ratio`` 1e-6, ``power`` 1.0, ``rebase`` False), ``"cosine"`` (AReAM Conformer: ``epochs``,
+    ``warmup_epochs`` 1, ``start_lr`` 1e-6, ``final_lr`` 1e-6; per step) or ``"epoch_cosine"`` (MCTformer:
+    ``epochs``, ``warmup_epochs`` 5, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, ``official_lag`` True; per
+    epoch)."""
+    kind = _get(cfg, "schedule", "poly")
+    if kind == "poly":
+        max_iters = _get(cfg, "max_iters") or int(_get(cfg, "epochs")) * iters_per_epoch
+        return PolyWarmupLR(optimizer, int(max_iters), int(_get(cfg, "warmup_iters", 1500)),
+                            float(_get(cfg, "warmup_ratio", 1e-6)), float(_get(cfg, "power", 1.0)),
+                            bool(_get(cfg, "rebase", False)))
+    if kind == "cosine":
+        epochs, warm = int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 1))
+        return WarmupCosineLR(optimizer, epochs * iters_per_epoch, warm * iters_per_epoch,
+                              float(_get(cfg, "start_lr", 1e-6)), float(_get(cfg, "final_lr", 1e-6)))
+    if kind == "epoch_cosine":
+        return EpochCosineLR(optimizer, int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 5)),
+                             float(_get(cfg, "warmup_lr", 1e-6)), float(_get(cfg, "min_lr", 1e-5)),
+                             bool(_get(cfg, "official_lag", True)))
+    raise ValueError(f"unknown schedule '{kind}'; choose poly, cosine or epoch_cosine")

@@ -1,0 +1,215 @@
+"""The training loop: any method on any backbone, one process or many (torchrun + DDP).
+
+Resumable: a checkpoint holds model, optimiser, scheduler, RNG states, the data position and the
+iteration, written atomically; ``resume=True`` continues from the newest one so the final weights
+equal those of an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from wsss.config import to_dict
+from wsss.data.build import build_dataset, build_loader
+from wsss.engine.checkpoint import export_model, find_latest, load_training_state, save_training_state
+from wsss.engine.distributed import DistInfo, cleanup, convert_sync_bn, init_distributed, seed_everything
+from wsss.engine.evaluate import evaluate, miou_table
+from wsss.engine.optim import build_optimizer, build_scheduler
+from wsss.methods import build_method
+from wsss.model import build_model, count_parameters
+
+log = logging.getLogger("wsss")
+
+
+def _setup_logging(out_dir: Path, main: bool) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    if main:
+        fh = logging.FileHandler(out_dir / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(fh)
+
+
+class _Batches:
+    """Infinite batches with an (epoch, position) cursor that a checkpoint can restore."""
+
+    def __init__(self, loader: Any, epoch: int = 0, pos: int = 0) -> None:
+        self.loader, self.epoch, self.pos = loader, epoch, pos
+        self._it: Iterator | None = None
+
+    def _start(self) -> None:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        for _ in range(self.pos):  # resume inside an epoch
+            next(self._it)
+
+    def next(self) -> dict[str, Any]:
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)  # type: ignore[arg-type]
+        except StopIteration:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._start()
+            batch = next(self._it)  # type: ignore[arg-type]
+        self.pos += 1
+        return batch
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _writer(out_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional extra [log]
+        return None
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
+    many iterations of this call (used to test kill-and-resume)."""
+    dist = init_distributed()
+    main = dist.rank == 0
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+    _setup_logging(out_dir, main)
+    seed_everything(int(cfg.seed), dist.rank)
+    device = dist.device
+
+    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
+    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    num_classes = int(train_set.num_classes)
+    loader = build_loader(
+        train_set, batch_size=int(cfg.data.batch_size), train=True, num_workers=int(cfg.data.num_workers),
+        seed=int(cfg.seed), distributed=dist.world_size > 1, drop_last=True,
+    )
+    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device)
+    method = build_method(cfg, net)
+    max_iters = int(cfg.train.max_iters)
+    optimizer = build_optimizer(net, cfg.optim)
+    iters_per_epoch = len(loader) // int(cfg.train.grad_accum)
+    scheduler = build_scheduler(optimizer, cfg.optim, iters_per_epoch=iters_per_epoch)
+    per_epoch = str(cfg.optim.schedule) == "epoch_cosine"
+
+    it, epoch, pos = 0, 0, 0
+    latest = find_latest(ckpt_dir) if resume else None
+    if latest is not None:
+        state = load_training_state(latest, net, optimizer, scheduler)
+        it = int(state["iteration"])
+        epoch, pos = int(state["epoch"]), int(state["pos"])
+        log.info(f"resumed from {latest} at iteration {it}")
+    if main:
+        log.info(
+            f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
+            f"torch={torch.__version__} device={device} world={dist.world_size} python={platform.python_version()} "
+            f"batch/proc={cfg.data.batch_size} accum={cfg.train.grad_accum} iters={max_iters}"
+        )
+    model: torch.nn.Module = net
+    if dist.world_size > 1:
+        net = convert_sync_bn(net, device)
+        # Warm-up iterations leave the seg/AFA heads out of the loss.
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    batches = _Batches(loader, epoch, pos)
+    amp = cfg.train.amp == "bf16"
+    accum = int(cfg.train.grad_accum)
+    writer = _writer(out_dir) if main else None
+    history_path = out_dir / "history.jsonl"
+    bar = tqdm(total=max_iters, initial=it, disable=not main, desc=f"{cfg.method}", dynamic_ncols=True)
+    model.train()
+    t0, steps = time.time(), 0
+    while it < max_iters:
+        logs_acc: dict[str, float] = {}
+        for _ in range(accum):
+            batch = _to(batches.next(), device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, logs = method.training_step(model, batch, it)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {it}: {logs}")
+            (loss / accum).backward()
+            for k, v in logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        if not per_epoch or it % iters_per_epoch == 0:
+            scheduler.step()
+        steps += 1
+        bar.update(1)
+        if main and (it % int(cfg.train.log_every) == 0 or it == max_iters):
+            lr = optimizer.param_groups[0]["lr"]
+            rec = {"iter": it, "lr": lr, **logs_acc, "s_per_iter": (time.time() - t0) / steps}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs_acc.items()})
+            log.info(json.dumps(rec))
+            with history_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if writer is not None:
+                for k, v in rec.items():
+                    if k != "iter":
+                        writer.add_scalar(f"train/{k}", v, it)
+        if it % int(cfg.train.ckpt_every) == 0 or it == max_iters:
+            _checkpoint(ckpt_dir, net, optimizer, scheduler, it, batches, cfg, dist)
+        if it % int(cfg.train.eval_every) == 0 and it < max_iters:
+            res = _evaluate(cfg, method, net, val_set, num_classes, dist)
+            if main:
+                log.info(f"iter {it} eval: " + json.dumps({k: v["miou"] for k, v in res.items() if "miou" in v}))
+        if stop_after is not None and steps >= stop_after:
+            bar.close()
+            return {"stopped_at": it}
+    bar.close()
+    results = _evaluate(cfg, method, net, val_set, num_classes, dist)
+    if main:
+        export_model(net, {"config": to_dict(cfg), "num_classes": num_classes,
+                           "class_names": list(train_set.class_names)}, out_dir / "model")
+        summary = {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1), "eval": results}
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info("final evaluation\n" + miou_table(results))
+        if writer is not None:
+            for name, res in results.items():
+                if "miou" in res:
+                    writer.add_scalar(f"val/{name}_miou", res["miou"], it)
+            writer.close()
+    cleanup()
+    return results
+
+
+def _checkpoint(
+    ckpt_dir: Path, net: torch.nn.Module, optimizer: Any, scheduler: Any, it: int, batches: _Batches,
+    cfg: Any, dist: DistInfo,
+) -> None:
+    if dist.rank != 0:
+        return
+    save_training_state(
+        ckpt_dir, net, optimizer, scheduler, it,
+        extra={"epoch": batches.epoch, "pos": batches.pos, "config": to_dict(cfg)},
+        keep_last=int(cfg.train.keep_ckpts),
+    )
+
+
+def _evaluate(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo) -> dict[str, Any]:
+    return evaluate(
+        method, net, val_set, num_classes, dist.device, scales=list(cfg.eval.scales), flip=bool(cfg.eval.flip),
+        max_images=cfg.eval.max_images, rank=dist.rank, world_size=dist.world_size,
+    )

@@ -1,0 +1,63 @@
+"""AFA affinity head (``afa.md`` 2): learned affinity from the attention of the last blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class AffinityHead(nn.Module):
+    """A = sigmoid(Conv1x1(S + S^T)) with S the channel-concatenated attention logits.
+
+    in_channels: total number of heads of the used blocks (16 for MiT: 2 stage-4 blocks x 8 heads).
+    head_dims: head dimension of each used block; with ``unscale=True`` (default) every block's logits
+    are multiplied by sqrt(head_dim), turning the backbone's scaled q k^T / sqrt(d) back into the
+    official unscaled q k^T the head was trained on. Can also be given to :meth:`forward`.
+
+    Init as the official code: Kaiming-normal weight (a = sqrt(5), mode fan_out, so std = sqrt(1/3));
+    the bias keeps PyTorch's default init.
+    """
+
+    def __init__(
+        self, in_channels: int = 16, head_dims: Sequence[int] | None = None, unscale: bool = True
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.head_dims = list(head_dims) if head_dims is not None else None
+        self.unscale = unscale
+        self.proj = nn.Conv2d(in_channels, 1, kernel_size=1, bias=True)
+        nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
+
+    def forward(self, attn: Sequence[Tensor], head_dims: Sequence[int] | None = None) -> Tensor:
+        """attn: per-block scaled logits, each (B, h_i, N, N), sum h_i = in_channels. Returns A (B, N, N).
+
+        The 1x1 conv is linear, so conv(S + S^T) = z + z^T + b with z = sum_c w_c S_c: computed that way
+        (no (B, 16, N, N) concatenation or transpose), in float32 (float64 for float64 inputs).
+        """
+        dims = list(head_dims) if head_dims is not None else self.head_dims
+        if self.unscale and (dims is None or len(dims) != len(attn)):
+            raise ValueError("AffinityHead needs one head_dim per attention block to unscale the logits")
+        heads = sum(a.shape[1] for a in attn)
+        if heads != self.in_channels:
+            raise ValueError(f"attention has {heads} heads in total, the head expects {self.in_channels}")
+        # float32 at least (float64 inputs stay float64): unscaled logits are large.
+        dtype = torch.float64 if attn[0].dtype == torch.float64 else torch.float32
+        weight = self.proj.weight.view(-1).to(dtype)
+        with torch.autocast(attn[0].device.type, enabled=False):
+            z: Tensor | None = None
+            start = 0
+            for i, a in enumerate(attn):
+                w = weight[start : start + a.shape[1]]
+                start += a.shape[1]
+                if self.unscale:
+                    w = w * math.sqrt(dims[i])  # type: ignore[index]
+                part = torch.einsum("bcij,c->bij", a.to(dtype), w)
+                z = part if z is None else z + part
+            assert z is not None
+            return torch.sigmoid(z + z.transpose(1, 2) + self.proj.bias.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, head_dims={self.head_dims}, unscale={self.unscale}"

@@ -1,0 +1,77 @@
+"""SegFormer all-MLP decoder (the AFA segmentation head).
+
+Parameter names follow the official head (``linear_c{i}.proj``, ``linear_fuse.conv``,
+``linear_fuse.bn``, ``linear_pred``). Plain BatchNorm; the trainer converts it to SyncBN only
+for CUDA + DDP (SyncBN fails on CPU and without a process group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SegFormerHead"]
+
+
+class LinearEmbed(nn.Module):
+    """Per-token Linear(C -> D) on a map: (B, C, h, w) -> (B, D, h, w)."""
+
+    def __init__(self, in_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvBNReLU(nn.Module):
+    """1x1 conv without bias -> BatchNorm2d -> ReLU (mmcv ConvModule layout: .conv, .bn)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_dim)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SegFormerHead(nn.Module):
+    """All-MLP decoder over any number of feature maps.
+
+    in_channels: channels C_i of the inputs c1..cn (a single stride-16 map works too).
+    forward(features): list of (B, C_i, h_i, w_i) -> logits (B, num_classes, h_1, w_1).
+    Each map is embedded to ``embed_dim``, resized bilinearly (align_corners=False) to the first
+    map's size, concatenated in reverse order [cn, ..., c1], fused by 1x1 conv + BN + ReLU, then
+    Dropout2d and a 1x1 classifier conv with bias.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if len(in_channels) == 0:
+            raise ValueError("SegFormerHead needs at least one input")
+        self.in_channels = list(in_channels)
+        for i, c in enumerate(in_channels, start=1):
+            setattr(self, f"linear_c{i}", LinearEmbed(c, embed_dim))
+        self.linear_fuse = ConvBNReLU(embed_dim * len(in_channels), embed_dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"SegFormerHead expects {len(self.in_channels)} maps, got {len(features)}")
+        size = features[0].shape[-2:]
+        embedded = []
+        for i, feat in enumerate(features, start=1):
+            e = getattr(self, f"linear_c{i}")(feat)
+            if e.shape[-2:] != size:
+                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+            embedded.append(e)
+        fused = self.linear_fuse(torch.cat(embedded[::-1], dim=1))
+        return self.linear_pred(self.dropout(fused))

@@ -1,0 +1,160 @@
+"""AReAM (He et al., ACM MM 2023): re-activating attention against over-smoothing.
+
+Per iteration, after a classification-only warm-up:
+1. a no-grad multi-scale + flip pass collects the head-mean softmax attention of every layer it
+   needs, reduced per layer as it is produced (never the whole (L, B, heads, N, N) stack);
+2. the CAM (MCTformer: x class-to-patch attention of all layers) is refined by the fused
+   *shallow* affinities [0, k), uniform or entropy-weighted, then summed over scales/flips,
+   normalised and masked by the image labels;
+3. PAR + high/low background scores give the pseudo label, and token-pair affinity labels;
+4. the head-mean pre-softmax logits of the *deep* layers [k, L) are supervised with the
+   sigmoid pos/neg affinity loss (mean over layers, uniform or entropy weights) x 0.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsss.data.transforms import denormalize
+from wsss.methods.base import Method, pass_mode, unwrap, with_background
+from wsss.model import WSSSNet
+from wsss.ops.attention import (
+    aream_affinity_loss,
+    entropy_weights,
+    fuse_layers,
+    layer_logit_mean,
+    online_entropy_weights,
+    refine_by_affinity,
+)
+from wsss.ops.losses import seg_loss_bg_fg
+from wsss.refine.labels import affinity_labels, cam_to_label
+
+
+def _head_mean_softmax(layer: int, logits: Tensor) -> Tensor:
+    """(B, heads, N, N) logits -> (B, N, N) head-mean attention over all keys (fp32)."""
+    return logits.float().softmax(-1).mean(1)
+
+
+class AReAMMethod(Method):
+    name = "aream"
+
+    def __init__(self, cfg: Any, net: WSSSNet) -> None:
+        super().__init__(cfg, net)
+        self.r = cfg.aream
+        bb = net.backbone
+        self.L = bb.num_layers
+        self.k = int(self.r.layer_index)
+        if not 0 < self.k < self.L:
+            raise ValueError(f"aream.layer_index must be in 1..{self.L - 1} for {self.L} layers, got {self.k}")
+        self.T = bb.num_prefix_tokens
+        self.weighting = str(self.r.weighting)
+        if self.weighting not in ("uniform", "entropy_offline", "entropy_online"):
+            raise ValueError(f"aream.weighting must be uniform, entropy_offline or entropy_online, got {self.weighting}")
+        ent = torch.ones(self.L)
+        if self.weighting == "entropy_offline":
+            if self.r.entropy is None or len(self.r.entropy) != self.L:
+                raise ValueError(
+                    f"aream.weighting=entropy_offline needs aream.entropy with {self.L} values "
+                    f"(compute them with `wsss analyze --entropy`)"
+                )
+            ent = entropy_weights(torch.tensor(list(self.r.entropy), dtype=torch.float32))
+        # Official: fusion weights 1 - ent on shallow layers, loss weights ent on deep layers.
+        self.fusion_w = (1 - ent[: self.k]) if self.weighting == "entropy_offline" else torch.ones(self.k)
+        self.loss_w = ent[self.k :] if self.weighting == "entropy_offline" else torch.ones(self.L - self.k)
+        self.class_attention = bool(self.r.class_attention) and self.T > 1
+
+    def deep_layers(self) -> list[int]:
+        return list(range(self.k, self.L))
+
+    def attn_layers(self, net: WSSSNet) -> list[int]:
+        return self.deep_layers()
+
+    # ----------------------------------------------------------------- CAM refined by attention
+    def refined_cam_single(
+        self, out_cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], layers: list[int],
+        weights: Tensor | None,
+    ) -> Tensor:
+        """One pass: raw CAM (n, K, h, w) [x class attention] refined by the fused layers."""
+        T = self.T
+        cam = out_cam
+        if self.class_attention:
+            cls_att = torch.stack([affs[i][:, :T, T:] for i in range(self.L)]).mean(0)
+            cam = cam.relu() * cls_att.reshape(cam.shape[0], T, *grid)
+        stack = torch.stack([affs[i][:, T:, T:] for i in layers])  # (l, n, Np, Np)
+        if bool(self.r.renormalize):
+            stack = stack / stack.sum(-1, keepdim=True).clamp_min(1e-12)
+        fused = fuse_layers(stack, None if weights is None else weights.to(stack))
+        return refine_by_affinity(cam, fused)
+
+    @torch.no_grad()
+    def aream_cam(
+        self, net: WSSSNet, x: Tensor, labels: Tensor, layers: list[int], weights: Tensor | None,
+        scales: list[float] | None = None,
+    ) -> Tensor:
+        """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W)."""
+        need = list(range(self.L)) if self.class_attention else sorted(set(layers))
+        maps = []
+        for s in scales or self.scales:
+            out = net.forward_cam(self.scale_inputs(x, s), need, _head_mean_softmax)
+            grid = out.grids[need[-1]]
+            w = weights
+            if self.weighting == "entropy_online" and weights is None:
+                w = self.online_weights(out.cam, out.attn, grid, labels)
+            maps.append(self.refined_cam_single(out.cam, out.attn, grid, layers, w))
+        return self.fuse_cams(maps, tuple(x.shape[-2:]), x.shape[0]) * labels[..., None, None]
+
+    def online_weights(self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor) -> Tensor:
+        """Paper eq. 7-8 (an interpretation): per-image weights (n, k) from the current model."""
+        n = cam.shape[0]
+        lab = labels.repeat(n // labels.shape[0], 1)
+        stack = torch.stack([affs[i][:, self.T :, self.T :] for i in range(self.k)])
+        return 1 - online_entropy_weights(cam, stack, lab)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+        x, labels = batch["image"], batch["labels"]
+        box = batch.get("img_box")
+        m = unwrap(net)
+        T = self.T
+        seg_w = float(self.r.seg_weight)
+        out = net(x, self.deep_layers(), lambda layer, z: layer_logit_mean(z, T), with_seg=seg_w > 0)
+        l_cls = self.cls_loss(out, labels)
+        logs = {"cls": l_cls.item()}
+        if it <= int(self.r.warmup_iters):
+            return l_cls, logs
+        image01 = denormalize(x)
+        with torch.no_grad(), pass_mode(m, self.mode):
+            fw = None if self.weighting == "entropy_online" else self.fusion_w
+            cam = self.aream_cam(m, x, labels, list(range(self.k)), fw)
+            pseudo = self.pseudo_label(image01, cam, labels, box)
+        grid = out.grids[self.deep_layers()[-1]]
+        target = affinity_labels(pseudo, grid, None, sampling=str(self.r.sampling))
+        l_aff = aream_affinity_loss([out.attn[i] for i in self.deep_layers()], target, self.loss_w.to(x.device))
+        loss = l_cls + float(self.r.aff_weight) * l_aff
+        logs["aff"] = l_aff.item()
+        if seg_w > 0 and out.seg is not None:
+            l_seg = seg_loss_bg_fg(out.seg, pseudo)
+            loss = loss + seg_w * l_seg
+            logs["seg"] = l_seg.item()
+        return loss, logs
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def extra_maps(
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float]
+    ) -> dict[str, Tensor]:
+        """'refined': CAM refined by the uniform mean of all layers (the official inference);
+        'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
+        (shallow fusion, high/low scores)."""
+        bkg = float(self.cfg.eval.bkg_score)
+        refined = self.aream_cam(net, x, labels, list(range(self.L)), None, scales)
+        fw = None if self.weighting == "entropy_online" else self.fusion_w
+        shallow = self.aream_cam(net, x, labels, list(range(self.k)), fw, scales)
+        return {
+            "refined": cam_to_label(refined, labels, bkg_score=bkg),
+            "refined_par": self.par_argmax(image01, with_background(refined, bkg), labels),
+            "pseudo": self.pseudo_label(image01, shallow, labels, None),
+        }

@@ -1,0 +1,166 @@
+"""What every method shares: the PAR module, CAM passes, and evaluation label maps.
+
+A method turns a batch into losses (``training_step``) and an image into label maps
+(``predict``). Methods never loop over images: every piece they call is batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss.model import NetOutput, WSSSNet
+from wsss.ops.cam import fuse_multiscale
+from wsss.ops.losses import multilabel_soft_margin
+from wsss.refine.labels import cam_to_label, masked_softmax, par_pseudo_label
+from wsss.refine.par import PAR
+
+
+def unwrap(net: nn.Module) -> WSSSNet:
+    """The WSSSNet inside a DDP wrapper (no-grad passes bypass DDP)."""
+    return net.module if hasattr(net, "module") else net  # type: ignore[return-value]
+
+
+def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def scale_size(size: tuple[int, int], s: float) -> tuple[int, int]:
+    """Official scaling: (int(s*H), int(s*W))."""
+    return int(s * size[0]), int(s * size[1])
+
+
+@contextmanager
+def pass_mode(net: nn.Module, mode: str) -> Iterator[None]:
+    """Run the no-grad CAM passes in train mode (official: DropPath and BN statistics active) or eval."""
+    was = net.training
+    net.train(mode == "train")
+    try:
+        yield
+    finally:
+        net.train(was)
+
+
+class Method:
+    """Base class. Subclasses implement ``training_step`` and add their maps in ``predict``."""
+
+    name = "base"
+    uses_seg = True
+
+    def __init__(self, cfg: Any, net: WSSSNet) -> None:
+        self.cfg = cfg
+        p = cfg.par
+        self.par = PAR(dilations=tuple(p.dilations), num_iter=int(p.num_iter), w1=float(p.w1), w2=float(p.w2))
+        self.high = float(cfg.cam.high)
+        self.low = float(cfg.cam.low)
+        self.scales = [float(s) for s in cfg.cam.scales]
+        self.flip = bool(cfg.cam.flip)
+        self.fuse = str(cfg.cam.fuse)
+        self.mode = str(cfg.train.cam_pass_mode)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+        raise TypeError(f"{type(self).__name__} must define training_step")
+
+    def attn_layers(self, net: WSSSNet) -> list[int]:
+        """Layers the gradient forward must capture."""
+        return []
+
+    @staticmethod
+    def cls_loss(out: NetOutput, labels: Tensor) -> Tensor:
+        return sum(multilabel_soft_margin(lg, labels) for lg in out.logits)  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- CAM passes
+    def fuse_kwargs(self) -> dict[str, Any]:
+        if self.fuse == "afa":
+            return {"flip_fuse": "max", "relu": "each", "eps": 1e-5}
+        if self.fuse == "aream":
+            return {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
+        raise ValueError(f"cam.fuse must be 'afa' or 'aream', got {self.fuse!r}")
+
+    def scale_inputs(self, x: Tensor, s: float) -> Tensor:
+        xs = resize(x, scale_size(tuple(x.shape[-2:]), s)) if s != 1.0 else x
+        return torch.cat([xs, xs.flip(-1)]) if self.flip else xs
+
+    def fuse_cams(self, cams: list[Tensor], size: tuple[int, int], batch: int) -> Tensor:
+        if not self.flip:  # duplicate so the fusion sees the [x, flip(x)] layout it expects
+            cams = [torch.cat([c, c.flip(-1)]) for c in cams]
+        return fuse_multiscale(cams, size, batch, **self.fuse_kwargs())
+
+    @torch.no_grad()
+    def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None) -> Tensor:
+        """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1]."""
+        cams = []
+        for s in scales or self.scales:
+            cams.append(net.forward_cam(self.scale_inputs(x, s)).cam)
+        return self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0])
+
+    def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
+        """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain."""
+        return par_pseudo_label(
+            image01, cam, labels, self.par, high=self.high, low=self.low, img_box=img_box,
+            downscale=int(self.cfg.par.downscale),
+        )
+
+    # ----------------------------------------------------------------- evaluation
+    def par_argmax(self, image01: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax."""
+        probs = masked_softmax(scores, labels)
+        refined = self.par(image01, probs)
+        refined = refined.masked_fill(~_present(labels)[..., None, None], float("-inf"))
+        return refined.argmax(1)
+
+    @torch.no_grad()
+    def predict(
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool
+    ) -> dict[str, Tensor]:
+        """Label maps (B, H, W) for evaluation: CAM, CAM+PAR, pseudo label, segmentation head.
+
+        labels are the ground-truth image labels (the standard protocol for CAM / pseudo-label
+        evaluation); the segmentation head does not use them.
+        """
+        saved, self.flip = self.flip, flip
+        try:
+            cam = self.multiscale_cam(net, x, scales) * labels[..., None, None]
+            bkg = float(self.cfg.eval.bkg_score)
+            maps = {"cam": cam_to_label(cam, labels, bkg_score=bkg)}
+            maps["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
+            maps["pseudo"] = self.pseudo_label(image01, cam, labels, None)
+            maps.update(self.extra_maps(net, x, image01, labels, cam, scales))
+        finally:
+            self.flip = saved
+        seg = self.segment(net, x)
+        if seg is not None:
+            maps["seg"] = seg.argmax(1)
+        return maps
+
+    def extra_maps(
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float]
+    ) -> dict[str, Tensor]:
+        """A method's own evaluation maps, given the normalised multi-scale CAM (B, K, H, W)."""
+        return {}
+
+    @torch.no_grad()
+    def segment(self, net: WSSSNet, x: Tensor) -> Tensor | None:
+        """Segmentation logits at the input size (B, K+1, H, W), or None without a seg head."""
+        if net.seg_head is None:
+            return None
+        out = net(x, with_seg=True)
+        return resize(out.seg, tuple(x.shape[-2:]))  # type: ignore[arg-type]
+
+
+def with_background(cam: Tensor, score: float) -> Tensor:
+    """Prepend a constant background channel: (B, K, H, W) -> (B, K+1, H, W)."""
+    return torch.cat([cam.new_full((cam.shape[0], 1, *cam.shape[2:]), score), cam], dim=1)
+
+
+def _present(labels: Tensor) -> Tensor:
+    """(B, K+1) bool: background plus the present classes."""
+    return torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1) > 0

@@ -1,0 +1,40 @@
+"""CAM baseline: classification only, plus (optionally) a segmentation head trained on the
+PAR-refined CAM pseudo labels. This is AFA without the affinity module (the official
+baseline model), so it isolates what learned affinity adds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsss.data.transforms import denormalize
+from wsss.methods.base import Method, pass_mode, unwrap
+from wsss.model import WSSSNet
+from wsss.ops.losses import seg_loss_bg_fg
+
+
+class CAMMethod(Method):
+    name = "cam"
+
+    def __init__(self, cfg: Any, net: WSSSNet) -> None:
+        super().__init__(cfg, net)
+        self.warmup = int(cfg.afa.warmup_iters)
+        self.seg_weight = float(cfg.afa.seg_weight)
+
+    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+        x, labels = batch["image"], batch["labels"]
+        m = unwrap(net)
+        out = net(x)
+        loss = self.cls_loss(out, labels)
+        logs = {"cls": loss.item()}
+        if it <= self.warmup or out.seg is None or self.seg_weight == 0:
+            return loss, logs
+        with torch.no_grad(), pass_mode(m, self.mode):
+            cam = self.multiscale_cam(m, x) * labels[..., None, None]
+            target = self.pseudo_label(denormalize(x), cam, labels, batch.get("img_box"))
+        l_seg = seg_loss_bg_fg(out.seg, target)
+        logs["seg"] = l_seg.item()
+        return loss + self.seg_weight * l_seg, logs

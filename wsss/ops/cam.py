@@ -1,0 +1,111 @@
+"""CAM normalisation and multi-scale + flip fusion.
+
+Both methods build their pseudo-label CAM the same way: run the network on every scale of the batch
+concatenated with its horizontal flip, bring each raw CAM to the input size, fuse, and min-max
+normalise per image and class. They differ only in how the maps are fused:
+
+- AFA (``afa.md`` 3): element-wise **max** of a map and its un-flipped twin, ReLU on that, **sum** over
+  scales, normalise with eps 1e-5 (:data:`AFA_FUSE`).
+- AReAM (``aream.md`` 5.1): every map (flipped ones too) is simply **summed**, ReLU **after** the sum,
+  normalise with eps 1e-6 (:data:`AREAM_FUSE`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FlipFuse = Literal["max", "sum"]
+ReluMode = Literal["each", "after", "none"]
+
+#: Keyword arguments of :func:`fuse_multiscale` / :func:`multiscale_cam` reproducing the official AFA CAM.
+AFA_FUSE: dict[str, Any] = {"flip_fuse": "max", "relu": "each", "eps": 1e-5}
+#: Keyword arguments reproducing the official AReAM ``gen_msf_cam`` merge.
+AREAM_FUSE: dict[str, Any] = {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
+
+
+def normalize_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per image and class min-max normalisation over space.
+
+    cam: (B, K, H, W). Returns (cam - min) / (max(cam - min) + eps), shape (B, K, H, W), in [0, 1).
+    AFA uses eps 1e-5, AReAM 1e-6.
+    """
+    shifted = cam - cam.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+def fuse_multiscale(
+    cams: Sequence[Tensor],
+    size: tuple[int, int],
+    batch: int,
+    flip_fuse: FlipFuse = "max",
+    relu: ReluMode = "each",
+    eps: float = 1e-5,
+) -> Tensor:
+    """Fuse raw per-scale CAMs into one normalised CAM.
+
+    cams: one raw CAM per scale, each (2B, K, h_s, w_s) computed on ``[x_s, hflip(x_s)]`` (or (B, K, h_s,
+        w_s) when no flipped copy was run).
+    size: (H, W) output size; batch: B.
+    flip_fuse: ``"max"`` (AFA) takes the element-wise max of a map and its un-flipped twin; ``"sum"``
+        (AReAM) adds them (the flipped map is just one more map in the sum).
+    relu: ``"each"`` (AFA) applies ReLU to every scale's flip-fused map before the sum over scales;
+        ``"after"`` (AReAM) applies it once to the sum; ``"none"`` never.
+    Returns the normalised CAM (B, K, H, W).
+    """
+    if flip_fuse not in ("max", "sum"):
+        raise ValueError(f"flip_fuse must be 'max' or 'sum', got {flip_fuse!r}")
+    if relu not in ("each", "after", "none"):
+        raise ValueError(f"relu must be 'each', 'after' or 'none', got {relu!r}")
+    if len(cams) == 0:
+        raise ValueError("fuse_multiscale needs at least one CAM")
+    total: Tensor | None = None
+    for cam in cams:
+        if cam.shape[0] not in (batch, 2 * batch):
+            raise ValueError(f"CAM batch {cam.shape[0]} is neither B={batch} nor 2B")
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+        if cam.shape[0] == 2 * batch:
+            orig, unflipped = cam[:batch], cam[batch:].flip(-1)
+            cam = torch.maximum(orig, unflipped) if flip_fuse == "max" else orig + unflipped
+        if relu == "each":
+            cam = F.relu(cam)
+        total = cam if total is None else total + cam
+    assert total is not None
+    if relu == "after":
+        total = F.relu(total)
+    return normalize_cam(total, eps)
+
+
+def multiscale_cam(
+    cam_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    scales: Sequence[float] = (1.0, 0.5, 1.5),
+    flip: bool = True,
+    **fuse: Any,
+) -> Tensor:
+    """Multi-scale (+ flip) CAM.
+
+    cam_fn: (n, 3, h, w) -> (n, K, h', w') raw CAM (for AReAM: already refined by the affinity).
+    x: (B, 3, H, W) normalised images. Each scale s resizes x to (int(s*H), int(s*W)) bilinearly
+    (align_corners False; no resize when that is (H, W)) and runs ``cam_fn`` once on
+    ``cat([x_s, x_s.flip(-1)])`` (or on x_s alone when ``flip`` is False).
+    fuse: keyword arguments of :func:`fuse_multiscale` (e.g. ``**AFA_FUSE`` or ``**AREAM_FUSE``).
+    Returns the normalised CAM (B, K, H, W). The caller chooses ``no_grad`` and the model mode.
+    """
+    batch, _, height, width = x.shape
+    cams = []
+    for s in scales:
+        size = (int(s * height), int(s * width))
+        xs = (
+            x
+            if size == (height, width)
+            else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        )
+        if flip:
+            xs = torch.cat([xs, xs.flip(-1)], dim=0)
+        cams.append(cam_fn(xs))
+    return fuse_multiscale(cams, (height, width), batch, **fuse)

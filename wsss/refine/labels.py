@@ -1,0 +1,298 @@
+"""CAM -> pseudo labels: thresholds, PAR-refined labels, and token-pair affinity labels.
+
+Conventions: class ids 0 = background, 1..K foreground, ``ignore_index`` (255) = ignore. ``labels`` are
+(B, K) float multi-hot over the foreground classes; score stacks (B, K+1, ...) have channel 0 =
+background. ``img_box`` is (B, 4) long [row0, row1, col0, col1], end-exclusive.
+
+All functions are batched. Where the official code softmaxes over a per-image subset of channels
+(background + present classes), the channels are gathered into a compact (B, M, ...) stack,
+M = 1 + the largest number of present classes in the batch, with the padding channels masked to -inf
+before the softmax: they come out exactly 0, which gives the same result as the per-image subset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.refine.par import PAR
+
+_SAMPLING = ("topleft", "center", "mode")
+
+
+def box_mask(img_box: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W) bool, True inside each image's box [row0:row1, col0:col1]."""
+    h, w = size
+    box = img_box.to(torch.long)
+    rows = torch.arange(h, device=box.device)
+    cols = torch.arange(w, device=box.device)
+    in_rows = (rows[None] >= box[:, 0:1]) & (rows[None] < box[:, 1:2])  # (B, H)
+    in_cols = (cols[None] >= box[:, 2:3]) & (cols[None] < box[:, 3:4])  # (B, W)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def _keep_with_bkg(labels: Tensor) -> Tensor:
+    """(B, K) labels -> (B, K+1) bool: background (always kept) + present classes."""
+    bkg = torch.ones_like(labels[:, :1], dtype=torch.bool)
+    return torch.cat([bkg, labels > 0], dim=1)
+
+
+def _softmax_keep(scores: Tensor, keep: Tensor, dim: int = 1) -> Tensor:
+    """Softmax along ``dim`` over the channels where ``keep`` (B, C) is True; the others are exactly 0."""
+    shape = [1] * scores.dim()
+    shape[0], shape[dim] = keep.shape
+    return scores.masked_fill(~keep.view(shape), float("-inf")).softmax(dim=dim)
+
+
+def masked_softmax(scores: Tensor, labels: Tensor, dim: int = 1) -> Tensor:
+    """Softmax over background + present classes.
+
+    Args:
+        scores: (B, K+1, ...) with channel 0 = background (channel axis ``dim``).
+        labels: (B, K) multi-hot foreground labels.
+    Returns:
+        scores' shape; absent classes exactly 0.
+    """
+    return _softmax_keep(scores, _keep_with_bkg(labels), dim=dim)
+
+
+def present_index(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Compact channel index of background + present classes.
+
+    Returns:
+        idx: (B, M) long class ids (0 = background first, then present classes ascending, then padding
+            with absent ids); valid: (B, M) bool, False on padding. M = 1 + max number present.
+    """
+    keep = _keep_with_bkg(labels)
+    # stable sort of "absent" flags puts kept channels first, each group in ascending class order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    m = int(keep.sum(dim=1).max())
+    idx = order[:, :m]
+    return idx, keep.gather(1, idx)
+
+
+def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, C, H, W), idx (B, M) -> (B, M, H, W)."""
+    b, m = idx.shape
+    return x.gather(1, idx.view(b, m, 1, 1).expand(b, m, *x.shape[-2:]))
+
+
+def _to_class_ids(scores: Tensor, idx: Tensor) -> Tensor:
+    """Argmax over the compact channels of scores (B, M, H, W), mapped back to class ids (B, H, W)."""
+    arg = scores.argmax(dim=1)
+    return idx.gather(1, arg.flatten(1)).view_as(arg)
+
+
+def _ignore_outside(label: Tensor, img_box: Tensor | None, ignore_index: int) -> Tensor:
+    if img_box is None:
+        return label
+    return label.masked_fill(~box_mask(img_box, label.shape[-2:]), ignore_index)
+
+
+def cam_to_label(
+    cam: Tensor,
+    labels: Tensor,
+    bkg_score: float = 0.45,
+    high: float | None = None,
+    low: float | None = None,
+    img_box: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Threshold CAMs into a label map (official ``cam_to_label``).
+
+    v = max_k y_k M_k, c = argmax + 1; 0 where v <= bkg_score. With ``high``: ignore where v <= high;
+    then with ``low``: 0 where v <= low (so v > high -> class, low < v <= high -> ignore, v <= low -> 0).
+    With ``img_box``: ignore outside the box. The official validation mode is the default (no
+    high/low, no box); its training mode is ``high=0.55, low=0.35, img_box=...``.
+
+    Args:
+        cam: (B, K, H, W) CAMs in [0, 1].
+        labels: (B, K) multi-hot labels (absent classes are zeroed before the max).
+    Returns:
+        (B, H, W) long.
+    """
+    valid = cam * labels[:, :, None, None].to(cam.dtype)
+    value, arg = valid.max(dim=1)
+    label = (arg + 1).masked_fill(value <= bkg_score, 0)
+    if high is not None:
+        label = label.masked_fill(value <= high, ignore_index)
+    if low is not None:
+        label = label.masked_fill(value <= low, 0)
+    return _ignore_outside(label, img_box, ignore_index)
+
+
+def combine_high_low(label_high: Tensor, label_low: Tensor, ignore_index: int = 255) -> Tensor:
+    """Two-threshold rule: foreground from ``label_high``; background only where both say 0; else ignore.
+
+    out = Lh; out[Lh == 0] = ignore; out[Lh == 0 and Ll == 0] = 0.
+    """
+    bkg_high = label_high == 0
+    out = label_high.masked_fill(bkg_high, ignore_index)
+    return out.masked_fill(bkg_high & (label_low == 0), 0)
+
+
+def _par_labels(
+    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, out_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """PAR on the concatenated high/low stacks (B, 2M, h, w), upsample, argmax -> (Lh, Ll) class ids."""
+    refined = par(image01, stack)
+    refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
+    ref_h, ref_l = refined.chunk(2, dim=1)
+    return _to_class_ids(ref_h, idx), _to_class_ids(ref_l, idx)
+
+
+def par_pseudo_label(
+    image01: Tensor,
+    cam: Tensor,
+    labels: Tensor,
+    par: PAR,
+    high: float = 0.55,
+    low: float = 0.35,
+    img_box: Tensor | None = None,
+    downscale: int = 2,
+    ignore_index: int = 255,
+) -> Tensor:
+    """PAR-refined two-threshold pseudo label (AFA ``refine_cams_with_bkg_v2``, AReAM ``cam_to_seg``).
+
+    Both background scores are stacked along channels and refined in one PAR call at 1/``downscale``
+    resolution (image and maps downsampled bilinearly); softmax over background + present classes;
+    upsampled bilinearly to (H, W); argmax; :func:`combine_high_low`; ignore outside ``img_box``.
+
+    Args:
+        image01: (B, 3, H, W) image in [0, 1].
+        cam: (B, K, H', W') CAMs in [0, 1] (absent classes are ignored whatever their values).
+        labels: (B, K) multi-hot labels.
+        par: the PAR module.
+    Returns:
+        (B, H, W) long labels in {0..K, ignore_index}.
+    """
+    b, _, h, w = image01.shape
+    size = (h // downscale, w // downscale)
+    image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
+    cam_s = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    idx, valid = present_index(labels)
+    # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1
+    fg = _gather_channels(cam_s, idx[:, 1:] - 1)
+    stacks = [torch.cat([fg.new_full((b, 1, *size), s), fg], dim=1) for s in (high, low)]
+    stack = torch.cat([_softmax_keep(s, valid) for s in stacks], dim=1)
+    lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
+    return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
+
+
+def _refine_in_box(
+    image01: Tensor, maps: Tensor, idx: Tensor, par: PAR, box: tuple[int, int, int, int]
+) -> tuple[Tensor, Tensor]:
+    """One image: crop to the box, PAR at half the box size, back to box size -> (Lh, Ll) (bh, bw)."""
+    r0, r1, c0, c1 = box
+    img = image01[:, :, r0:r1, c0:c1]
+    bh, bw = img.shape[-2:]
+    img_s = F.interpolate(img, size=(bh // 2, bw // 2), mode="bilinear", align_corners=False)
+    lab_h, lab_l = _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
+    return lab_h[0], lab_l[0]
+
+
+def par_refine_scores_label(
+    image01: Tensor,
+    scores_high: Tensor,
+    scores_low: Tensor,
+    labels: Tensor,
+    par: PAR,
+    img_box: Tensor,
+    crop_to_box: bool = True,
+    ignore_index: int = 255,
+) -> Tensor:
+    """PAR-refined label from propagated score stacks (AFA ``refine_cams_with_cls_label`` + combine).
+
+    The channels background + present classes of both stacks are refined by PAR (no extra softmax),
+    argmax gives Lh / Ll, :func:`combine_high_low` combines them, and pixels outside ``img_box`` are
+    ignored.
+
+    ``crop_to_box=True`` (faithful): per image, the image and maps are cropped to the box, the image is
+    downsampled to half of the box size, PAR resizes the maps to it (align_corners=True), and the
+    result is upsampled back to the box. This is the one per-image loop of the module: box sizes
+    differ between images, so the crops cannot be batched. ``crop_to_box=False`` (fast): one batched
+    PAR call over the whole crop at half resolution; identical when every box is the whole crop, and
+    slightly different near box borders otherwise.
+
+    Args:
+        image01: (B, 3, H, W) image in [0, 1].
+        scores_high, scores_low: (B, K+1, h, w) non-negative propagated scores (channel 0 background),
+            e.g. from :func:`~wsss.refine.propagation.propagate_affinity`; upsampled to (H, W)
+            bilinearly first when at token resolution (what the official caller does).
+        labels: (B, K) multi-hot labels.
+        img_box: (B, 4) long boxes.
+    Returns:
+        (B, H, W) long labels.
+    """
+    b, _, h, w = image01.shape
+    idx, valid = present_index(labels)
+    # scores are >= 0 and padding channels hold absent classes' values: zero them, as the official
+    # code scatters the refined present classes into a zero tensor
+    stack = torch.cat([scores_high, scores_low], dim=0)
+    if stack.shape[-2:] != (h, w):
+        stack = F.interpolate(stack, size=(h, w), mode="bilinear", align_corners=False)
+    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
+    stack = torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
+    if crop_to_box:
+        lab_h = torch.zeros((b, h, w), dtype=torch.long, device=image01.device)
+        lab_l = torch.zeros_like(lab_h)
+        for i, box in enumerate(img_box.tolist()):
+            r0, r1, c0, c1 = box
+            lab_h[i, r0:r1, c0:c1], lab_l[i, r0:r1, c0:c1] = _refine_in_box(
+                image01[i : i + 1], stack[i : i + 1], idx[i : i + 1], par, box
+            )
+    else:
+        image_s = F.interpolate(image01, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
+        lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
+    return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
+
+
+def _sample_tokens(label: Tensor, grid: tuple[int, int], sampling: str) -> Tensor:
+    """(B, H, W) label -> (B, h, w) token labels."""
+    hh, ww = label.shape[-2:]
+    if sampling == "topleft":
+        # PyTorch nearest: pixel floor(i * H / h), the top-left pixel of each cell (official)
+        return F.interpolate(label[:, None].float(), size=grid, mode="nearest")[:, 0].to(label.dtype)
+    if sampling == "center":
+        rows = ((torch.arange(grid[0], device=label.device) + 0.5) * hh / grid[0]).long().clamp_(max=hh - 1)
+        cols = ((torch.arange(grid[1], device=label.device) + 0.5) * ww / grid[1]).long().clamp_(max=ww - 1)
+        return label[:, rows][:, :, cols]
+    # majority vote per cell (adaptive pooling cells); ties -> the smallest label value
+    values = torch.unique(label)
+    onehot = (label[:, None] == values[None, :, None, None]).float()
+    counts = F.adaptive_avg_pool2d(onehot, grid)
+    return values[counts.argmax(dim=1)]
+
+
+def affinity_labels(
+    label: Tensor,
+    grid: tuple[int, int],
+    window: Tensor | None = None,
+    sampling: str = "topleft",
+    ignore_index: int = 255,
+) -> Tensor:
+    """Token-pair affinity labels (AFA ``cams_to_affinity_label``, AReAM ``seg_to_aff``).
+
+    Y[b, i, j] = 1 if the tokens' labels are equal else 0 (background-background pairs and the
+    diagonal are positives); ``ignore_index`` for pairs outside ``window`` and for every row and column
+    of a token labelled ``ignore_index``.
+
+    Args:
+        label: (B, H, W) long pixel labels.
+        grid: (h, w) token grid, N = h * w.
+        window: optional (N, N) bool mask (AFA: square radius 8; AReAM: None).
+        sampling: "topleft" (official: PyTorch nearest), "center" (the cell's centre pixel) or "mode"
+            (majority label of the cell, ignore included).
+    Returns:
+        (B, N, N) long in {0, 1, ignore_index}.
+    """
+    if sampling not in _SAMPLING:
+        raise ValueError(f"sampling must be one of {_SAMPLING}, got {sampling!r}")
+    tok = _sample_tokens(label, tuple(grid), sampling).flatten(1)  # (B, N)
+    aff = (tok[:, :, None] == tok[:, None, :]).long()
+    ign = tok == ignore_index
+    ign = ign[:, :, None] | ign[:, None, :]
+    if window is not None:
+        ign = ign | ~window.to(device=aff.device, dtype=torch.bool)
+    return aff.masked_fill_(ign, ignore_index)

@@ -1,0 +1,182 @@
+"""Pixel-Adaptive Refinement (PAR), as in AFA (``wetr/PAR.py``) and AReAM (``networks/PAR.py``).
+
+Every pixel p has 48 neighbours: for each dilation d in ``dilations`` the 8 ring positions of a 3x3
+stencil scaled by d, in the order (-1,-1), (-1,0), (-1,+1), (0,-1), (0,+1), (+1,-1), (+1,0), (+1,+1)
+(row, col). The centre is not a neighbour; borders use replicate padding. The kernel
+
+    K(p, n) = w_rgb * softmax_n(k_rgb(p, n)) + w2 * softmax_n(k_pos(n))
+    k_rgb(p, n) = -mean_ch (|I_ch(n) - I_ch(p)| / (std_ch(p) + 1e-8) / w1)^2
+    k_pos(n)    = -(dist_n / (std(dist) + 1e-8) / w_pos_temp)^2
+
+is computed once from the image (``std_ch(p)`` is the unbiased std of the 48 neighbour values, the
+centre excluded; ``dist`` is d for axis and d*sqrt(2) for diagonal neighbours) and applied
+``num_iter`` times: X(p) <- sum_n K(p, n) X(n). Rows of K sum to w_rgb + w2 = 1.01 (not renormalised,
+as in the official code).
+
+Implementation notes: the input is padded once with the largest dilation (replicate padding of any
+width clamps to the same border values, so every neighbour is a shifted slice of that one padded
+tensor) and the weighted sum is accumulated neighbour by neighbour, so the (B, C, 48, H, W) gather of
+the official one-hot-convolution code is never materialised. Channels are independent, so any number
+of maps (several images' class subsets, the high/low background stacks) is refined in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# 3x3 ring without the centre, row-major (the order of the official one-hot conv kernel)
+_RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """(row, col) offsets of the 8 * len(dilations) neighbours, dilation-major."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in _RING]
+
+
+def neighbour_distances(dilations: Sequence[int]) -> Tensor:
+    """(8 * len(dilations),) float64 Euclidean distances of the neighbours to the centre."""
+    return torch.tensor([math.hypot(dy, dx) for dy, dx in neighbour_offsets(dilations)], dtype=torch.float64)
+
+
+class PAR(nn.Module):
+    """Pixel-adaptive refinement of score maps with an image-dependent local kernel.
+
+    Args:
+        dilations: ring dilations; 8 neighbours each (official: 1, 2, 4, 8, 12, 24 -> 48).
+        num_iter: propagation iterations (official: 10 VOC, 15 COCO).
+        w1: temperature of the colour term (official 0.3; the paper's c_I = w1^2).
+        w2: weight of the positional term (official 0.01; the paper's w_L / w3).
+        w_pos_temp: temperature of the positional term; None reuses ``w1`` (what the official code
+            does; the paper's c_L = w_pos_temp^2).
+        w_rgb: weight of the colour term (official 1; the paper's w_I).
+    """
+
+    def __init__(
+        self,
+        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+        num_iter: int = 10,
+        w1: float = 0.3,
+        w2: float = 0.01,
+        w_pos_temp: float | None = None,
+        w_rgb: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not dilations or min(dilations) < 1:
+            raise ValueError(f"dilations must be positive integers, got {dilations}")
+        self.dilations = tuple(int(d) for d in dilations)
+        self.num_iter = int(num_iter)
+        self.w1 = float(w1)
+        self.w2 = float(w2)
+        self.w_pos_temp = self.w1 if w_pos_temp is None else float(w_pos_temp)
+        self.w_rgb = float(w_rgb)
+        self.offsets = neighbour_offsets(self.dilations)
+        self.pad = max(self.dilations)
+        self._pos_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @classmethod
+    def from_paper(
+        cls,
+        c_I: float,  # noqa: N803 (paper notation)
+        c_L: float,  # noqa: N803
+        w_I: float = 1.0,  # noqa: N803
+        w_L: float = 0.01,  # noqa: N803
+        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+        num_iter: int = 10,
+    ) -> PAR:
+        """AReAM eq. 11-12: w_I * softmax(-(dI/sigma_I)^2 / c_I) + w_L * softmax(-(d/sigma_L)^2 / c_L).
+
+        The official code corresponds to c_I = c_L = 0.3^2 = 0.09, w_I = 1, w_L = 0.01.
+        """
+        return cls(dilations, num_iter, w1=math.sqrt(c_I), w2=w_L, w_pos_temp=math.sqrt(c_L), w_rgb=w_I)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dilations={self.dilations}, num_iter={self.num_iter}, w1={self.w1}, w2={self.w2}, "
+            f"w_pos_temp={self.w_pos_temp}, w_rgb={self.w_rgb}"
+        )
+
+    @property
+    def num_neighbours(self) -> int:
+        return len(self.offsets)
+
+    def positional_weights(
+        self, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """(48,) softmax of the positional logits (an image-independent constant), cached per device."""
+        key = (torch.device(device or "cpu"), dtype)
+        if key not in self._pos_cache:
+            dist = neighbour_distances(self.dilations).to(torch.float32)
+            logits = -(dist / (dist.std() + 1e-8) / self.w_pos_temp) ** 2
+            self._pos_cache[key] = logits.softmax(0).to(device=key[0], dtype=dtype)
+        return self._pos_cache[key]
+
+    def _shifted(self, padded: Tensor, size: tuple[int, int]) -> list[Tensor]:
+        """Views of ``padded`` (.., H+2P, W+2P) shifted to each neighbour, each (.., H, W)."""
+        h, w = size
+        p = self.pad
+        return [padded[..., p + dy : p + dy + h, p + dx : p + dx + w] for dy, dx in self.offsets]
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, [self.pad] * 4, mode="replicate")
+
+    def kernel(self, image01: Tensor) -> Tensor:
+        """Refinement kernel K(p, n).
+
+        Args:
+            image01: (B, 3, H, W) image (any channel count works), values in [0, 1].
+        Returns:
+            (B, 48, H, W) weights; each pixel's weights sum to w_rgb + w2.
+        """
+        if image01.dim() != 4:
+            raise ValueError(f"image01 must be (B, 3, H, W), got {tuple(image01.shape)}")
+        size = image01.shape[-2:]
+        # (B, 3, 48, H, W) neighbour values; the only 48-wide buffer (3 channels), reused in place
+        nb = torch.stack(self._shifted(self._pad(image01), size), dim=2)
+        std = nb.std(dim=2, keepdim=True)
+        nb.sub_(image01.unsqueeze(2)).abs_().div_(std.add_(1e-8)).div_(self.w1).pow_(2)
+        k_rgb = nb.mean(dim=1).neg_()  # (B, 48, H, W)
+        del nb
+        k = k_rgb.softmax(dim=1)
+        if self.w_rgb != 1.0:
+            k.mul_(self.w_rgb)
+        pos = self.positional_weights(image01.device, k.dtype)
+        return k.add_(pos.view(1, -1, 1, 1), alpha=self.w2)
+
+    def propagate(self, kernel: Tensor, maps: Tensor) -> Tensor:
+        """Apply ``num_iter`` iterations of X(p) <- sum_n K(p, n) X(n).
+
+        Args:
+            kernel: (B, 48, H, W) from :meth:`kernel`.
+            maps: (B, C, H, W) at the kernel's size.
+        Returns:
+            (B, C, H, W).
+        """
+        size = maps.shape[-2:]
+        weights = kernel.unsqueeze(2).unbind(1)  # 48 x (B, 1, H, W)
+        for _ in range(self.num_iter):
+            out = torch.zeros_like(maps)
+            for wn, xn in zip(weights, self._shifted(self._pad(maps), size)):
+                out.addcmul_(wn, xn)
+            maps = out
+        return maps
+
+    def forward(self, image01: Tensor, maps: Tensor) -> Tensor:
+        """Refine ``maps`` with the kernel of ``image01``.
+
+        Args:
+            image01: (B, 3, H, W) image in [0, 1].
+            maps: (B, C, h, w) score maps; resized to (H, W) bilinearly with align_corners=True first
+                when the sizes differ (as the AFA code does).
+        Returns:
+            (B, C, H, W) refined maps.
+        """
+        if maps.dim() != 4 or maps.shape[0] != image01.shape[0]:
+            raise ValueError(f"maps must be (B, C, h, w) with B={image01.shape[0]}, got {tuple(maps.shape)}")
+        if maps.shape[-2:] != image01.shape[-2:]:
+            maps = F.interpolate(maps, size=image01.shape[-2:], mode="bilinear", align_corners=True)
+        return self.propagate(self.kernel(image01), maps)
