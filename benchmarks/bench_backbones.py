@@ -110,9 +110,11 @@ def _step(model, x, layers, backward: bool) -> None:
 
 
 def run_case(
-    case: Case, capture: bool, backward: bool, device: str, repeats: int
+    case: Case, capture: bool, backward: bool, device: str, repeats: int, threads: int | None = None
 ) -> tuple[float, float, float]:
     """Median and min milliseconds and peak memory (MiB) of one case, in the calling process."""
+    if threads:
+        torch.set_num_threads(threads)
     dev = torch.device(device)
     torch.manual_seed(0)
     model = _build(case.backbone).to(dev).train(backward)
@@ -139,10 +141,10 @@ def _child(args: tuple, queue) -> None:
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def run_isolated(case: Case, capture: bool, backward: bool, device: str, repeats: int):
+def run_isolated(case: Case, capture: bool, backward: bool, device: str, repeats: int, threads: int | None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=((case, capture, backward, device, repeats), queue))
+    proc = ctx.Process(target=_child, args=((case, capture, backward, device, repeats, threads), queue))
     proc.start()
     _, value = queue.get()
     proc.join()
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small input sizes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 3)")
     parser.add_argument(
         "--only", nargs="*", default=None, help="backbone names to run (default: all registered)"
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     registered = set(_registry().names())
     mem = "peak alloc MiB" if args.device.startswith("cuda") else "peak RSS MiB above model"
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     print(
         f"device: {args.device}, torch {torch.__version__}, threads {threads}, median (min) of {repeats} runs"
     )
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         for capture in (False, True):
             cells = []
             for backward in (False, True):
-                res = run_isolated(case, capture, backward, args.device, repeats)
+                res = run_isolated(case, capture, backward, args.device, repeats, args.threads)
                 cells += (
                     [f"{res[0]:.1f} ({res[1]:.1f})", f"{res[2]:.0f}"] if isinstance(res, tuple) else [res, ""]
                 )

@@ -382,6 +382,14 @@ def test_cam_to_label_hand_case():
     assert cam_to_label(cam, labels, high=0.55, low=0.35, img_box=box).tolist() == [[[1, 255, 255]]]
 
 
+def test_cam_to_label_thresholds_are_inclusive():
+    cam = torch.tensor([0.35, 0.3501, 0.45, 0.4501, 0.55, 0.5501]).view(1, 1, 1, 6)
+    labels = torch.ones(1, 1)
+    assert cam_to_label(cam, labels).tolist() == [[[0, 0, 0, 1, 1, 1]]]
+    out = cam_to_label(cam, labels, high=0.55, low=0.35)
+    assert out.tolist() == [[[0, 255, 255, 255, 255, 1]]]
+
+
 def test_combine_high_low_truth_table():
     lh = torch.tensor([0, 0, 0, 3, 3, 3, 255, 255])
     ll = torch.tensor([0, 2, 255, 0, 3, 1, 0, 255])

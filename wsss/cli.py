@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -19,14 +18,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, resume=args.resume)
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from wsss.engine.infer import run_evaluate
-
-    res = run_evaluate(args.config, args.checkpoint, args.overrides, split=args.split, out=args.out)
-    print(json.dumps({k: v.get("miou") for k, v in res.items() if isinstance(v, dict) and "miou" in v}, indent=2))
     return 0
 
 
@@ -46,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="mIoU of CAM, refined CAM, pseudo label and segmentation")
-    _add_config(p)
-    p.add_argument("--checkpoint", required=True, help="a run's model/ directory or a training checkpoint")
-    p.add_argument("--split", default=None)
-    p.add_argument("--out", default=None, help="JSON file for the results")
-    p.set_defaults(fn=cmd_evaluate)
+    # evaluate / pseudo-labels / predict live with the inference engine, analyze / report with
+    # the analysis tools: each module registers its own subcommands.
+    from wsss.analysis.analyze import add_parser as add_analyze
+    from wsss.analysis.report import add_parser as add_report
+    from wsss.engine.infer import add_parsers as add_infer
+
+    add_infer(sub)
+    add_analyze(sub)
+    add_report(sub)
 
     p = sub.add_parser("demo", help="synthetic data -> train cam/afa/aream/supervised -> evaluate -> report")
     p.add_argument("--out", default="runs/demo")

@@ -67,11 +67,15 @@ class WSSSNet(nn.Module):
         attn_layers: Sequence[int] = (),
         attn_reduce: AttnReduce | None = None,
         with_seg: bool = True,
+        with_aff: bool = True,
     ) -> NetOutput:
-        """x: (B, 3, H, W) normalised. The AFA head's layers are always captured (unreduced)."""
-        want = set(self.layers(attn_layers)) | set(self.aff_layers)
+        """x: (B, 3, H, W) normalised. With ``with_aff`` the AFA head's layers are captured too
+        (unreduced). Heads whose output a loss does not use must be switched off: under DDP every
+        output must reach the loss."""
+        with_aff = with_aff and self.aff_head is not None
+        want = set(self.layers(attn_layers)) | (set(self.aff_layers) if with_aff else set())
         reduce = attn_reduce
-        if attn_reduce is not None and self.aff_layers:
+        if attn_reduce is not None and with_aff:
             keep = set(self.aff_layers)
 
             def reduce(layer: int, logits: Tensor) -> Tensor:
@@ -83,7 +87,7 @@ class WSSSNet(nn.Module):
         if self.token_head is not None and out.prefix is not None:
             all_logits.append(self.token_head(out.prefix))
         seg = self.seg_head(out.features) if (with_seg and self.seg_head is not None) else None
-        aff = self._affinity(out.attn) if self.aff_head is not None else None
+        aff = self._affinity(out.attn) if with_aff else None
         return NetOutput(all_logits, cam, seg, aff, out.attn, out.grids, out.prefix)
 
     def forward_cam(

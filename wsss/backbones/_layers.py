@@ -68,4 +68,6 @@ def init_vit_weights(module: nn.Module) -> None:
 
 def dpr(drop_path_rate: float, depth: int) -> list[float]:
     """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over ``depth`` blocks."""
-    return [float(r) for r in torch.linspace(0, drop_path_rate, depth)] if depth > 1 else [0.0]
+    if depth <= 1:
+        return [0.0] * depth
+    return [drop_path_rate * i / (depth - 1) for i in range(depth)]  # plain floats: meta-device safe

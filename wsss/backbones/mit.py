@@ -23,12 +23,14 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import DropPath, attend, dpr
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import load_into, read_state_dict
+from wsss.checkpoint import CheckpointError, load_into, read_state_dict
 from wsss.registry import BACKBONES
 
 __all__ = [
     "MixVisionTransformer",
     "checkpoint_filter_fn",
+    "detect_format",
+    "load_pretrained",
     "mit_b0",
     "mit_b1",
     "mit_b2",
@@ -36,6 +38,7 @@ __all__ = [
     "mit_b4",
     "mit_b5",
     "mit_tiny",
+    "resolve_checkpoint_path",
 ]
 
 AFA_STRIDES = (4, 2, 2, 1)
@@ -369,7 +372,13 @@ def _convert_hf(
             out[new if new is not None else key] = value
     for name, parts in kv_parts.items():
         if set(parts) == {0, 1}:
-            out[name] = torch.cat([parts[0][1], parts[1][1]], dim=0)
+            (k_name, k), (v_name, v) = parts[0], parts[1]
+            if k.shape != v.shape:
+                raise CheckpointError(
+                    f"{k_name} {tuple(k.shape)} and {v_name} {tuple(v.shape)} differ in shape; "
+                    f"cannot form {name}"
+                )
+            out[name] = torch.cat([k, v], dim=0)
         else:  # a lone key or value: keep it so the error names it
             out.update({orig: t for orig, t in parts.values()})
     return out

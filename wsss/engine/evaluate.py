@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from wsss.data.transforms import denormalize
 from wsss.engine.distributed import all_reduce_sum
-from wsss.engine.metrics import ConfusionMatrix
-from wsss.methods.base import Method
+from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
+from wsss.methods.base import Method, resize
 from wsss.model import WSSSNet
 
 
@@ -40,6 +40,56 @@ def predict_maps(
 
 
 @torch.no_grad()
+def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float], flip: bool) -> Tensor | None:
+    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded, normalised), or None.
+
+    AFA ``test_msc_flip``: per scale, the mean of the logits of x and of flip(x) (un-flipped),
+    upsampled to the scale-1 size; element-wise max over scales.
+    """
+    if net.seg_head is None:
+        return None
+    size = tuple(x.shape[-2:])
+    best: Tensor | None = None
+    for s in scales:
+        xs = resize(x, (int(s * size[0]), int(s * size[1]))) if s != 1.0 else x
+        inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        seg = net(inp, with_seg=True).seg
+        if flip:
+            b = x.shape[0]
+            seg = (seg[:b] + seg[b:].flip(-1)) / 2
+        seg = resize(seg, size)
+        best = seg if best is None else torch.maximum(best, seg)
+    return best
+
+
+def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
+    """Dense CRF (AFA test preset) on softmax(logits): (B, C, H, W), (B, 3, H, W) -> labels (B, H, W)."""
+    from wsss.refine.crf import crf_preset
+
+    probs = logits.float().softmax(1).cpu()
+    images = (image01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = [crf_preset(img, p, "afa").argmax(0) for img, p in zip(images, probs)]
+    return torch.stack(out).to(logits.device)
+
+
+@torch.no_grad()
+def sweep_cam(method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float],
+              flip: bool) -> Tensor:
+    """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: AReAM's refined CAM (all layers,
+    uniform) when the method has one, else the multi-scale CAM; masked by ``labels``."""
+    x, (h, w) = pad_batch(image)
+    saved, method.flip = method.flip, flip
+    try:
+        if hasattr(method, "aream_cam"):
+            cam = method.aream_cam(net, x, labels, list(range(method.L)), None, scales)  # type: ignore[attr-defined]
+        else:
+            cam = method.multiscale_cam(net, x, scales) * labels[..., None, None]
+    finally:
+        method.flip = saved
+    return cam[..., :h, :w]
+
+
+@torch.no_grad()
 def evaluate(
     method: Method,
     net: WSSSNet,
@@ -51,20 +101,43 @@ def evaluate(
     max_images: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    crf: bool = False,
+    sweep: bool = False,
+    sweep_thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
-    """mIoU per label map over ``dataset`` (sharded by rank). num_classes includes background."""
+    """mIoU per label map over ``dataset`` (sharded by rank). num_classes includes background.
+
+    With several scales or flip, the 'seg' map is the multi-scale seg prediction (:func:`multiscale_seg`);
+    ``crf``: the 'seg' map is post-processed with the dense CRF (AFA test preset);
+    ``sweep``: the AReAM background-threshold sweep on the (refined) CAM, reported under '_sweep'.
+    """
     was = net.training
     net.eval()
     scales = list(scales or [1.0])
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     cms: dict[str, ConfusionMatrix] = {}
     covered = torch.zeros(2, dtype=torch.float64, device=device)  # pseudo: labelled, valid gt
+    if crf:
+        from wsss.refine.crf import INSTALL_HINT, CRFUnavailableError, crf_available
+
+        if not crf_available():  # fail before the first image
+            raise CRFUnavailableError(f"--crf needs the pydensecrf2 package: {INSTALL_HINT}")
+    msc_seg = crf or flip or scales != [1.0]
+    sweeper = None
+    if sweep:
+        thr = {"thresholds": sweep_thresholds} if sweep_thresholds else {}
+        sweeper = SweepAccumulator(num_classes, **thr)
     for idx in range(rank, n, world_size):
         sample = dataset[idx]
         image = sample["image"][None].to(device)
         labels = sample["labels"][None].to(device)
         gt = sample["mask"][None].to(device)
-        for name, pred in predict_maps(method, net, image, labels, scales, flip).items():
+        maps = predict_maps(method, net, image, labels, scales, flip)
+        if msc_seg and "seg" in maps:
+            maps["seg"] = predict_seg(method, net, image, scales, flip, crf)
+        if sweeper is not None:
+            sweeper.update(sweep_cam(method, net, image, labels, scales, flip), labels, gt)
+        for name, pred in maps.items():
             target = gt
             if name == "pseudo":
                 valid = gt != 255
@@ -83,8 +156,25 @@ def evaluate(
         covered = all_reduce_sum(covered)
     if "pseudo" in results and covered[1] > 0:
         results["pseudo"]["coverage"] = float(covered[0] / covered[1])
-    results["_protocol"] = {"images": n, "scales": scales, "flip": flip, "crf": False}
+    if sweeper is not None:
+        if world_size > 1:
+            sweeper.all_reduce()
+        results["_sweep"] = sweeper.compute()
+    results["_protocol"] = {"images": n, "scales": scales, "flip": flip, "crf": ["seg"] if crf else False}
     return results
+
+
+@torch.no_grad()
+def predict_seg(method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool,
+                crf: bool = False) -> Tensor:
+    """Segmentation label map (B, H, W) for a normalised image batch of any size (multi-scale, flip,
+    optional CRF)."""
+    x, (h, w) = pad_batch(image)
+    logits = multiscale_seg(method, net, x, scales, flip)
+    if logits is None:
+        raise ValueError("the model has no segmentation head")
+    logits = logits[..., :h, :w]
+    return crf_seg(logits, denormalize(image)) if crf else logits.argmax(1)
 
 
 def miou_table(results: dict[str, Any], class_names: list[str] | None = None) -> str:

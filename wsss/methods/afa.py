@@ -64,10 +64,11 @@ class AFAMethod(Method):
     def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
-        out = net(x)
+        warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
+        out = net(x, with_seg=not warm, with_aff=not warm)
         l_cls = self.cls_loss(out, labels)
         logs = {"cls": l_cls.item()}
-        if it <= int(self.a.warmup_iters):  # classification only; the rest is not computed at all
+        if warm:
             return l_cls, logs
         image01 = denormalize(x)
         with torch.no_grad(), pass_mode(m, self.mode):

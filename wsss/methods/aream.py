@@ -119,11 +119,13 @@ class AReAMMethod(Method):
         box = batch.get("img_box")
         m = unwrap(net)
         T = self.T
-        seg_w = float(self.r.seg_weight)
-        out = net(x, self.deep_layers(), lambda layer, z: layer_logit_mean(z, T), with_seg=seg_w > 0)
+        warm = it <= int(self.r.warmup_iters)
+        seg_w = 0.0 if warm or m.seg_head is None else float(self.r.seg_weight)
+        layers = () if warm else self.deep_layers()
+        out = net(x, layers, lambda layer, z: layer_logit_mean(z, T), with_seg=seg_w > 0)
         l_cls = self.cls_loss(out, labels)
         logs = {"cls": l_cls.item()}
-        if it <= int(self.r.warmup_iters):
+        if warm:
             return l_cls, logs
         image01 = denormalize(x)
         with torch.no_grad(), pass_mode(m, self.mode):
@@ -135,7 +137,7 @@ class AReAMMethod(Method):
         l_aff = aream_affinity_loss([out.attn[i] for i in self.deep_layers()], target, self.loss_w.to(x.device))
         loss = l_cls + float(self.r.aff_weight) * l_aff
         logs["aff"] = l_aff.item()
-        if seg_w > 0 and out.seg is not None:
+        if seg_w > 0:
             l_seg = seg_loss_bg_fg(out.seg, pseudo)
             loss = loss + seg_w * l_seg
             logs["seg"] = l_seg.item()

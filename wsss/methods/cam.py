@@ -27,10 +27,11 @@ class CAMMethod(Method):
     def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
         x, labels = batch["image"], batch["labels"]
         m = unwrap(net)
-        out = net(x)
+        use_seg = it > self.warmup and m.seg_head is not None and self.seg_weight > 0
+        out = net(x, with_seg=use_seg)
         loss = self.cls_loss(out, labels)
         logs = {"cls": loss.item()}
-        if it <= self.warmup or out.seg is None or self.seg_weight == 0:
+        if not use_seg:
             return loss, logs
         with torch.no_grad(), pass_mode(m, self.mode):
             cam = self.multiscale_cam(m, x) * labels[..., None, None]

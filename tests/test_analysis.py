@@ -1,0 +1,214 @@
+"""wsss.analysis.analyze: per-layer statistics against slow loop references, the dataset pass, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from wsss.analysis.analyze import (
+    add_parser,
+    afa_head_weights,
+    afa_query_maps,
+    analysis_layers,
+    analyze_dataset,
+    column_concentration,
+    entropy_override,
+    layer_statistics,
+    load_model,
+    normalize_variants,
+)
+from wsss.config import load_config
+from wsss.data.build import build_dataset
+from wsss.data.synthetic import generate_synthetic
+from wsss.engine.checkpoint import export_model
+from wsss.model import build_model
+
+
+def _cfg(name: str, root) -> object:
+    over = [f"data.root={root}", "data.size=64", "data.crop_size=64"]
+    if name.startswith("aream"):
+        over.append("model.backbone_kwargs.img_size=64")
+    return load_config(name, over)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    generate_synthetic(root, num_train=4, num_val=3, size=64, num_classes=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def aream_net(data_root):
+    torch.manual_seed(0)
+    cfg = _cfg("aream_mctformer_micro_synthetic", data_root)
+    return build_model(cfg.model, 5, "aream").eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def afa_net(data_root):
+    torch.manual_seed(0)
+    cfg = _cfg("afa_mit_tiny_synthetic", data_root)
+    return build_model(cfg.model, 5, "afa").eval(), cfg
+
+
+def _probs(net, x, layer):
+    """Head-mean softmax (B, N, N) of one layer, from the unreduced logits."""
+    out = net.forward_cam(x, [layer])
+    return out.attn[layer].softmax(-1).mean(1)
+
+
+def test_layer_statistics_matches_loops(aream_net):
+    net, _ = aream_net
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 48)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
+    t = net.backbone.num_prefix_tokens
+    layers = list(range(net.backbone.num_layers))
+    with torch.no_grad():
+        st = layer_statistics(net, x, labels, layers, class_attention=True, keep_example=True)
+        raw = net.forward_cam(x).cam
+        probs = [_probs(net, x, i) for i in layers]
+    b, k, h, w = st.cam.shape
+    assert (h, w) == st.grid == (4, 6)
+    npatch = h * w
+    # Class-attention CAM: ReLU CAM x mean over all layers of the class-to-patch rows.
+    cls = sum(p[:, :t, t:] for p in probs) / len(layers)
+    for bi in range(b):
+        for c in range(k):
+            for i in range(npatch):
+                ref = max(float(raw[bi, c].flatten()[i]), 0.0) * float(cls[bi, c, i])
+                assert math.isclose(float(st.cam[bi, c].flatten()[i]), ref, rel_tol=1e-4, abs_tol=1e-6)
+    assert st.refined.shape == (len(layers), b, k, h, w)
+    cam = st.cam.reshape(b, k, npatch).double()
+    for li in (0, len(layers) - 1):
+        a = probs[li][:, t:, t:].double()
+        for bi in range(b):
+            for c in range(k):
+                for i in range(npatch):
+                    ref = sum(float(a[bi, i, j]) * float(cam[bi, c, j]) for j in range(npatch))
+                    got = float(st.refined[li, bi, c].flatten()[i])
+                    assert math.isclose(got, ref, rel_tol=1e-4, abs_tol=1e-6)
+        # Hellinger: mean over patch query pairs of ||sqrt(a_i) - sqrt(a_j)|| / sqrt 2 (full rows).
+        full = probs[li][:, t:, :].double()
+        for bi in range(b):
+            d = [float(torch.linalg.vector_norm(full[bi, i].sqrt() - full[bi, j].sqrt()) / math.sqrt(2))
+                 for i in range(npatch) for j in range(i + 1, npatch)]
+            assert math.isclose(float(st.hellinger[li, bi]), sum(d) / len(d), rel_tol=1e-6, abs_tol=1e-9)
+        # Entropy (aream.md 6.2): ReLU CAM of the GT classes, refined, summed, softmax, base 2.
+        for bi in range(b):
+            s = [sum(float(a[bi, i, j]) * max(float(raw[bi, c].flatten()[j]), 0.0) * float(labels[bi, c])
+                     for j in range(npatch) for c in range(k)) for i in range(npatch)]
+            m = max(s)
+            z = sum(math.exp(v - m) for v in s)
+            p = [math.exp(v - m) / z for v in s]
+            ref = -sum(q * math.log2(q) for q in p if q > 0)
+            assert math.isclose(float(st.entropy[li, bi]), ref, rel_tol=1e-5)
+        # Column mass over patch queries and example affinity.
+        assert torch.allclose(st.col_mass[li].double(), a.sum(1), atol=1e-6)
+        assert torch.allclose(st.example[li].double(), a[0], atol=1e-6)
+    assert ((st.hellinger >= 0) & (st.hellinger <= 1)).all()
+    assert st.hellinger_heads.shape == (len(layers), b, net.backbone.num_heads[0])
+    assert ((st.entropy >= 0) & (st.entropy <= math.log2(npatch) + 1e-6)).all()
+
+
+def test_mit_layers_and_afa(afa_net):
+    net, _ = afa_net
+    x = torch.randn(1, 3, 64, 64)
+    layers, grids, note = analysis_layers(net, x)
+    last = grids[net.backbone.num_layers - 1]
+    assert layers == [i for i in range(net.backbone.num_layers) if grids[i] == last]
+    assert layers[-1] == net.backbone.num_layers - 1 and len(layers) < net.backbone.num_layers
+    assert "skipped" in note
+    st = layer_statistics(net, x, torch.ones(1, 5), layers)
+    assert st.refined.shape[0] == len(layers) and st.example is None
+    maps = afa_query_maps(net, x, query=5)
+    assert maps["grid"] == grids[layers[-1]] and maps["query"] == (5 // maps["grid"][1], 5 % maps["grid"][1])
+    row = net.forward_cam(x, net.aff_layers).aff[0, 5]
+    assert torch.allclose(maps["affinity"].flatten(), row, atol=1e-6)
+    assert math.isclose(float(maps["mhsa"].sum()), 1.0, rel_tol=1e-5)  # no prefix tokens: rows sum to 1
+    hw = afa_head_weights(net)
+    assert len(hw["weights"]) == len(hw["heads"]) == net.aff_head.in_channels
+    assert hw["weights"] == net.aff_head.proj.weight.flatten().tolist()
+
+
+def test_normalize_and_concentration():
+    torch.manual_seed(2)
+    cams = torch.randn(3, 2, 4, 5, 6)
+    labels = torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 0]])
+    out = normalize_variants(cams, (10, 12), (9, 11), labels)
+    assert out.shape == (3, 2, 4, 9, 11)
+    assert out.min() >= 0 and out.max() < 1
+    assert (out[:, 0, 1] == 0).all() and (out[:, 1, 0] == 0).all()
+    # Hand case: 20 tokens, top 5% = 1 column holding 5 of 24.
+    mass = torch.ones(1, 1, 20)
+    mass[0, 0, 3] = 5.0
+    assert math.isclose(float(column_concentration(mass)), 5 / 24, rel_tol=1e-6)
+    assert math.isclose(float(column_concentration(torch.ones(1, 1, 20))), 0.05, rel_tol=1e-6)
+    assert entropy_override([1.5, 2.0]) == "aream.weighting=entropy_offline aream.entropy=[1.5,2]"
+
+
+def test_analyze_dataset_and_fused_linearity(aream_net, data_root):
+    net, cfg = aream_net
+    ds = build_dataset(cfg.data, split="val", train=False)
+    res = analyze_dataset(net, ds, 6, cfg, batch_size=2)
+    assert res.images == 3 and res.layers == list(range(net.backbone.num_layers))
+    s = res.summary
+    for key in ("hellinger", "entropy"):
+        assert len(s[key]["mean"]) == len(res.layers)
+        assert all(q1 <= med <= q3 for q1, med, q3 in zip(s[key]["q1"], s[key]["median"], s[key]["q3"]))
+    ref = s["refinement"]
+    assert set(ref) == {"cam", "fused", "_summary", *(f"layer_{i}" for i in res.layers)}
+    for name, r in ref.items():
+        if not name.startswith("_"):
+            assert 0 <= r["best_miou"] <= 1 and r["best_miou"] == max(r["miou"])
+    assert ref["_summary"]["best_layer"] in res.layers
+    assert res.example["affinity"].shape == (len(res.layers), 64, 64)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    return p.parse_args(["analyze", *argv])
+
+
+def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for (net, cfg), name, extra in ((aream_net, "aream_mctformer_micro_synthetic", ["--entropy"]),
+                                    (afa_net, "afa_mit_tiny_synthetic", [])):
+        names = ["bg"] + [f"c{i}" for i in range(5)]
+        meta = {"config": dict_cfg(cfg), "num_classes": 6, "class_names": names}
+        model_dir = export_model(net, meta, tmp_path / name / "model")
+        loaded, _, names = load_model(model_dir)
+        assert names is not None and len(names) == 6
+        for a, b in zip(loaded.state_dict().values(), net.state_dict().values()):
+            assert torch.equal(a, b)
+        out = tmp_path / name / "analysis"
+        over = [f"data.root={data_root}", "data.size=64"]
+        if name.startswith("aream"):
+            over.append("model.backbone_kwargs.img_size=64")
+        args = _parse([name, *over, "--checkpoint", str(model_dir), "--out", str(out), "--max-images", "2",
+                       "--device", "cpu", *extra])
+        assert args.fn(args) == 0
+        data = json.loads((out / "analysis.json").read_text())
+        for f in data["plots"].values():
+            assert (out / f).is_file() and (out / f).read_bytes()[:4] == b"\x89PNG"
+        assert data["protocol"]["images"] == 2
+        if name.startswith("aream"):
+            assert (out / "aream_entropy.yaml").is_file()
+            assert "aream.entropy=[" in capsys.readouterr().out
+            line = data["entropy"]["override"].split()
+            cfg2 = load_config(name, line)
+            assert len(cfg2.aream.entropy) == net.backbone.num_layers
+        else:
+            assert {"afa_query", "afa_head_weights"} <= set(data["plots"]) and "query" in data["afa"]
+
+
+def dict_cfg(cfg):
+    from wsss.config import to_dict
+
+    return to_dict(cfg)

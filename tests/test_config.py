@@ -1,0 +1,59 @@
+"""Config files, base chains and dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsss.config import CONFIG_DIR, load_config
+
+PAPER_CONFIGS = ["afa_mit_b1_voc", "afa_mit_b1_coco", "aream_mctformer_deit_s_voc", "aream_conformer_s_voc"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_")))
+def test_every_shipped_config_loads(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.method in ("cam", "afa", "aream", "supervised")
+    assert cfg.name == name
+
+
+def test_paper_hyperparameters() -> None:
+    afa = load_config("afa_mit_b1_voc")
+    assert afa.model.backbone == "mit_b1" and list(afa.model.backbone_kwargs.strides) == [4, 2, 2, 1]
+    assert (afa.data.crop_size, afa.train.max_iters, afa.optim.lr, afa.optim.warmup_iters) == (512, 20000, 6e-5, 1500)
+    assert (afa.cam.bkg_score, afa.cam.high, afa.cam.low, afa.afa.radius) == (0.45, 0.55, 0.35, 8)
+    assert (afa.afa.warmup_iters, afa.afa.switch_iter, afa.afa.seg_weight, afa.afa.aff_weight) == (2000, 6000, 0.1, 0.1)
+    coco = load_config("afa_mit_b1_coco")
+    assert (coco.data.num_classes, coco.train.max_iters, coco.par.num_iter, coco.afa.switch_iter) == (81, 80000, 15, 15000)
+    assert coco.par.dilations == afa.par.dilations  # inherited from the VOC file
+    mct = load_config("aream_mctformer_deit_s_voc")
+    assert (mct.aream.layer_index, mct.data.batch_size, mct.optim.lr) == (7, 64, 6.25e-5)
+    conf = load_config("aream_conformer_s_voc")
+    assert (conf.aream.layer_index, conf.data.crop_size, list(conf.cam.scales)) == (9, 384, [0.5, 1.0, 1.5])
+
+
+def test_overrides_and_interpolation() -> None:
+    cfg = load_config("afa_mit_b1_voc", ["train.max_iters=100", "data.root=/x/VOC", "cam.scales=[1.0]"])
+    assert cfg.train.max_iters == 100 and cfg.optim.max_iters == 100  # optim follows train
+    assert cfg.data.root == "/x/VOC" and list(cfg.cam.scales) == [1.0]
+
+
+def test_unknown_keys_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="train.max_iter"):
+        load_config("afa_mit_b1_voc", ["train.max_iter=5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: afa\nafa: {radus: 3}\n")
+    with pytest.raises(KeyError, match="afa.radus"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("afa_mit_b1_voc", ["train.max_iters"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_config("nope")
+
+
+def test_base_chain_and_cycle(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")

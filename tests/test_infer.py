@@ -1,0 +1,216 @@
+"""Inference: evaluate / pseudo-labels / predict, the Segmenter, and loading from paths and the hub."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss.checkpoint import CheckpointError
+from wsss.config import load_config, to_dict
+from wsss.data.io import load_mask
+from wsss.engine.checkpoint import export_model
+from wsss.engine.infer import add_parsers, run_evaluate, run_predict, run_pseudo_labels
+from wsss.hub import detect_backbone, from_pretrained, load_run
+from wsss.model import WSSSNet, build_model
+from wsss.predictor import Segmenter
+from wsss.registry import BACKBONES
+
+CFG = "cam_mit_tiny_synthetic"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from wsss.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "data"
+    generate_synthetic(data, num_train=4, num_val=3, size=64, num_classes=6)
+    over = [f"data.root={data}", f"out_dir={root / 'run'}", "data.num_train=4", "data.num_val=3",
+            "data.size=64", "cam.scales=[1.0]", "par.num_iter=2"]
+    cfg = load_config(CFG, over)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, int(cfg.data.num_classes) - 1, str(cfg.method))
+    from wsss.data.synthetic import class_names_for
+
+    names = class_names_for(int(cfg.data.num_classes))
+    meta = {"config": to_dict(cfg), "num_classes": int(cfg.data.num_classes), "class_names": names}
+    export_model(net, meta, root / "run" / "model")
+    return {"root": root, "data": data, "over": over, "cfg": cfg, "release": root / "run" / "model",
+            "names": names}
+
+
+def _recompute_miou(png_dir: Path, data: Path, names: list[str], c: int) -> list[float]:
+    """Per-class IoU from the saved PNGs and the ground-truth masks, with plain loops."""
+    tp, fp, fn = np.zeros(c), np.zeros(c), np.zeros(c)
+    for name in names:
+        pred = load_mask(png_dir / f"{name}.png", 256)
+        gt = load_mask(data / "SegmentationClass" / f"{name}.png", 256)
+        valid = gt != 255
+        for k in range(c):
+            tp[k] += ((pred == k) & (gt == k) & valid).sum()
+            fp[k] += ((pred == k) & (gt != k) & valid).sum()
+            fn[k] += ((pred != k) & (gt == k) & valid).sum()
+    return [tp[k] / (tp[k] + fp[k] + fn[k]) if tp[k] + fp[k] + fn[k] > 0 else float("nan") for k in range(c)]
+
+
+def test_evaluate_matches_saved_pngs(setup: dict) -> None:
+    out = setup["root"] / "eval.json"
+    res = run_evaluate(CFG, setup["release"], setup["over"], split="val", out=out, print_table=False)
+    saved = json.loads(out.read_text())
+    assert saved["_protocol"]["split"] == "val" and saved["_protocol"]["images"] == 3
+    assert {"cam", "cam_par", "pseudo", "seg"} <= set(saved)
+    png_dir = setup["root"] / "seg_pngs"
+    summary = run_pseudo_labels(CFG, setup["release"], setup["over"], "val", png_dir, map_name="seg",
+                                verbose=False)
+    assert summary["written"] == 3
+    names = sorted(p.stem for p in png_dir.glob("*.png"))
+    iou = _recompute_miou(png_dir, setup["data"], names, int(setup["cfg"].data.num_classes))
+    np.testing.assert_allclose(np.array(saved["seg"]["iou"], dtype=float), np.array(iou), rtol=1e-9)
+    assert res["seg"]["miou"] == saved["seg"]["miou"]
+
+
+def test_pseudo_labels_resumable(setup: dict) -> None:
+    out = setup["root"] / "pl"
+    s1 = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, map_name="cam_par",
+                           logits=True, logit_stride=4, verbose=False)
+    assert s1["written"] == 4 and s1["skipped_existing"] == 0
+    first = sorted(out.glob("*.png"))[0]
+    z = np.load(first.with_suffix(".npz"))
+    assert z["logits"].dtype == np.float16 and z["logits"].shape[-2:] == (16, 16)
+    before = load_mask(first, 256)
+    first.write_bytes(b"not a png")  # a corrupt PNG is redone
+    s2 = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, map_name="cam_par",
+                           logits=True, verbose=False)
+    assert s2["written"] == 1 and s2["skipped_existing"] == 3
+    np.testing.assert_array_equal(load_mask(first, 256), before)
+    assert Image.open(first).mode == "P"
+    assert json.loads((out / "summary.json").read_text())["map"] == "cam_par"
+
+
+def test_segmenter_inputs(setup: dict) -> None:
+    seg = Segmenter.from_pretrained(setup["release"], device="cpu")
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    p_np = seg.predict(arr)
+    p_pil = seg.predict(Image.fromarray(arr))
+    p_t = seg.predict(torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
+    p_u8 = seg.predict(torch.from_numpy(arr).permute(2, 0, 1))
+    for p in (p_pil, p_t, p_u8):
+        np.testing.assert_array_equal(p.mask, p_np.mask)
+    assert p_np.mask.shape == (40, 52) and p_np.mask.dtype == np.int64
+    assert p_np.scores.shape == (5,) and p_np.cams.shape == (5, 40, 52)
+    assert p_np.cams.min() >= 0 and p_np.cams.max() <= 1
+    assert p_np.overlay().shape == (40, 52, 3) and p_np.overlay().dtype == np.uint8
+    assert set(p_np.present()) <= set(setup["names"])
+    batch = seg.predict_batch([arr, arr])
+    np.testing.assert_array_equal(batch[1].mask, p_np.mask)
+    one = seg.predict(arr, labels=[setup["names"][2]])
+    assert set(np.unique(one.mask).tolist()) <= {0, 2}
+    with pytest.raises(ValueError, match="unknown class name 'zebra'.*obj1"):
+        seg.predict(arr, labels=["zebra"])
+
+
+def test_predict_cli_with_corrupt_file(setup: dict, tmp_path: Path) -> None:
+    import argparse
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(imgs / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(imgs / "b.png")
+    (imgs / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["predict", "--checkpoint", str(setup["release"]), str(imgs), "--out",
+                              str(tmp_path / "out"), "--device", "cpu"])
+    assert args.fn(args) == 1
+    for stem in ("a", "b"):
+        m = load_mask(tmp_path / "out" / f"{stem}.png", 256)
+        assert m.shape == ((32, 48) if stem == "a" else (36, 30))
+        assert (tmp_path / "out" / f"{stem}_overlay.png").is_file()
+        js = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+        assert set(js["scores"]) == set(setup["names"][1:])
+    assert not (tmp_path / "out" / "bad.png").exists()
+    assert run_predict(setup["release"], [imgs / "a.jpg"], tmp_path / "out2", device="cpu") == 0
+
+
+def test_load_run_and_wrong_architecture(setup: dict, tmp_path: Path) -> None:
+    net, cfg, names = load_run(setup["root"] / "run")
+    assert isinstance(net, WSSSNet) and names == setup["names"] and cfg.method == "cam"
+    assert isinstance(from_pretrained(setup["release"]), WSSSNet)
+    # a training checkpoint carrying the config of another architecture
+    cfg2 = load_config("afa_mit_tiny_synthetic", setup["over"])
+    state = {"iteration": 1, "model": net.state_dict(), "extra": {"config": to_dict(cfg2)}}
+    torch.save(state, tmp_path / "ckpt_00000001.pt")
+    with pytest.raises(CheckpointError, match="missing: aff_head"):
+        load_run(tmp_path / "ckpt_00000001.pt")
+
+
+def _sd(name: str, meta: bool = True, **kw: object) -> dict:
+    """A backbone's state dict; on the meta device (shapes only) unless ``meta=False``."""
+    import wsss.backbones.conformer as conformer
+    import wsss.backbones.mit as mit
+    import wsss.backbones.vit as vit
+    from wsss.model import import_backbones
+
+    import_backbones()
+    if not meta:
+        return BACKBONES.build(name, **kw).state_dict()
+    # drop-path rates come from torch.linspace(...).item(), which meta tensors cannot give
+    with pytest.MonkeyPatch.context() as mp, torch.device("meta"):
+        for mod in (conformer, mit, vit):
+            mp.setattr(mod, "dpr", lambda rate, depth: [0.0] * depth)
+        return BACKBONES.build(name, **kw).state_dict()
+
+
+@pytest.mark.parametrize("name", ["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "mit_tiny",
+                                  "vit_tiny", "vit_small", "vit_base", "conformer_s", "conformer_ti"])
+def test_detect_backbone_sizes(name: str) -> None:
+    assert detect_backbone(_sd(name)) == (name, {})
+
+
+def test_detect_foreign_layouts() -> None:
+    sd = _sd("mit_b1")
+    assert detect_backbone({f"encoder.{k}": v for k, v in sd.items()})[0] == "mit_b1"  # AFA checkpoint
+    assert detect_backbone({"head.weight": torch.empty(1000, 512, device="meta"), **sd})[0] == "mit_b1"
+    mct = _sd("mctformer_v2_small", num_classes=20)
+    assert detect_backbone(mct) == ("mctformer_v2_small", {"num_classes": 20})
+    with pytest.raises(CheckpointError, match="cannot tell"):
+        detect_backbone({"foo.weight": torch.zeros(2)})
+
+
+def test_from_pretrained_foreign_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = _sd("mit_tiny", meta=False)
+    torch.save({"state_dict": sd}, tmp_path / "mit.pth")
+    bb = from_pretrained(tmp_path / "mit.pth")
+    assert type(bb).__name__ == "MixVisionTransformer"
+    torch.testing.assert_close(bb.state_dict()["patch_embed1.proj.weight"], sd["patch_embed1.proj.weight"])
+    vit = _sd("vit_micro", meta=False, img_size=64, patch_size=8)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({k: v.contiguous() for k, v in vit.items()}, hf / "model.safetensors")
+    (hf / "config.json").write_text("{}")
+    bb = from_pretrained(hf)
+    torch.testing.assert_close(bb.state_dict()["pos_embed"], vit["pos_embed"])
+    conf = _sd("conformer_micro", meta=False)
+    torch.save(conf, tmp_path / "conformer.pth")
+    assert detect_backbone(conf)[0] == "conformer_micro"
+    assert type(from_pretrained(tmp_path / "conformer.pth")).__name__ == "Conformer"
+
+
+def test_hub_offline_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match="some-org/no-such-model.*local path"):
+        from_pretrained("some-org/no-such-model")
+    assert time.time() - t0 < 5

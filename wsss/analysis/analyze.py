@@ -1,0 +1,606 @@
+"""``wsss analyze``: layer-wise attention analyses of a trained model (``aream.md`` 15, AFA project page).
+
+One dataset pass (eval mode, single scale, original size padded to 16) gives, per analysed layer l:
+
+- the Hellinger distance between patch query rows of the head-mean softmax attention (AReAM eq. 6,
+  fig. 4b): the mean over pairs per image, then mean / median / IQR over images (and per head);
+- the entropy e_l of the CAM refined by that layer alone (``aream.md`` 6.2 construction, base 2), mean
+  over images: the vector ``aream.weighting=entropy_offline`` needs;
+- the mIoU (best background threshold of a vectorised sweep) of the raw CAM, of the CAM refined by each
+  single layer and by the mean of all analysed layers (AReAM fig. 2b / 10);
+- the column mass sum_i A[i, j] (sink tokens, fig. 8) and, for one image, every layer's patch affinity.
+
+Memory stays O(B N^2) per layer: a first forward gives the CAM (and MCTformer class attention, only its
+class rows), a second forward reduces each layer's logits to its statistics inside ``attn_reduce`` as
+soon as the block produces them, so no (L, B, heads, N, N) stack ever exists.
+
+MiT: early stages have pooled, differently sized token grids; only the layers whose grid equals the last
+layer's grid are analysed (the JSON says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.analysis.hellinger import layer_hellinger
+from wsss.engine.evaluate import pad_batch
+from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
+from wsss.model import WSSSNet
+from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches
+from wsss.ops.cam import normalize_cam
+
+PAD = 16
+NORM_EPS = 1e-6  # AReAM inference min-max epsilon (aream.md 5.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(source: str | Path, cfg: Any | None = None, device: str | torch.device = "cpu",
+               ) -> tuple[WSSSNet, Any, list[str]]:
+    """A trained model from a release dir (``model/``), a run dir or a checkpoint (:func:`wsss.hub.load_run`).
+
+    cfg: a config to use for everything but the weights (data, method); by default the stored one.
+    Returns ``(net in eval mode on device, cfg, class names with background first)``.
+    """
+    from wsss.hub import load_run
+
+    net, run_cfg, names = load_run(source)
+    return net.to(device).eval(), (run_cfg if cfg is None else cfg), list(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def analysis_layers(net: WSSSNet, x: Tensor) -> tuple[list[int], dict[int, tuple[int, int]], str]:
+    """Layers to analyse for inputs shaped like x: those whose token grid equals the last layer's.
+
+    Returns ``(layers, grids of all layers, note)``; one probe forward on ``x[:1]`` (each layer's logits
+    are dropped at once).
+    """
+    num = net.backbone.num_layers
+    out = net.forward_cam(x[:1], list(range(num)), lambda layer, z: z.new_zeros(()))
+    grids = {int(k): tuple(v) for k, v in out.grids.items()}
+    last = grids[num - 1]
+    layers = [i for i in range(num) if grids[i] == last]
+    note = "all layers" if len(layers) == num else (
+        f"layers {layers} (token grid {last[0]}x{last[1]} as the last layer); layers "
+        f"{[i for i in range(num) if i not in layers]} have pooled, differently sized grids and are skipped"
+    )
+    return layers, grids, note
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one batch (L = analysed layers, B images, K classes, grid h x w, Np = h*w).
+
+    cam: (B, K, h, w) CAM that is refined (MCTformer: ReLU CAM x class attention when used);
+    refined: (L, B, K, h, w) CAM refined by each layer alone; hellinger: (L, B); hellinger_heads:
+    (L, B, heads); entropy: (L, B) base-2 entropy (``aream.md`` 6.2); col_mass: (L, B, Np) column sums
+    of the patch affinity over patch queries; example: (L, Np, Np) patch affinities of image 0 or None.
+    """
+
+    cam: Tensor
+    refined: Tensor
+    hellinger: Tensor
+    hellinger_heads: Tensor
+    entropy: Tensor
+    col_mass: Tensor
+    grid: tuple[int, int]
+    example: Tensor | None = None
+
+
+def uses_class_attention(net: WSSSNet, cfg: Any | None) -> bool:
+    """MCTformer CAM x class-to-patch attention (AReAM's CAM), as the config asks."""
+    t = net.backbone.num_prefix_tokens
+    wanted = True if cfg is None else bool(cfg.get("aream", {}).get("class_attention", True))
+    return wanted and t > 1 and t == net.num_classes and str(getattr(cfg, "method", "aream")) == "aream"
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[int],
+                     class_attention: bool = False, keep_example: bool = False) -> LayerStats:
+    """All per-layer statistics of a padded, normalised batch x (B, 3, H, W); labels (B, K).
+
+    Two forwards: the CAM (and the class rows of every layer if ``class_attention``), then the analysed
+    layers, each reduced inside ``attn_reduce`` to its statistics.
+    """
+    t = net.backbone.num_prefix_tokens
+    num = net.backbone.num_layers
+    first = net.forward_cam(
+        x, list(range(num)) if class_attention else [],
+        (lambda layer, z: attention_probs(z)[:, :t, t:]) if class_attention else None,
+    )
+    raw = first.cam.float()
+    lab = labels.to(raw)
+    # Entropy CAM (aream.md 6.2): ReLU CAM for MCTformer (class tokens), the raw CAM otherwise.
+    ent_cam = raw.relu() if t > 1 else raw
+    cam = raw
+    if class_attention:
+        cls = torch.stack([first.attn[i] for i in range(num)]).mean(0)  # (B, T, Np)
+        cam = raw.relu() * cls.reshape(raw.shape[0], t, *first.grids[num - 1])
+    stats: dict[int, dict[str, Tensor]] = {}
+
+    def reduce(layer: int, logits: Tensor) -> Tensor:
+        probs = attention_probs(logits)  # (B, N, N)
+        aff = slice_patches(probs, t)  # (B, Np, Np)
+        grid = _grid_of(aff.shape[-1], cam.shape[-2:])
+        c = _resize(cam, grid)
+        s = {
+            "refined": refine_by_affinity(c, aff),
+            "hellinger": layer_hellinger(probs, t),
+            "hellinger_heads": layer_hellinger(_upcast(logits).softmax(-1), t),
+            "entropy": layer_entropy(_resize(ent_cam, grid), aff.unsqueeze(0), lab)[0],
+            "col_mass": aff.sum(1),
+        }
+        if keep_example:
+            s["example"] = aff[0]
+        stats[layer] = s
+        return logits.new_zeros(())
+
+    out = net.forward_cam(x, list(layers), reduce)
+    grid = tuple(out.grids[layers[-1]])
+    per = [stats[i] for i in layers]
+
+    def stack(key: str) -> Tensor:
+        return torch.stack([p[key] for p in per])
+
+    return LayerStats(
+        cam=_resize(cam, grid), refined=stack("refined"), hellinger=stack("hellinger"),
+        hellinger_heads=stack("hellinger_heads"), entropy=stack("entropy"), col_mass=stack("col_mass"),
+        grid=grid, example=stack("example") if keep_example else None,
+    )
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _grid_of(num_patches: int, cam_grid: Sequence[int]) -> tuple[int, int]:
+    """The (h, w) token grid with h*w = num_patches, taking the CAM's aspect ratio."""
+    h, w = int(cam_grid[0]), int(cam_grid[1])
+    if h * w == num_patches:
+        return h, w
+    scale = math.sqrt(num_patches / (h * w))
+    gh = max(1, round(h * scale))
+    if num_patches % gh:
+        raise ValueError(f"cannot place {num_patches} tokens on a grid shaped like {h}x{w}")
+    return gh, num_patches // gh
+
+
+def normalize_variants(cams: Tensor, padded: tuple[int, int], size: tuple[int, int],
+                       labels: Tensor) -> Tensor:
+    """AReAM inference post-processing of V CAM variants (V, B, K, h, w) -> (V, B, K, H, W) in [0, 1].
+
+    Bilinear to the padded size, crop to ``size``, ReLU, per-class min-max (eps 1e-6), keep the
+    labelled classes (``aream.md`` 5.2).
+    """
+    v, b, k, h, w = cams.shape
+    up = _resize(cams.reshape(v * b, k, h, w).float(), padded)[..., : size[0], : size[1]]
+    out = normalize_cam(up.relu(), eps=NORM_EPS).reshape(v, b, k, *size)
+    return out * labels.to(out)[None, :, :, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset pass
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_batches(dataset: Any, max_images: int | None, batch_size: int) -> Iterator[list[dict]]:
+    """Consecutive samples grouped into batches of equal image size (VOC images differ in size)."""
+    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    group: list[dict] = []
+    for idx in range(n):
+        sample = dataset[idx]
+        if group and (len(group) == batch_size or group[0]["image"].shape != sample["image"].shape):
+            yield group
+            group = []
+        group.append(sample)
+    if group:
+        yield group
+
+
+@dataclass
+class AnalysisResult:
+    layers: list[int]
+    layers_note: str
+    images: int
+    summary: dict[str, Any]
+    example: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def analyze_dataset(net: WSSSNet, dataset: Any, num_classes: int, cfg: Any | None = None,
+                    max_images: int | None = None, batch_size: int = 4,
+                    thresholds: Sequence[float] = AREAM_THRESHOLDS) -> AnalysisResult:
+    """One pass over ``dataset`` (samples with ``image``, ``labels``, ``mask``): every layer-wise number.
+
+    num_classes: C (background included). The net is put in eval mode for the pass.
+    """
+    was = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    class_att = uses_class_attention(net, cfg)
+    layers: list[int] | None = None
+    note = ""
+    sweeps: dict[str, SweepAccumulator] = {}
+    hell, hell_heads, ent, conc = [], [], [], []
+    example: dict[str, Any] = {}
+    count = 0
+    for group in iter_batches(dataset, max_images, batch_size):
+        image = torch.stack([s["image"] for s in group]).to(device)
+        labels = torch.stack([s["labels"] for s in group]).to(device).float()
+        gt = torch.stack([s["mask"] for s in group]).to(device)
+        x, size = pad_batch(image, PAD)
+        if layers is None:
+            layers, _, note = analysis_layers(net, x)
+        st = layer_statistics(net, x, labels, layers, class_att, keep_example=not example)
+        variants = torch.cat([st.cam[None], st.refined, st.refined.mean(0, keepdim=True)])
+        names = ["cam"] + [f"layer_{i}" for i in layers] + ["fused"]
+        maps = normalize_variants(variants, tuple(x.shape[-2:]), size, labels)
+        for name, m in zip(names, maps):
+            sweeps.setdefault(name, SweepAccumulator(num_classes, thresholds)).update(m, labels, gt)
+        hell.append(st.hellinger.cpu())
+        hell_heads.append(st.hellinger_heads.cpu())
+        ent.append(st.entropy.cpu())
+        conc.append(column_concentration(st.col_mass).cpu())
+        if not example:
+            example = _example(group[0], image[0], st, labels[0])
+        count += len(group)
+    net.train(was)
+    if layers is None:
+        raise ValueError("the dataset is empty")
+    summary = _summarize(layers, torch.cat(hell, 1), torch.cat(hell_heads, 1), torch.cat(ent, 1),
+                         torch.cat(conc, 1), sweeps)
+    return AnalysisResult(layers, note, count, summary, example)
+
+
+def column_concentration(col_mass: Tensor, top: float = 0.05) -> Tensor:
+    """Share of the column mass held by the top ``top`` fraction of key tokens: (L, B, Np) -> (L, B).
+
+    Uniform attention gives ``top``; a few sink columns drive it towards 1.
+    """
+    k = max(1, int(round(top * col_mass.shape[-1])))
+    total = col_mass.sum(-1).clamp_min(torch.finfo(col_mass.dtype).tiny)
+    return col_mass.topk(k, dim=-1).values.sum(-1) / total
+
+
+def _example(sample: dict, image: Tensor, st: LayerStats, labels: Tensor) -> dict[str, Any]:
+    from wsss.data.transforms import denormalize
+
+    img = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return {"name": str(sample.get("name", "0")), "image": img, "affinity": st.example.cpu(),
+            "col_mass": st.col_mass[:, 0].cpu(), "grid": st.grid, "labels": labels.cpu()}
+
+
+def _quantiles(x: Tensor) -> dict[str, list[float]]:
+    """x: (L, n) float -> mean / median / q1 / q3 / iqr per layer."""
+    x = x.double()
+    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=1)
+    return {"mean": x.mean(1).tolist(), "median": q[1].tolist(), "q1": q[0].tolist(),
+            "q3": q[2].tolist(), "iqr": (q[2] - q[0]).tolist()}
+
+
+def _summarize(layers: list[int], hell: Tensor, hell_heads: Tensor, ent: Tensor, conc: Tensor,
+               sweeps: dict[str, SweepAccumulator]) -> dict[str, Any]:
+    refinement: dict[str, Any] = {}
+    for name, acc in sweeps.items():
+        r = acc.compute()
+        refinement[name] = {"best_miou": r["best_miou"], "best_threshold": r["best_threshold"],
+                            "miou": r["miou"], "iou": r["iou"]}
+    per_layer = [refinement[f"layer_{i}"]["best_miou"] for i in layers]
+    best = int(np.nanargmax(per_layer))
+    refinement["_summary"] = {
+        "thresholds": sweeps["cam"].thresholds.tolist(), "protocol": sweeps["cam"].protocol,
+        "best_layer": layers[best], "best_layer_miou": per_layer[best],
+        "fused_miou": refinement["fused"]["best_miou"], "cam_miou": refinement["cam"]["best_miou"],
+    }
+    return {
+        "hellinger": {**_quantiles(hell), "per_head_mean": hell_heads.double().mean(1).tolist()},
+        "entropy": {**_quantiles(ent), "base": 2},
+        "column_mass": {"top5pct_share": _quantiles(conc)},
+        "refinement": refinement,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# AFA: MHSA vs learned affinity, head weights
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def afa_query_maps(net: WSSSNet, x: Tensor, query: int | None = None) -> dict[str, Any]:
+    """Attention vs learned affinity of one query token, image 0 of a padded batch x (B, 3, H, W).
+
+    MHSA: head-mean softmax attention averaged over the AFA layers; affinity: the AFA head's output.
+    query: flat token index; by default the token with the highest CAM of the image's top class.
+    Returns ``{"query": (row, col), "grid": (h, w), "mhsa": (h, w), "affinity": (h, w)}`` tensors on CPU.
+    """
+    if net.aff_head is None:
+        raise ValueError("afa_query_maps needs a model with an AFA head")
+    out = net.forward_cam(x[:1], net.aff_layers)
+    grid = tuple(out.grids[net.aff_layers[-1]])
+    t = net.backbone.num_prefix_tokens
+    mhsa = torch.stack([slice_patches(attention_probs(out.attn[i]), t)[0] for i in net.aff_layers]).mean(0)
+    aff = out.aff[0]
+    if query is None:
+        cam = _resize(out.cam[:1].float(), grid)[0]  # (K, h, w)
+        top = cam.flatten(1).amax(1).argmax()
+        query = int(cam[top].flatten().argmax())
+    return {"query": (query // grid[1], query % grid[1]), "grid": grid,
+            "mhsa": mhsa[query].reshape(grid).cpu(), "affinity": aff[query].reshape(grid).cpu()}
+
+
+def afa_head_weights(net: WSSSNet) -> dict[str, Any]:
+    """The AFA head's 1x1 conv weight per head (the learned weight of each attention head) and bias."""
+    if net.aff_head is None:
+        raise ValueError("the model has no AFA head")
+    w = net.aff_head.proj.weight.detach().reshape(-1).cpu()
+    names = [f"L{layer}h{h}" for layer in net.aff_layers for h in range(net.backbone.num_heads[layer])]
+    return {"weights": w.tolist(), "heads": names, "bias": float(net.aff_head.proj.bias.detach())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, optional extra ``viz``)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("wsss analyze needs matplotlib for its plots: pip install 'wsss[viz]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path.name
+
+
+def plot_layer_curves(summary: dict[str, Any], layers: list[int], out: Path) -> dict[str, str]:
+    """Hellinger (median + IQR band), entropy, and refinement mIoU against the layer index."""
+    plt = _pyplot()
+    files = {}
+    for key, title in (("hellinger", "Hellinger distance between patch rows"),
+                       ("entropy", "entropy of the layer-refined CAM (bits)")):
+        s = summary[key]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(layers, s["mean"], "o-", label="mean")
+        ax.plot(layers, s["median"], "s--", label="median")
+        ax.fill_between(layers, s["q1"], s["q3"], alpha=0.25, label="IQR")
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.set_xticks(layers)
+        ax.legend()
+        files[key] = _save(fig, out / f"{key}.png")
+    ref = summary["refinement"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(layers, [100 * ref[f"layer_{i}"]["best_miou"] for i in layers], "o-", label="single layer")
+    ax.axhline(100 * ref["fused"]["best_miou"], color="C2", ls="--", label="fused (mean of layers)")
+    ax.axhline(100 * ref["cam"]["best_miou"], color="C3", ls=":", label="raw CAM")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mIoU (%) at best threshold")
+    ax.set_title("CAM refined by each layer")
+    ax.set_xticks(layers)
+    ax.legend()
+    files["refinement"] = _save(fig, out / "refinement_miou.png")
+    return files
+
+
+def plot_affinity_grid(affinity: Tensor, layers: list[int], out: Path) -> str:
+    """Per-layer patch affinity (L, Np, Np), each min-max normalised, "Blues", one panel per layer."""
+    plt = _pyplot()
+    num = len(layers)
+    cols = min(num, 4)
+    rows = -(-num // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    lo = affinity.amin(dim=(1, 2), keepdim=True)
+    norm = (affinity - lo) / (affinity.amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-12)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < num:
+            ax.imshow(norm[i].numpy(), cmap="Blues", interpolation="nearest")
+            ax.set_title(f"layer {layers[i]}", fontsize=9)
+    return _save(fig, out / "affinity_layers.png")
+
+
+def plot_column_mass(col_mass: Tensor, grid: tuple[int, int], layers: list[int], out: Path) -> str:
+    """Column mass sum_i A[i, j] per layer (L, Np) as (h, w) maps (sink tokens light up)."""
+    plt = _pyplot()
+    num = len(layers)
+    cols = min(num, 4)
+    rows = -(-num // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < num:
+            im = ax.imshow(col_mass[i].reshape(grid).numpy(), cmap="viridis", interpolation="nearest")
+            ax.set_title(f"layer {layers[i]}", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, out / "column_mass.png")
+
+
+def plot_afa(image: np.ndarray, maps: dict[str, Any], out: Path) -> str:
+    """Image, MHSA and learned affinity of the query token (star) overlaid on the image."""
+    from wsss.analysis.viz import overlay_heatmap
+
+    plt = _pyplot()
+    h, w = image.shape[:2]
+    gh, gw = maps["grid"]
+    qy, qx = maps["query"]
+    star = ((qx + 0.5) * w / gw, (qy + 0.5) * h / gh)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    panels = [("image", image)]
+    for key, title in (("mhsa", "attention (MHSA)"), ("affinity", "learned affinity")):
+        m = maps[key][None, None].float()
+        up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
+        panels.append((title, overlay_heatmap(image, up.numpy())))
+    for ax, (title, im) in zip(axes, panels):
+        ax.imshow(im)
+        ax.plot(*star, marker="*", color="white", markersize=16, markeredgecolor="black")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    return _save(fig, out / "afa_query.png")
+
+
+def plot_head_weights(weights: dict[str, Any], out: Path) -> str:
+    """Bar plot of the AFA head's learned weight per attention head."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(weights["weights"])), 3))
+    ax.bar(range(len(weights["weights"])), weights["weights"], color="C0")
+    ax.set_xticks(range(len(weights["heads"])), weights["heads"], rotation=90, fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("1x1 conv weight")
+    ax.set_title("AFA head: learned weight per head")
+    return _save(fig, out / "afa_head_weights.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def entropy_override(values: Sequence[float]) -> str:
+    """The command-line override that makes AReAM use these offline entropies."""
+    return "aream.weighting=entropy_offline aream.entropy=[" + ",".join(f"{v:.6g}" for v in values) + "]"
+
+
+def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, split: str = "val",
+                 max_images: int | None = None, batch_size: int = 4, entropy: bool = False,
+                 plots: bool = True) -> dict[str, Any]:
+    """Analyse ``net`` on ``dataset``; write ``analysis.json`` (+ PNG plots) into ``out_dir``.
+
+    entropy: also write ``aream_entropy.yaml`` (``aream.entropy`` for ``entropy_offline``); needs every
+    layer to be analysed. Returns the JSON dict.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    num_classes = int(getattr(dataset, "num_classes", int(cfg.data.num_classes)))
+    res = analyze_dataset(net, dataset, num_classes, cfg, max_images, batch_size)
+    bb = net.backbone
+    data: dict[str, Any] = {
+        "model": {"backbone": str(cfg.model.backbone), "method": str(cfg.method), "num_layers": bb.num_layers,
+                  "num_prefix_tokens": bb.num_prefix_tokens, "num_heads": list(bb.num_heads)},
+        "protocol": {"split": split, "images": res.images, "mode": "eval", "scales": [1.0], "flip": False,
+                     "pad_multiple": PAD, "attention": "head-mean softmax over all keys; patch rows",
+                     "class_attention": uses_class_attention(net, cfg),
+                     "cam_postprocess": "bilinear, crop, ReLU, min-max (eps 1e-6), GT classes"},
+        "layers": res.layers,
+        "layers_note": res.layers_note,
+        **res.summary,
+        "example": {"name": res.example["name"], "grid": list(res.example["grid"])},
+        "plots": {},
+    }
+    if net.aff_head is not None:
+        data["afa"] = {"layers": list(net.aff_layers), **afa_head_weights(net)}
+    if entropy:
+        if len(res.layers) != bb.num_layers:
+            raise ValueError(f"--entropy needs all {bb.num_layers} layers analysed ({res.layers_note})")
+        vec = [float(v) for v in data["entropy"]["mean"]]
+        (out / "aream_entropy.yaml").write_text(
+            "# wsss analyze --entropy: offline mean layer entropies (aream.md 6.2)\n"
+            "aream:\n  weighting: entropy_offline\n  entropy: [" + ", ".join(f"{v:.6g}" for v in vec) + "]\n"
+        )
+        data["entropy"]["override"] = entropy_override(vec)
+    if plots:
+        data["plots"] = _write_plots(net, res, data, out)
+    (out / "analysis.json").write_text(json.dumps(data, indent=2))
+    return data
+
+
+def _write_plots(net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: Path) -> dict[str, str]:
+    files = plot_layer_curves(data, res.layers, out)
+    ex = res.example
+    files["affinity"] = plot_affinity_grid(ex["affinity"], res.layers, out)
+    files["column_mass"] = plot_column_mass(ex["col_mass"], ex["grid"], res.layers, out)
+    if net.aff_head is not None:
+        from wsss.data.transforms import normalize
+
+        device = next(net.parameters()).device
+        x, _ = pad_batch(torch.from_numpy(normalize(ex["image"]))[None].to(device), PAD)
+        maps = afa_query_maps(net.eval(), x)
+        crop = ex["image"]
+        data["afa"]["query"] = list(maps["query"])
+        files["afa_query"] = plot_afa(_pad_image(crop, x.shape[-2:]), maps, out)
+        files["afa_head_weights"] = plot_head_weights(data["afa"], out)
+    return files
+
+
+def _pad_image(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """uint8 (H, W, 3) -> zero-padded to the padded input size so the token grid lines up."""
+    h, w = int(size[0]), int(size[1])
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    out[: img.shape[0], : img.shape[1]] = img
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from wsss.config import load_config
+    from wsss.data.build import build_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device(args.device)
+    net, cfg, _ = load_model(args.checkpoint, cfg, device)
+    split = args.split or str(cfg.eval.get("split") or cfg.data.val_split)
+    dataset = build_dataset(cfg.data, split=split, train=False)
+    try:
+        _pyplot()
+        plots = True
+    except ImportError as err:
+        print(f"wsss analyze: {err}; writing analysis.json only")
+        plots = False
+    data = run_analysis(net, cfg, dataset, args.out, split, args.max_images, args.batch_size, args.entropy,
+                        plots)
+    ref = data["refinement"]["_summary"]
+    print(f"analysed {data['protocol']['images']} images, {data['layers_note']}")
+    print(f"mIoU: raw CAM {100 * ref['cam_miou']:.2f}, fused {100 * ref['fused_miou']:.2f}, "
+          f"best layer {ref['best_layer']} {100 * ref['best_layer_miou']:.2f}")
+    if args.entropy:
+        print("paste into the AReAM training command:\n  " + data["entropy"]["override"])
+    print(f"wrote {Path(args.out) / 'analysis.json'}")
+    return 0
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``wsss analyze``."""
+    p = sub.add_parser("analyze", help="layer-wise attention analyses (Hellinger, entropy, refinement mIoU)")
+    p.add_argument("config", help="config file or shipped config name (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/VOC2012")
+    p.add_argument("--checkpoint", required=True, help="model/ release dir, run dir or checkpoint file")
+    p.add_argument("--out", required=True, help="output directory (analysis.json + PNG plots)")
+    p.add_argument("--split", default=None, help="dataset split (default: eval.split)")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--entropy", action="store_true",
+                   help="also write aream_entropy.yaml (aream.entropy for aream.weighting=entropy_offline)")
+    p.set_defaults(fn=cmd_analyze)
+    return p
