@@ -24,10 +24,22 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory):
 def tiny_overrides(root, out_dir, **extra) -> list[str]:
     """Overrides that shrink a synthetic config to a few seconds of training."""
     base = {
-        "data.root": root, "out_dir": out_dir, "data.crop_size": 64, "data.size": 64, "data.num_train": 8,
-        "data.num_val": 3, "data.batch_size": 2, "data.num_workers": 0, "train.max_iters": 4,
-        "train.log_every": 1, "train.ckpt_every": 1, "eval.max_images": 2, "afa.warmup_iters": 0,
-        "afa.switch_iter": 2, "aream.warmup_iters": 0, "cam.scales": [1.0, 0.5],
+        "data.root": root,
+        "out_dir": out_dir,
+        "data.crop_size": 64,
+        "data.size": 64,
+        "data.num_train": 8,
+        "data.num_val": 3,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "train.max_iters": 4,
+        "train.log_every": 1,
+        "train.ckpt_every": 1,
+        "eval.max_images": 2,
+        "afa.warmup_iters": 0,
+        "afa.switch_iter": 2,
+        "aream.warmup_iters": 0,
+        "cam.scales": [1.0, 0.5],
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

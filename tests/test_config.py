@@ -11,7 +11,9 @@ from wsss.config import CONFIG_DIR, load_config
 PAPER_CONFIGS = ["afa_mit_b1_voc", "afa_mit_b1_coco", "aream_mctformer_deit_s_voc", "aream_conformer_s_voc"]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_")))
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+)
 def test_every_shipped_config_loads(name: str) -> None:
     cfg = load_config(name)
     assert cfg.method in ("cam", "afa", "aream", "supervised")
@@ -21,11 +23,26 @@ def test_every_shipped_config_loads(name: str) -> None:
 def test_paper_hyperparameters() -> None:
     afa = load_config("afa_mit_b1_voc")
     assert afa.model.backbone == "mit_b1" and list(afa.model.backbone_kwargs.strides) == [4, 2, 2, 1]
-    assert (afa.data.crop_size, afa.train.max_iters, afa.optim.lr, afa.optim.warmup_iters) == (512, 20000, 6e-5, 1500)
+    assert (afa.data.crop_size, afa.train.max_iters, afa.optim.lr, afa.optim.warmup_iters) == (
+        512,
+        20000,
+        6e-5,
+        1500,
+    )
     assert (afa.cam.bkg_score, afa.cam.high, afa.cam.low, afa.afa.radius) == (0.45, 0.55, 0.35, 8)
-    assert (afa.afa.warmup_iters, afa.afa.switch_iter, afa.afa.seg_weight, afa.afa.aff_weight) == (2000, 6000, 0.1, 0.1)
+    assert (afa.afa.warmup_iters, afa.afa.switch_iter, afa.afa.seg_weight, afa.afa.aff_weight) == (
+        2000,
+        6000,
+        0.1,
+        0.1,
+    )
     coco = load_config("afa_mit_b1_coco")
-    assert (coco.data.num_classes, coco.train.max_iters, coco.par.num_iter, coco.afa.switch_iter) == (81, 80000, 15, 15000)
+    assert (coco.data.num_classes, coco.train.max_iters, coco.par.num_iter, coco.afa.switch_iter) == (
+        81,
+        80000,
+        15,
+        15000,
+    )
     assert coco.par.dilations == afa.par.dilations  # inherited from the VOC file
     mct = load_config("aream_mctformer_deit_s_voc")
     assert (mct.aream.layer_index, mct.data.batch_size, mct.optim.lr) == (7, 64, 6.25e-5)

@@ -56,7 +56,10 @@ def test_kill_and_resume_matches_uninterrupted(tiny_synthetic: Path, tmp_path: P
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsss.cli", "train", "afa_mit_tiny_synthetic", *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
     )
     deadline = time.time() + 120
     ckpts = killed / "checkpoints"
@@ -80,8 +83,18 @@ def test_ddp_two_processes_gloo(tiny_synthetic: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) trains a few steps and writes the final model."""
     out = tmp_path / "ddp"
     args = tiny_overrides(tiny_synthetic, out, **{"train.max_iters": 3, "data.batch_size": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "wsss.cli", "train", "afa_mit_tiny_synthetic", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "wsss.cli",
+        "train",
+        "afa_mit_tiny_synthetic",
+        *args,
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for _attempt in range(2):  # a first gloo start can abort spuriously (ecosystem.md 5): one retry
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)

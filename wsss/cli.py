@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="config file or shipped config name (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100 data.root=/data/VOC2012")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100 data.root=/data/VOC2012"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

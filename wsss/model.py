@@ -142,7 +142,9 @@ def build_model(model_cfg: Any, num_classes: int, method: str = "afa") -> WSSSNe
     seg_head = None
     if seg_cfg.get("enabled", False):
         seg_head = SegFormerHead(
-            backbone.out_channels, num_classes + 1, embed_dim=int(seg_cfg.get("embed_dim", 256)),
+            backbone.out_channels,
+            num_classes + 1,
+            embed_dim=int(seg_cfg.get("embed_dim", 256)),
             dropout=float(seg_cfg.get("dropout", 0.1)),
         )
     aff_head = None

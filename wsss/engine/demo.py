@@ -25,7 +25,9 @@ DEMO_CONFIGS = {
 PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None}
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None
+) -> dict[str, Any]:
     from wsss.engine.train import train
 
     out = Path(out)
@@ -34,8 +36,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, methods: list[s
     for method in methods or list(DEMO_CONFIGS):
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
         if quick:
-            overrides += ["train.max_iters=4", "train.log_every=2", "eval.max_images=4",
-                          "afa.warmup_iters=1", "afa.switch_iter=2", "aream.warmup_iters=1"]
+            overrides += [
+                "train.max_iters=4",
+                "train.log_every=2",
+                "eval.max_images=4",
+                "afa.warmup_iters=1",
+                "afa.switch_iter=2",
+                "aream.warmup_iters=1",
+            ]
         cfg = load_config(DEMO_CONFIGS[method], overrides)
         t0 = time.time()
         results = train(cfg)

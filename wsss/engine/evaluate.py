@@ -73,8 +73,9 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sweep_cam(method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float],
-              flip: bool) -> Tensor:
+def sweep_cam(
+    method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool
+) -> Tensor:
     """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: AReAM's refined CAM (all layers,
     uniform) when the method has one, else the multi-scale CAM; masked by ``labels``."""
     x, (h, w) = pad_batch(image)
@@ -165,8 +166,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def predict_seg(method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool,
-                crf: bool = False) -> Tensor:
+def predict_seg(
+    method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool, crf: bool = False
+) -> Tensor:
     """Segmentation label map (B, H, W) for a normalised image batch of any size (multi-scale, flip,
     optional CRF)."""
     x, (h, w) = pad_batch(image)

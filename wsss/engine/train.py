@@ -101,8 +101,13 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
     num_classes = int(train_set.num_classes)
     loader = build_loader(
-        train_set, batch_size=int(cfg.data.batch_size), train=True, num_workers=int(cfg.data.num_workers),
-        seed=int(cfg.seed), distributed=dist.world_size > 1, drop_last=True,
+        train_set,
+        batch_size=int(cfg.data.batch_size),
+        train=True,
+        num_workers=int(cfg.data.num_workers),
+        seed=int(cfg.seed),
+        distributed=dist.world_size > 1,
+        drop_last=True,
     )
     net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device)
     method = build_method(cfg, net)
@@ -122,7 +127,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     if main:
         log.info(
             f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
-            f"torch={torch.__version__} device={device} world={dist.world_size} python={platform.python_version()} "
+            f"torch={torch.__version__} device={device} world={dist.world_size} "
+            f"python={platform.python_version()} "
             f"batch/proc={cfg.data.batch_size} accum={cfg.train.grad_accum} iters={max_iters}"
         )
     model: torch.nn.Module = net
@@ -174,15 +180,20 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
         if it % int(cfg.train.eval_every) == 0 and it < max_iters:
             res = _evaluate(cfg, method, net, val_set, num_classes, dist)
             if main:
-                log.info(f"iter {it} eval: " + json.dumps({k: v["miou"] for k, v in res.items() if "miou" in v}))
+                log.info(
+                    f"iter {it} eval: " + json.dumps({k: v["miou"] for k, v in res.items() if "miou" in v})
+                )
         if stop_after is not None and steps >= stop_after:
             bar.close()
             return {"stopped_at": it}
     bar.close()
     results = _evaluate(cfg, method, net, val_set, num_classes, dist)
     if main:
-        export_model(net, {"config": to_dict(cfg), "num_classes": num_classes,
-                           "class_names": list(train_set.class_names)}, out_dir / "model")
+        export_model(
+            net,
+            {"config": to_dict(cfg), "num_classes": num_classes, "class_names": list(train_set.class_names)},
+            out_dir / "model",
+        )
         summary = {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1), "eval": results}
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         log.info("final evaluation\n" + miou_table(results))
@@ -196,20 +207,40 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
 
 
 def _checkpoint(
-    ckpt_dir: Path, net: torch.nn.Module, optimizer: Any, scheduler: Any, it: int, batches: _Batches,
-    cfg: Any, dist: DistInfo,
+    ckpt_dir: Path,
+    net: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    it: int,
+    batches: _Batches,
+    cfg: Any,
+    dist: DistInfo,
 ) -> None:
     if dist.rank != 0:
         return
     save_training_state(
-        ckpt_dir, net, optimizer, scheduler, it,
+        ckpt_dir,
+        net,
+        optimizer,
+        scheduler,
+        it,
         extra={"epoch": batches.epoch, "pos": batches.pos, "config": to_dict(cfg)},
         keep_last=int(cfg.train.keep_ckpts),
     )
 
 
-def _evaluate(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo) -> dict[str, Any]:
+def _evaluate(
+    cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo
+) -> dict[str, Any]:
     return evaluate(
-        method, net, val_set, num_classes, dist.device, scales=list(cfg.eval.scales), flip=bool(cfg.eval.flip),
-        max_images=cfg.eval.max_images, rank=dist.rank, world_size=dist.world_size,
+        method,
+        net,
+        val_set,
+        num_classes,
+        dist.device,
+        scales=list(cfg.eval.scales),
+        flip=bool(cfg.eval.flip),
+        max_images=cfg.eval.max_images,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )

@@ -20,16 +20,27 @@ class CAMHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, kernel_size: int = 1, bias: bool = False, pooling: str = "gmp"
+        self,
+        in_channels: int,
+        num_classes: int,
+        kernel_size: int = 1,
+        bias: bool = False,
+        pooling: str = "gmp",
     ) -> None:
         super().__init__()
         if pooling not in ("gmp", "gap"):
             raise ValueError(f"pooling must be 'gmp' or 'gap', got {pooling!r}")
         self.pooling = pooling
-        self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.classifier = nn.Conv2d(
+            in_channels, num_classes, kernel_size, padding=kernel_size // 2, bias=bias
+        )
 
     def _pool(self, x: Tensor) -> Tensor:
-        return x.amax(dim=(-2, -1), keepdim=True) if self.pooling == "gmp" else x.mean(dim=(-2, -1), keepdim=True)
+        return (
+            x.amax(dim=(-2, -1), keepdim=True)
+            if self.pooling == "gmp"
+            else x.mean(dim=(-2, -1), keepdim=True)
+        )
 
     def cam(self, feat: Tensor) -> Tensor:
         """Raw CAM (B, K, h, w): the classifier at every position (no ReLU, no normalisation)."""
@@ -62,6 +73,8 @@ class TokenHead(nn.Module):
     def forward(self, prefix: Tensor) -> Tensor:
         if self.fc is None:
             if prefix.shape[1] != self.num_classes:
-                raise ValueError(f"mean token head needs {self.num_classes} class tokens, got {prefix.shape[1]}")
+                raise ValueError(
+                    f"mean token head needs {self.num_classes} class tokens, got {prefix.shape[1]}"
+                )
             return prefix.mean(dim=-1)
         return self.fc(prefix[:, 0])

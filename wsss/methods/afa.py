@@ -39,14 +39,21 @@ class AFAMethod(Method):
     def window(self, grid: tuple[int, int], device: torch.device) -> Tensor:
         return window_mask(grid[0], grid[1], int(self.a.radius), device=device, shape=str(self.a.window))
 
-    def propagate(self, cam: Tensor, aff: Tensor, grid: tuple[int, int], labels: Tensor, bkg: float) -> Tensor:
+    def propagate(
+        self, cam: Tensor, aff: Tensor, grid: tuple[int, int], labels: Tensor, bkg: float
+    ) -> Tensor:
         """Propagate a foreground CAM (B, K, H, W) with an affinity (B, N, N) on ``grid``.
 
         Returns scores (B, K+1, h, w) on the token grid (background channel first)."""
         cam_g = resize(cam, grid)
         return propagate_affinity(
-            cam_g, aff, labels, bkg_score=bkg, window=self.window(grid, cam.device),
-            power=float(self.a.power), eps=float(self.a.norm_eps),
+            cam_g,
+            aff,
+            labels,
+            bkg_score=bkg,
+            window=self.window(grid, cam.device),
+            power=float(self.a.power),
+            eps=float(self.a.norm_eps),
         )
 
     @torch.no_grad()
@@ -61,7 +68,9 @@ class AFAMethod(Method):
                 aff, grid = out.aff[: x.shape[0]], out.grids[net.aff_layers[-1]]  # un-flipped rows
         return self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0]), aff, grid  # type: ignore[return-value]
 
-    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(
+        self, net: nn.Module, batch: dict[str, Tensor], it: int
+    ) -> tuple[Tensor, dict[str, float]]:
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
         warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
@@ -84,7 +93,10 @@ class AFAMethod(Method):
         grid = out.grids[m.aff_layers[-1]]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)
         target_aff = affinity_labels(
-            aff_label if switch_aff else par_label, grid, self.window(grid, x.device), sampling=str(self.a.sampling)
+            aff_label if switch_aff else par_label,
+            grid,
+            self.window(grid, x.device),
+            sampling=str(self.a.sampling),
         )
         l_aff = affinity_loss(out.aff, target_aff)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
@@ -107,8 +119,10 @@ class AFAMethod(Method):
         maps = {}
         out = net.forward_cam(x, net.aff_layers)
         grid = out.grids[net.aff_layers[-1]]
-        scores = resize(self.propagate(cam, out.aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
-                        tuple(x.shape[-2:]))
+        scores = resize(
+            self.propagate(cam, out.aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
+            tuple(x.shape[-2:]),
+        )
         present = with_background(labels, 1.0)[..., None, None] > 0
         maps["aff"] = scores.masked_fill(~present, float("-inf")).argmax(1)
         maps["aff_par"] = self.par_argmax(image01, scores, labels)

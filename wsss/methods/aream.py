@@ -48,11 +48,15 @@ class AReAMMethod(Method):
         self.L = bb.num_layers
         self.k = int(self.r.layer_index)
         if not 0 < self.k < self.L:
-            raise ValueError(f"aream.layer_index must be in 1..{self.L - 1} for {self.L} layers, got {self.k}")
+            raise ValueError(
+                f"aream.layer_index must be in 1..{self.L - 1} for {self.L} layers, got {self.k}"
+            )
         self.T = bb.num_prefix_tokens
         self.weighting = str(self.r.weighting)
         if self.weighting not in ("uniform", "entropy_offline", "entropy_online"):
-            raise ValueError(f"aream.weighting must be uniform, entropy_offline or entropy_online, got {self.weighting}")
+            raise ValueError(
+                f"aream.weighting must be uniform, entropy_offline or entropy_online, got {self.weighting}"
+            )
         ent = torch.ones(self.L)
         if self.weighting == "entropy_offline":
             if self.r.entropy is None or len(self.r.entropy) != self.L:
@@ -74,7 +78,11 @@ class AReAMMethod(Method):
 
     # ----------------------------------------------------------------- CAM refined by attention
     def refined_cam_single(
-        self, out_cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], layers: list[int],
+        self,
+        out_cam: Tensor,
+        affs: dict[int, Tensor],
+        grid: tuple[int, int],
+        layers: list[int],
         weights: Tensor | None,
     ) -> Tensor:
         """One pass: raw CAM (n, K, h, w) [x class attention] refined by the fused layers."""
@@ -91,7 +99,12 @@ class AReAMMethod(Method):
 
     @torch.no_grad()
     def aream_cam(
-        self, net: WSSSNet, x: Tensor, labels: Tensor, layers: list[int], weights: Tensor | None,
+        self,
+        net: WSSSNet,
+        x: Tensor,
+        labels: Tensor,
+        layers: list[int],
+        weights: Tensor | None,
         scales: list[float] | None = None,
     ) -> Tensor:
         """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W)."""
@@ -106,7 +119,9 @@ class AReAMMethod(Method):
             maps.append(self.refined_cam_single(out.cam, out.attn, grid, layers, w))
         return self.fuse_cams(maps, tuple(x.shape[-2:]), x.shape[0]) * labels[..., None, None]
 
-    def online_weights(self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor) -> Tensor:
+    def online_weights(
+        self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor
+    ) -> Tensor:
         """Paper eq. 7-8 (an interpretation): per-image weights (n, k) from the current model."""
         n = cam.shape[0]
         lab = labels.repeat(n // labels.shape[0], 1)
@@ -114,7 +129,9 @@ class AReAMMethod(Method):
         return 1 - online_entropy_weights(cam, stack, lab)
 
     # ----------------------------------------------------------------- training
-    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(
+        self, net: nn.Module, batch: dict[str, Tensor], it: int
+    ) -> tuple[Tensor, dict[str, float]]:
         x, labels = batch["image"], batch["labels"]
         box = batch.get("img_box")
         m = unwrap(net)
@@ -134,7 +151,9 @@ class AReAMMethod(Method):
             pseudo = self.pseudo_label(image01, cam, labels, box)
         grid = out.grids[self.deep_layers()[-1]]
         target = affinity_labels(pseudo, grid, None, sampling=str(self.r.sampling))
-        l_aff = aream_affinity_loss([out.attn[i] for i in self.deep_layers()], target, self.loss_w.to(x.device))
+        l_aff = aream_affinity_loss(
+            [out.attn[i] for i in self.deep_layers()], target, self.loss_w.to(x.device)
+        )
         loss = l_cls + float(self.r.aff_weight) * l_aff
         logs["aff"] = l_aff.item()
         if seg_w > 0:

@@ -66,7 +66,9 @@ class Method:
         self.mode = str(cfg.train.cam_pass_mode)
 
     # ----------------------------------------------------------------- training
-    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(
+        self, net: nn.Module, batch: dict[str, Tensor], it: int
+    ) -> tuple[Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} must define training_step")
 
     def attn_layers(self, net: WSSSNet) -> list[int]:
@@ -105,7 +107,13 @@ class Method:
     def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
         """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain."""
         return par_pseudo_label(
-            image01, cam, labels, self.par, high=self.high, low=self.low, img_box=img_box,
+            image01,
+            cam,
+            labels,
+            self.par,
+            high=self.high,
+            low=self.low,
+            img_box=img_box,
             downscale=int(self.cfg.par.downscale),
         )
 

@@ -24,7 +24,9 @@ class CAMMethod(Method):
         self.warmup = int(cfg.afa.warmup_iters)
         self.seg_weight = float(cfg.afa.seg_weight)
 
-    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(
+        self, net: nn.Module, batch: dict[str, Tensor], it: int
+    ) -> tuple[Tensor, dict[str, float]]:
         x, labels = batch["image"], batch["labels"]
         m = unwrap(net)
         use_seg = it > self.warmup and m.seg_head is not None and self.seg_weight > 0

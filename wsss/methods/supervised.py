@@ -15,7 +15,9 @@ from wsss.model import WSSSNet
 class SupervisedMethod(Method):
     name = "supervised"
 
-    def training_step(self, net: nn.Module, batch: dict[str, Tensor], it: int) -> tuple[Tensor, dict[str, float]]:
+    def training_step(
+        self, net: nn.Module, batch: dict[str, Tensor], it: int
+    ) -> tuple[Tensor, dict[str, float]]:
         x, labels, mask = batch["image"], batch["labels"], batch["mask"]
         out = net(x)
         if out.seg is None:
@@ -26,6 +28,8 @@ class SupervisedMethod(Method):
         l_seg = F.cross_entropy(logits, mask, ignore_index=255) if valid else logits.sum() * 0.0
         return l_cls + l_seg, {"cls": l_cls.item(), "seg": l_seg.item()}
 
-    def predict(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales, flip) -> dict[str, Tensor]:
+    def predict(
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales, flip
+    ) -> dict[str, Tensor]:
         seg = self.segment(net, x)
         return {"seg": seg.argmax(1)}  # type: ignore[union-attr]
