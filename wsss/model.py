@@ -91,15 +91,22 @@ class WSSSNet(nn.Module):
         return NetOutput(all_logits, cam, seg, aff, out.attn, out.grids, out.prefix)
 
     def forward_cam(
-        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
+        self,
+        x: Tensor,
+        attn_layers: Sequence[int] = (),
+        attn_reduce: AttnReduce | None = None,
+        aff_rows: int | None = None,
     ) -> NetOutput:
-        """CAM-only forward: backbone + CAM head (+ AFA head when its layers are requested)."""
+        """CAM-only forward: backbone + CAM head (+ AFA head when its layers are requested).
+
+        aff_rows: compute the AFA affinity for the first ``aff_rows`` images only (the un-flipped
+        half of a [x, flip(x)] batch is all the propagation uses)."""
         layers = self.layers(attn_layers)
         out = self.backbone.forward_features(x, layers, attn_reduce)
         cam = self.cam_head.cam(out.features[-1])
         aff = None
         if self.aff_head is not None and attn_reduce is None and set(self.aff_layers) <= set(layers):
-            aff = self._affinity(out.attn)
+            aff = self._affinity({i: a[:aff_rows] for i, a in out.attn.items()})
         return NetOutput([], cam, None, aff, out.attn, out.grids, out.prefix)
 
     def _affinity(self, attn: dict[int, Tensor]) -> Tensor:

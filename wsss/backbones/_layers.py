@@ -49,7 +49,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, capture: bool) -> tupl
     """
     if not capture:
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
-    logits = (q @ k.transpose(-2, -1)) * scale
+    logits = (q * scale) @ k.transpose(-2, -1)  # scale the (N, d) side, not the (N, N) product
     out = logits.softmax(dim=-1) @ v
     return out, logits
 

@@ -54,7 +54,8 @@ class AffinityHead(nn.Module):
                 start += a.shape[1]
                 if self.unscale:
                     w = w * math.sqrt(dims[i])  # type: ignore[index]
-                part = torch.einsum("bcij,c->bij", a.to(dtype), w)
+                # (C,) @ (B, C, N*N): one batched gemv, no permuted copy of the logits
+                part = torch.matmul(w, a.to(dtype).flatten(2)).view(a.shape[0], *a.shape[2:])
                 z = part if z is None else z + part
             assert z is not None
             return torch.sigmoid(z + z.transpose(1, 2) + self.proj.bias.to(dtype))

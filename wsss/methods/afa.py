@@ -23,7 +23,7 @@ from wsss.data.transforms import denormalize
 from wsss.methods.base import Method, pass_mode, resize, unwrap, with_background
 from wsss.model import WSSSNet
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
-from wsss.refine.labels import affinity_labels, box_mask, par_refine_scores_label
+from wsss.refine.labels import affinity_labels, box_mask, channel_argmax, par_refine_scores_label
 from wsss.refine.propagation import propagate_affinity, window_mask
 
 
@@ -62,10 +62,11 @@ class AFAMethod(Method):
         top = max(range(len(self.scales)), key=lambda i: self.scales[i])
         cams, aff, grid = [], None, (0, 0)
         for i, s in enumerate(self.scales):
-            out = net.forward_cam(self.scale_inputs(x, s), net.aff_layers if i == top else ())
+            layers = net.aff_layers if i == top else ()
+            out = net.forward_cam(self.scale_inputs(x, s), layers, aff_rows=x.shape[0])  # un-flipped rows
             cams.append(out.cam)
             if i == top:
-                aff, grid = out.aff[: x.shape[0]], out.grids[net.aff_layers[-1]]  # un-flipped rows
+                aff, grid = out.aff, out.grids[net.aff_layers[-1]]
         return self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0]), aff, grid  # type: ignore[return-value]
 
     def training_step(
@@ -124,6 +125,6 @@ class AFAMethod(Method):
             tuple(x.shape[-2:]),
         )
         present = with_background(labels, 1.0)[..., None, None] > 0
-        maps["aff"] = scores.masked_fill(~present, float("-inf")).argmax(1)
+        maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
         maps["aff_par"] = self.par_argmax(image01, scores, labels)
         return maps

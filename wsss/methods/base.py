@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from wsss.model import NetOutput, WSSSNet
 from wsss.ops.cam import fuse_multiscale
 from wsss.ops.losses import multilabel_soft_margin
-from wsss.refine.labels import cam_to_label, masked_softmax, par_pseudo_label
+from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label
 from wsss.refine.par import PAR
 
 
@@ -123,7 +123,7 @@ class Method:
         probs = masked_softmax(scores, labels)
         refined = self.par(image01, probs)
         refined = refined.masked_fill(~_present(labels)[..., None, None], float("-inf"))
-        return refined.argmax(1)
+        return channel_argmax(refined)
 
     @torch.no_grad()
     def predict(

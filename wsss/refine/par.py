@@ -135,13 +135,25 @@ class PAR(nn.Module):
         if image01.dim() != 4:
             raise ValueError(f"image01 must be (B, 3, H, W), got {tuple(image01.shape)}")
         size = image01.shape[-2:]
-        # (B, 3, 48, H, W) neighbour values; the only 48-wide buffer (3 channels), reused in place
-        nb = torch.stack(self._shifted(self._pad(image01), size), dim=2)
-        std = nb.std(dim=2, keepdim=True)
-        nb.sub_(image01.unsqueeze(2)).abs_().div_(std.add_(1e-8)).div_(self.w1).pow_(2)
-        k_rgb = nb.mean(dim=1).neg_()  # (B, 48, H, W)
-        del nb
-        k = k_rgb.softmax(dim=1)
+        views = self._shifted(self._pad(image01), size)  # 48 x (B, 3, H, W) strided views
+        n = len(views)
+        # Two-pass unbiased std over the neighbours (as torch.std), accumulated view by view so no
+        # 48-wide buffer is ever built.
+        mean = torch.zeros_like(image01)
+        for v in views:
+            mean.add_(v)
+        mean.div_(n)
+        var = torch.zeros_like(image01)
+        for v in views:
+            d = v - mean
+            var.addcmul_(d, d)
+        # k_rgb(p, n) = -mean_ch (|I_n - I_p| / (std + 1e-8) / w1)^2 = -sum_ch (I_n - I_p)^2 * inv
+        inv = var.div_(n - 1).sqrt_().add_(1e-8).mul_(self.w1).pow_(-2).div_(image01.shape[1])
+        k = image01.new_empty(image01.shape[0], n, *size)
+        for i, v in enumerate(views):
+            d = v - image01
+            torch.sum(d.mul_(d).mul_(inv), dim=1, out=k[:, i])
+        k = k.neg_().softmax(dim=1)
         if self.w_rgb != 1.0:
             k.mul_(self.w_rgb)
         pos = self.positional_weights(image01.device, k.dtype)
