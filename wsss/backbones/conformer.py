@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import DropPath, Mlp, attend, dpr, init_vit_weights
+from wsss.backbones._layers import Block, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import load_into, read_state_dict
 from wsss.registry import BACKBONES
@@ -115,44 +115,6 @@ class FCUUp(nn.Module):
         if self.up_stride == 1:
             return x
         return F.interpolate(x, size=(h * self.up_stride, w * self.up_stride), mode="nearest")
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention; optionally returns the scaled pre-softmax logits (B, heads, N, N)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None]:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out, logits = attend(q, k, v, self.scale, capture)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), logits
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (timm names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
-
-    def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None]:
-        y, logits = self.attn(self.norm1(x), capture)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, logits
 
 
 class ConvTransBlock(nn.Module):
