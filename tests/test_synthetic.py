@@ -60,40 +60,48 @@ def test_classes_per_image_in_range(syn_root):
 
 
 def test_discriminative_part_is_small(syn_root):
-    """Measured from the masks: visible part pixels / visible object pixels, per class and image."""
-    fracs = []
+    """Measured from the masks: visible part pixels / visible object pixels, per class and image;
+    a share of the objects (about 1 - PART_PROB) shows no part at all."""
+    fracs, without = [], 0
     for n in VOCDataset(syn_root, "train").names:
         mask = np.asarray(Image.open(syn_root / "SegmentationClass" / f"{n}.png")).astype(int)
         part = np.asarray(Image.open(syn_root / "SegmentationPart" / f"{n}.png")).astype(int)
         assert ((part > 0) <= (mask > 0)).all() and (part[part > 0] == mask[part > 0]).all()
         for c in np.unique(mask[mask > 0]):
             p = (part == c).sum()
-            assert p > 0, "every labelled object keeps a visible part"
+            if p == 0:
+                without += 1
+                continue
             fracs.append(p / (mask == c).sum())
+    assert 0.15 < without / (without + len(fracs)) < 0.6
     fracs = np.asarray(fracs)
     assert 0.08 < np.median(fracs) < 0.2 and fracs.max() < 0.45
     meta = json.loads((syn_root / "synthetic_meta.json").read_text())["objects"]
-    full = [o["full_part_area"] / o["full_area"] for objs in meta.values() for o in objs]
+    full = [
+        o["full_part_area"] / o["full_area"] for objs in meta.values() for o in objs if o["full_part_area"]
+    ]
     assert PART_FRACTION[0] * 0.7 < min(full) and max(full) < PART_FRACTION[1] * 1.3
 
 
-def test_bodies_shared_parts_distinct():
-    """Body types are shared by several classes; part colours are class-specific."""
-    parts, bodies, _ = _palette(4)
-    assert len(bodies) == 2  # 4 classes over 2 body types
+def test_bodies_weak_evidence_parts_distinct():
+    """Part colours are class-specific; a body's colour leans to its class hue but is often another's."""
+    parts, bodies = _palette(4)
+    assert len(bodies) == 4
     d_parts = min(np.abs(parts[i] - parts[j]).sum() for i in range(4) for j in range(i + 1, 4))
     assert d_parts > 100
-    # in rendered images, bodies of two classes with the same body type look alike
     rng = np.random.default_rng(0)
-    body_means = {c: [] for c in range(1, 5)}
-    for _ in range(30):
+    own, other = 0, 0
+    for _ in range(60):
         img, mask, part, _ = render_sample(rng, 64, 5)
         for c in np.unique(mask[mask > 0]):
             body = (mask == c) & (part == 0)
             if body.sum() > 30:
-                body_means[c].append(img[body].mean(0))
-    m = {c: np.mean(v, 0) for c, v in body_means.items() if v}
-    assert np.abs(m[1] - m[3]).sum() < np.abs(m[1] - m[2]).sum()
+                mean = img[body].mean(0)
+                nearest = int(np.argmin(np.abs(bodies - mean).sum(1))) + 1
+                own += nearest == c
+                other += nearest != c
+    assert own > 1.5 * other  # the body is evidence of the class ...
+    assert other > 0.1 * (own + other)  # ... but not proof
 
 
 def test_background_cluttered():

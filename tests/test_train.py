@@ -104,3 +104,16 @@ def test_ddp_two_processes_gloo(tiny_synthetic: Path, tmp_path: Path) -> None:
     log = (out / "train.log").read_text()
     assert "world=2" in log
     assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["afa", "aream"])
+def test_bf16_autocast_training_is_finite(method: str, tiny_synthetic: Path, tmp_path: Path) -> None:
+    """train.amp=bf16: the affinity paths stay finite (the AFA head and AReAM loss run in fp32)."""
+    cfg = load_config(
+        CONFIGS[method],
+        tiny_overrides(tiny_synthetic, tmp_path / method, **{"train.amp": "bf16", "train.max_iters": 2}),
+    )
+    train(cfg)
+    history = [json.loads(line) for line in (tmp_path / method / "history.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)) for h in history for k, v in h.items() if k != "iter")
+    assert "aff" in history[-1]

@@ -48,6 +48,7 @@ class Backbone(nn.Module):
     num_layers: int
     num_heads: list[int]  # per layer
     head_dims: list[int]  # per layer
+    attn_strides: list[int]  # per layer: stride of the layer's attention token grid
     out_channels: list[int]  # per feature map
     num_prefix_tokens: int = 0  # T: class tokens before the patch tokens
     patch_stride: int = 16  # stride of features[-1]
@@ -69,6 +70,11 @@ class Backbone(nn.Module):
                 raise ValueError(f"attention layer {layer} out of range for {self.num_layers} layers")
             out.add(idx)
         return out
+
+    def final_grid_layers(self) -> list[int]:
+        """Layers whose attention grid is the last layer's (every layer of a ViT / Conformer; the
+        last stage of a MiT, whose earlier stages have pooled, coarser or finer grids)."""
+        return [i for i, s in enumerate(self.attn_strides) if s == self.attn_strides[-1]]
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (positional embeddings and the like)."""

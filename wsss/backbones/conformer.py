@@ -211,6 +211,7 @@ class Conformer(Backbone):
         self.num_layers = depth
         self.num_heads = [num_heads] * depth
         self.head_dims = [embed_dim // num_heads] * depth
+        self.attn_strides = [16] * depth
         rates = dpr(drop_path_rate, depth)
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

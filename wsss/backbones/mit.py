@@ -210,6 +210,10 @@ class MixVisionTransformer(Backbone):
         self.num_layers = sum(depths)
         self.num_heads = [h for h, d in zip(num_heads, depths) for _ in range(d)]
         self.head_dims = [c // h for c, h, d in zip(embed_dims, num_heads, depths) for _ in range(d)]
+        # stride of each block's (pooled) attention grid: the stage's stride times its sr ratio
+        self.attn_strides = [
+            math.prod(strides[: s + 1]) * sr_ratios[s] for s, d in enumerate(depths) for _ in range(d)
+        ]
         self.out_channels = list(embed_dims)
         self.num_prefix_tokens = 0
         self.patch_stride = math.prod(strides)

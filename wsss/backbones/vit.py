@@ -121,6 +121,7 @@ class VisionTransformer(Backbone):
         self.num_layers = depth
         self.num_heads = [num_heads] * depth
         self.head_dims = [embed_dim // num_heads] * depth
+        self.attn_strides = [patch_size] * depth
         self.out_channels = [embed_dim]
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim)

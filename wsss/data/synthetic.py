@@ -2,15 +2,17 @@
 
 Design (what makes a plain CAM incomplete, and what lets affinity/PAR repair it):
 
-* **Shared bodies, small discriminative parts.** Every object is a large blob (a wobbly ellipse)
-  whose body colour + stripe texture is one of ``max(1, K // 2)`` body types; each body type is
-  shared by several classes, so the body alone cannot tell the class. Each class owns a small part
-  (a disc with a class-specific saturated colour and checker pattern, 10-15 % of the object area,
-  placed toward one end of the body). A classifier needs the part, so its CAM fires on it and covers
-  the object only partially.
-* **Coherent objects.** The part sits inside the body, the object is contiguous and its texture is
-  consistent and distinct from the background, so pixel affinities (and PAR's colour kernel)
-  connect the part to the rest of the object.
+* **Ambiguous bodies, small discriminative parts.** Every object is a large blob (a wobbly ellipse)
+  whose body has a muted version of its class hue, but ``BODY_CONFUSION`` of the bodies take another
+  class's body colour and half of the background distractors are painted in body colours too, so
+  the body is only weak evidence of the class (as a dog's fur is). Each class owns a small part (a
+  disc with a saturated, class-specific colour and checker pattern, 10-15 % of the object area,
+  placed toward one end of the body), shown on ``PART_PROB`` of the objects. The classifier leans on
+  the part, so its CAM peaks there and covers the rest of the object only weakly; the objects
+  without a visible part make it learn the weaker body evidence too.
+* **Coherent objects.** The part sits inside the body, the object is contiguous and its body has a
+  smooth, low-contrast texture distinct from the background, so pixel affinities (and PAR's colour
+  kernel) connect the part to the rest of the object.
 * **Several classes and occlusion.** 1-3 classes per image (sometimes two instances of one class),
   painted in sequence so later objects occlude earlier ones; layouts where an object keeps less
   than half its body or its part are re-drawn, so every labelled class stays recognisable.
@@ -42,19 +44,19 @@ from PIL import Image
 from .io import save_mask
 
 PART_FRACTION = (0.10, 0.15)  # part area / object area
+BODY_CONFUSION = 0.3  # share of objects whose body takes another class's body colour
+PART_PROB = 0.6  # share of objects that show their discriminative part (a face is not always visible)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v)) * 255.0
 
 
-def _palette(num_fg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Part colours (K, 3) saturated and distinct; body colours (B, 3) muted; stripe periods (B,)."""
+def _palette(num_fg: int) -> tuple[np.ndarray, np.ndarray]:
+    """Part colours (K, 3) saturated and distinct; body colours (K, 3): muted versions of the same hues."""
     parts = np.stack([_hsv(i / num_fg, 0.95, 0.95) for i in range(num_fg)])
-    n_body = max(1, num_fg // 2)
-    bodies = np.stack([_hsv(0.08 + i / n_body + 0.5 / max(num_fg, 1), 0.35, 0.62) for i in range(n_body)])
-    periods = 5.0 + 2.0 * np.arange(n_body)
-    return parts, bodies, periods
+    bodies = np.stack([_hsv(i / num_fg, 0.4, 0.6) for i in range(num_fg)])
+    return parts, bodies
 
 
 def class_names_for(num_classes: int) -> list[str]:
@@ -86,7 +88,9 @@ def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, a: float, b: flo
     return (u / a) ** 2 + (v / b) ** 2 <= r**2
 
 
-def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray, bodies: np.ndarray
+) -> np.ndarray:
     base = _hsv(rng.random(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
     img = base * (0.65 + 0.7 * _smooth_noise(rng, size, 4, 3))
     for _ in range(int(rng.integers(2, 6))):  # distractor shapes of background classes
@@ -103,7 +107,10 @@ def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndar
             th = rng.uniform(0, np.pi)
             m = np.abs((xx - cx) * np.sin(th) - (yy - cy) * np.cos(th)) < s * 0.15
             m &= (xx - cx) ** 2 + (yy - cy) ** 2 < (3 * s) ** 2
-        colour = _hsv(rng.random(), rng.uniform(0.1, 0.45), rng.uniform(0.3, 0.85))
+        if rng.random() < 0.5:  # painted like an object body: body colour alone is not enough
+            colour = bodies[int(rng.integers(len(bodies)))] * rng.uniform(0.85, 1.15)
+        else:
+            colour = _hsv(rng.random(), rng.uniform(0.1, 0.45), rng.uniform(0.3, 0.85))
         period = rng.uniform(3, 9)
         if rng.random() < 0.5:
             img[m] = colour * (0.8 + 0.2 * (((yy[m] + xx[m]) // period) % 2))[:, None]
@@ -120,8 +127,7 @@ def render_sample(
     k = num_classes - 1
     if k < 1:
         raise ValueError("num_classes must be >= 2")
-    parts_rgb, bodies_rgb, periods = _palette(k)
-    n_body = len(bodies_rgb)
+    parts_rgb, bodies_rgb = _palette(k)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     for attempt in range(max_tries):
         n_cls = int(rng.integers(1, min(3, k) + 1))
@@ -145,6 +151,8 @@ def render_sample(
             dist = max(0.0, a - pr) * 0.75 * side
             py, px = cy + dist * np.sin(theta), cx + dist * np.cos(theta)
             part = body & ((yy - py) ** 2 + (xx - px) ** 2 <= pr**2)
+            if rng.random() >= PART_PROB:
+                part = np.zeros_like(body)
             owner[body] = j
             is_part[body] = part[body]
             shapes.append((int(c), body, part))
@@ -155,16 +163,15 @@ def render_sample(
             vis_part = vis & is_part
             objects.append({"class": c, "area": int(vis.sum()), "part_area": int(vis_part.sum()),
                             "full_area": int(body.sum()), "full_part_area": int(part.sum())})  # fmt: skip
-            ok &= vis.sum() >= 0.5 * body.sum() and vis_part.sum() >= 0.6 * max(part.sum(), 1)
+            ok &= vis.sum() >= 0.5 * body.sum() and vis_part.sum() >= 0.6 * part.sum()
         if ok:
             break
-    img = _background(rng, size, yy, xx)
+    img = _background(rng, size, yy, xx, bodies_rgb)
     for j, (c, _, _) in enumerate(shapes):
         body, part = (owner == j) & ~is_part, (owner == j) & is_part
-        bt = (c - 1) % n_body
-        th = rng.uniform(0, np.pi)
-        phase = (xx[body] * np.cos(th) + yy[body] * np.sin(th)) / periods[bt]
-        img[body] = bodies_rgb[bt] * (0.8 + 0.35 * (0.5 + 0.5 * np.sin(2 * np.pi * phase)))[:, None]
+        bc = c if rng.random() >= BODY_CONFUSION else int(rng.integers(1, k + 1))
+        texture = 0.85 + 0.3 * _smooth_noise(rng, size, 6, 1)[..., 0]  # smooth, low contrast
+        img[body] = bodies_rgb[bc - 1] * rng.uniform(0.85, 1.15) * texture[body][:, None]
         checker = (yy[part] // 3 + xx[part] // 3) % 2
         img[part] = parts_rgb[c - 1] * (0.65 + 0.35 * checker)[:, None]
     img += rng.normal(0.0, 6.0, img.shape)

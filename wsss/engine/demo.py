@@ -18,7 +18,7 @@ from wsss.config import load_config
 DEMO_CONFIGS = {
     "cam": "cam_mit_tiny_synthetic",
     "afa": "afa_mit_tiny_synthetic",
-    "aream": "aream_mctformer_micro_synthetic",
+    "aream": "aream_mit_tiny_synthetic",
     "supervised": "supervised_mit_tiny_synthetic",
 }
 # The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).

@@ -53,7 +53,7 @@ def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float],
     for s in scales:
         xs = resize(x, (int(s * size[0]), int(s * size[1]))) if s != 1.0 else x
         inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        seg = net(inp, with_seg=True).seg
+        seg = net(inp, with_seg=True, with_aff=False).seg
         if flip:
             b = x.shape[0]
             seg = (seg[:b] + seg[b:].flip(-1)) / 2

@@ -45,11 +45,15 @@ class AReAMMethod(Method):
         super().__init__(cfg, net)
         self.r = cfg.aream
         bb = net.backbone
-        self.L = bb.num_layers
+        # The layers on the final token grid (all of a ViT / Conformer, the last stage of a MiT):
+        # layer_index splits them into shallow (fused for pseudo labels) and deep (supervised).
+        self.layers = bb.final_grid_layers()
+        self.L = len(self.layers)
         self.k = int(self.r.layer_index)
         if not 0 < self.k < self.L:
             raise ValueError(
-                f"aream.layer_index must be in 1..{self.L - 1} for {self.L} layers, got {self.k}"
+                f"aream.layer_index must be in 1..{self.L - 1} for the {self.L} layers {self.layers}, "
+                f"got {self.k}"
             )
         self.T = bb.num_prefix_tokens
         self.weighting = str(self.r.weighting)
@@ -70,8 +74,11 @@ class AReAMMethod(Method):
         self.loss_w = ent[self.k :] if self.weighting == "entropy_offline" else torch.ones(self.L - self.k)
         self.class_attention = bool(self.r.class_attention) and self.T > 1
 
+    def shallow_layers(self) -> list[int]:
+        return self.layers[: self.k]
+
     def deep_layers(self) -> list[int]:
-        return list(range(self.k, self.L))
+        return self.layers[self.k :]
 
     def attn_layers(self, net: WSSSNet) -> list[int]:
         return self.deep_layers()
@@ -89,7 +96,7 @@ class AReAMMethod(Method):
         T = self.T
         cam = out_cam
         if self.class_attention:
-            cls_att = torch.stack([affs[i][:, :T, T:] for i in range(self.L)]).mean(0)
+            cls_att = torch.stack([affs[i][:, :T, T:] for i in self.layers]).mean(0)
             cam = cam.relu() * cls_att.reshape(cam.shape[0], T, *grid)
         stack = torch.stack([affs[i][:, T:, T:] for i in layers])  # (l, n, Np, Np)
         if bool(self.r.renormalize):
@@ -108,7 +115,7 @@ class AReAMMethod(Method):
         scales: list[float] | None = None,
     ) -> Tensor:
         """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W)."""
-        need = list(range(self.L)) if self.class_attention else sorted(set(layers))
+        need = self.layers if self.class_attention else sorted(set(layers))
         maps = []
         for s in scales or self.scales:
             out = net.forward_cam(self.scale_inputs(x, s), need, _head_mean_softmax)
@@ -125,7 +132,7 @@ class AReAMMethod(Method):
         """Paper eq. 7-8 (an interpretation): per-image weights (n, k) from the current model."""
         n = cam.shape[0]
         lab = labels.repeat(n // labels.shape[0], 1)
-        stack = torch.stack([affs[i][:, self.T :, self.T :] for i in range(self.k)])
+        stack = torch.stack([affs[i][:, self.T :, self.T :] for i in self.shallow_layers()])
         return 1 - online_entropy_weights(cam, stack, lab)
 
     # ----------------------------------------------------------------- training
@@ -147,7 +154,7 @@ class AReAMMethod(Method):
         image01 = denormalize(x)
         with torch.no_grad(), pass_mode(m, self.mode):
             fw = None if self.weighting == "entropy_online" else self.fusion_w
-            cam = self.aream_cam(m, x, labels, list(range(self.k)), fw)
+            cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw)
             pseudo = self.pseudo_label(image01, cam, labels, box)
         grid = out.grids[self.deep_layers()[-1]]
         target = affinity_labels(pseudo, grid, None, sampling=str(self.r.sampling))
@@ -171,9 +178,9 @@ class AReAMMethod(Method):
         'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
         (shallow fusion, high/low scores)."""
         bkg = float(self.cfg.eval.bkg_score)
-        refined = self.aream_cam(net, x, labels, list(range(self.L)), None, scales)
+        refined = self.aream_cam(net, x, labels, self.layers, None, scales)
         fw = None if self.weighting == "entropy_online" else self.fusion_w
-        shallow = self.aream_cam(net, x, labels, list(range(self.k)), fw, scales)
+        shallow = self.aream_cam(net, x, labels, self.shallow_layers(), fw, scales)
         return {
             "refined": cam_to_label(refined, labels, bkg_score=bkg),
             "refined_par": self.par_argmax(image01, with_background(refined, bkg), labels),

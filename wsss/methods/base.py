@@ -160,7 +160,7 @@ class Method:
         """Segmentation logits at the input size (B, K+1, H, W), or None without a seg head."""
         if net.seg_head is None:
             return None
-        out = net(x, with_seg=True)
+        out = net(x, with_seg=True, with_aff=False)
         return resize(out.seg, tuple(x.shape[-2:]))  # type: ignore[arg-type]
 
 

@@ -84,9 +84,11 @@ def refine_by_affinity(cam: Tensor, aff: Tensor, transpose: bool = False) -> Ten
     (TransCAM's ``attnagg`` variant, not AReAM). Returns (B, K, h, w).
     """
     b, k, h, w = cam.shape
-    flat = cam.reshape(b, k, h * w).to(aff.dtype)
-    # (B, K, Np) x (B, Np, Np): M A^T gives sum_j A[i, j] M(j); M A gives sum_j A[j, i] M(j).
-    out = flat @ (aff if transpose else aff.transpose(1, 2))
+    dtype = torch.promote_types(aff.dtype, torch.float32)  # fp32 at least, also under bf16 autocast
+    flat = cam.reshape(b, k, h * w).to(dtype)
+    with torch.autocast(cam.device.type, enabled=False):
+        # (B, K, Np) x (B, Np, Np): M A^T gives sum_j A[i, j] M(j); M A gives sum_j A[j, i] M(j).
+        out = flat @ (aff if transpose else aff.transpose(1, 2)).to(dtype)
     return out.reshape(b, k, h, w)
 
 

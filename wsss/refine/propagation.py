@@ -103,11 +103,14 @@ def propagate_affinity(
     b, k, h, w = cam.shape
     bkg = cam.new_full((b, 1, h, w), bkg_score)
     probs = masked_softmax(torch.cat([bkg, cam], dim=1), labels, dim=1).reshape(b, k + 1, h * w)
+    probs = probs.to(torch.promote_types(probs.dtype, torch.float32))  # fp32 at least (bf16 autocast)
     trans = _transition(aff, window, power, eps).to(probs.dtype)
     # multiply only background + present classes (M <= K+1 rows); absent rows are exactly 0 anyway
     idx, _ = present_index(labels)
     gidx = idx[:, :, None].expand(-1, -1, h * w)
-    out = torch.zeros_like(probs).scatter_(1, gidx, torch.bmm(probs.gather(1, gidx), trans))
+    with torch.autocast(cam.device.type, enabled=False):  # the random walk stays in full precision
+        moved = torch.bmm(probs.gather(1, gidx), trans)
+    out = torch.zeros_like(probs).scatter_(1, gidx, moved)
     return out.reshape(b, k + 1, h, w)
 
 
