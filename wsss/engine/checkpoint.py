@@ -16,9 +16,9 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -82,14 +82,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace`` onto ``path``."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(file)`` to a temp file next to ``path``, fsync, then ``os.replace`` it
+    onto ``path``: a crash leaves either the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,17 +101,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (see :func:`_atomic_write`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> Path:
+    return _atomic_write(path, lambda f: f.write(data))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -229,21 +226,13 @@ def load_training_state(
 
 def export_model(model: nn.Module, config: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` (contiguous CPU tensors; shared storage is copied) and ``config.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt", "wsss_format_version": str(FORMAT_VERSION)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {"format": "pt", "wsss_format_version": str(FORMAT_VERSION)}
+    _atomic_write_bytes(save(sd, metadata=meta), out / "model.safetensors")
     _atomic_write_bytes(json.dumps(dict(config), indent=2, sort_keys=True).encode(), out / "config.json")
     return out
 
