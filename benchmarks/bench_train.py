@@ -25,10 +25,18 @@ import time
 # name: (config, overrides, what is timed)
 CASES: dict[str, tuple[str, list[str], str]] = {
     "afa_320": ("afa_mit_b1_voc", ["data.crop_size=320", "data.batch_size=2"], "train"),
+    "afa_320_bf16": (
+        "afa_mit_b1_voc",
+        ["data.crop_size=320", "data.batch_size=2", "train.amp=bf16"],
+        "train",
+    ),
     "afa_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "train"),
     "afa_pseudo_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "pseudo"),
     "afa_pseudo_512_batched": (
-        "afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2", "afa.crop_to_box=false"], "pseudo"),
+        "afa_mit_b1_voc",
+        ["data.crop_size=512", "data.batch_size=2", "afa.crop_to_box=false"],
+        "pseudo",
+    ),
     "aream_mctformer_224": ("aream_mctformer_deit_s_voc", ["data.batch_size=64"], "train"),
     "aream_conformer_384": ("aream_conformer_s_voc", ["data.batch_size=8"], "train"),
 }
@@ -74,7 +82,8 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
 
     def step() -> None:
         if kind == "train":
-            loss, _ = method.training_step(net, batch, it)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16"):
+                loss, _ = method.training_step(net, batch, it)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -94,8 +103,9 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
 
                 high = resize(method.propagate(cam, aff, grid, labels, method.high), size)
                 low = resize(method.propagate(cam, aff, grid, labels, method.low), size)
-                par_refine_scores_label(image01, high, low, labels, method.par, box,
-                                        crop_to_box=bool(cfg.afa.crop_to_box))
+                par_refine_scores_label(
+                    image01, high, low, labels, method.par, box, crop_to_box=bool(cfg.afa.crop_to_box)
+                )
                 g = (size[0] // 16, size[1] // 16)
                 affinity_labels(par_label, g, method.window(g, x.device))
                 _times.append(time.perf_counter() - t0)
@@ -117,14 +127,23 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
     if kind == "pseudo":
         times = _times
     peak = (
-        torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     return {
-        "case": name, "config": config, "kind": kind, "crop": int(cfg.data.crop_size),
-        "batch": int(cfg.data.batch_size), "median_s": statistics.median(times), "min_s": min(times),
-        "iters_per_s": 1 / statistics.median(times), "peak_mib": peak, "rss_before_mib": rss0 / 1024,
-        "threads": torch.get_num_threads(), "device": device_name,
+        "case": name,
+        "config": config,
+        "kind": kind,
+        "crop": int(cfg.data.crop_size),
+        "batch": int(cfg.data.batch_size),
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "iters_per_s": 1 / statistics.median(times),
+        "peak_mib": peak,
+        "rss_before_mib": rss0 / 1024,
+        "threads": torch.get_num_threads(),
+        "device": device_name,
     }
 
 
@@ -142,7 +161,8 @@ def main() -> None:
     for name in args.only or list(CASES):
         out = subprocess.run(
             [sys.executable, __file__, "--case", name, "--device", args.device, "--iters", str(args.iters)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -153,8 +173,10 @@ def main() -> None:
     print("| case | config | what | crop | batch | median s/iter | iter/s | peak MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['config']} | {r['kind']} | {r['crop']} | {r['batch']} | "
-              f"{r['median_s']:.3f} | {r['iters_per_s']:.2f} | {r['peak_mib']:.0f} |")
+        print(
+            f"| {r['case']} | {r['config']} | {r['kind']} | {r['crop']} | {r['batch']} | "
+            f"{r['median_s']:.3f} | {r['iters_per_s']:.2f} | {r['peak_mib']:.0f} |"
+        )
 
 
 if __name__ == "__main__":
