@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import DropPath, attend, dpr
+from wsss.backbones._layers import DropPath, attend, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import CheckpointError, load_into, read_state_dict
 from wsss.registry import BACKBONES
@@ -259,15 +259,9 @@ class MixVisionTransformer(Backbone):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """SegFormer init: trunc-normal(0.02) Linear, unit LayerNorm, fan-out normal convs."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    """SegFormer init: trunc-normal(0.02) Linear, unit LayerNorm (as ViT), fan-out normal convs."""
+    init_vit_weights(m)
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
