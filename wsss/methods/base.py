@@ -92,8 +92,7 @@ class Method:
         return torch.cat([xs, xs.flip(-1)]) if self.flip else xs
 
     def fuse_cams(self, cams: list[Tensor], size: tuple[int, int], batch: int) -> Tensor:
-        if not self.flip:  # duplicate so the fusion sees the [x, flip(x)] layout it expects
-            cams = [torch.cat([c, c.flip(-1)]) for c in cams]
+        """Raw CAMs of [x_s, flip(x_s)] (2B rows) or of x_s alone (B rows) -> normalised (B, K, H, W)."""
         return fuse_multiscale(cams, size, batch, **self.fuse_kwargs())
 
     @torch.no_grad()

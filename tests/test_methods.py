@@ -1,0 +1,71 @@
+"""Method wiring: which parameters each weakly supervised loss reaches, and the warm-up rule."""
+
+from __future__ import annotations
+
+import torch
+
+from wsss.config import load_config
+from wsss.methods import build_method
+from wsss.model import build_model
+from wsss.ops.attention import aream_affinity_loss, layer_logit_mean
+from wsss.ops.losses import affinity_loss
+
+
+def _grad_norm(p: torch.nn.Parameter) -> float:
+    return 0.0 if p.grad is None else float(p.grad.abs().sum())
+
+
+def test_aream_loss_reaches_deep_attention_only() -> None:
+    """The deep-layer affinity loss trains q/k of the supervised layers (and everything below), but
+    not the MLP of the last block, whose output no supervised logit depends on."""
+    torch.manual_seed(0)
+    cfg = load_config("aream_mctformer_micro_synthetic", ["model.backbone_kwargs.img_size=64"])
+    net = build_model(cfg.model, 5, "aream")
+    method = build_method(cfg, net)
+    deep = method.deep_layers()
+    assert deep == list(range(4, 6)) and method.shallow_layers() == list(range(4))
+    x = torch.randn(2, 3, 64, 64)
+    out = net(x, deep, lambda layer, z: layer_logit_mean(z, net.backbone.num_prefix_tokens), with_seg=False)
+    n = out.attn[deep[0]].shape[-1]
+    target = torch.randint(0, 2, (2, n, n))
+    aream_affinity_loss([out.attn[i] for i in deep], target).backward()
+    blocks = net.backbone.blocks
+    assert _grad_norm(blocks[5].attn.qkv.weight) > 0 and _grad_norm(blocks[4].attn.qkv.weight) > 0
+    assert _grad_norm(blocks[0].attn.qkv.weight) > 0  # shallower blocks feed the deep ones
+    assert _grad_norm(blocks[5].mlp.fc1.weight) == 0
+    assert _grad_norm(net.cam_head.classifier.weight) == 0
+
+
+def test_afa_loss_reaches_the_captured_blocks() -> None:
+    torch.manual_seed(0)
+    cfg = load_config("afa_mit_tiny_synthetic")
+    net = build_model(cfg.model, 5, "afa")
+    out = net(torch.randn(2, 3, 64, 64), with_seg=False)
+    n = out.aff.shape[-1]
+    affinity_loss(out.aff, torch.randint(0, 2, (2, n, n))).backward()
+    last = net.backbone.block4[-1]
+    assert _grad_norm(last.attn.q.weight) > 0 and _grad_norm(last.attn.kv.weight) > 0
+    assert _grad_norm(net.aff_head.proj.weight) > 0
+    assert _grad_norm(last.mlp.fc1.weight) == 0  # the MLP after the last attention is not involved
+
+
+def test_warmup_trains_classification_only() -> None:
+    """During the warm-up no seg / affinity output is produced (DDP-safe, and no wasted work)."""
+    torch.manual_seed(0)
+    cfg = load_config("afa_mit_tiny_synthetic")
+    net = build_model(cfg.model, 5, "afa")
+    method = build_method(cfg, net)
+    labels = torch.zeros(2, 5)
+    labels[0, 1] = labels[1, 3] = 1
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "labels": labels,
+        "img_box": torch.tensor([[0, 64, 0, 64]] * 2),
+    }
+    loss, logs = method.training_step(net, batch, int(cfg.afa.warmup_iters))
+    assert set(logs) == {"cls"}
+    loss.backward()
+    assert all(p.grad is None for p in net.seg_head.parameters())
+    assert all(p.grad is None for p in net.aff_head.parameters())
+    loss, logs = method.training_step(net, batch, int(cfg.afa.warmup_iters) + 1)
+    assert {"cls", "seg", "aff"} <= set(logs) and torch.isfinite(loss)
