@@ -249,38 +249,13 @@ def test_energy_loss_matches_dense_reference(b, c, h, w, scale, radius, dilation
 def test_energy_loss_exact_gradient_and_defaults():
     probs, image, roi, label = _energy_inputs(2, 3, 8, 8, seed=5)
     p = probs.double().requires_grad_(True)
-    out = energy_loss(
-        p,
-        image,
-        roi,
-        label,
-        sigma_rgb=30.0,
-        sigma_xy=4.0,
-        scale=1.0,
-        radius=2,
-        dilation=1,
-        gradient="exact",
-        weight=1.0,
-    )
-    off = energy_loss(
-        p, image, roi, label, sigma_rgb=30.0, sigma_xy=4.0, scale=1.0, radius=2, dilation=1, weight=1.0
-    )
+    kw = dict(sigma_rgb=30.0, sigma_xy=4.0, scale=1.0, radius=2, dilation=1, weight=1.0)
+    out = energy_loss(p, image, roi, label, gradient="exact", **kw)
+    off = energy_loss(p, image, roi, label, **kw)
     torch.testing.assert_close(out, off)  # same value, different gradients
 
     def fn(q):
-        return energy_loss(
-            q,
-            image.double(),
-            roi,
-            label,
-            sigma_rgb=30.0,
-            sigma_xy=4.0,
-            scale=1.0,
-            radius=2,
-            dilation=1,
-            gradient="exact",
-            weight=1.0,
-        )
+        return energy_loss(q, image.double(), roi, label, gradient="exact", **kw)
 
     assert torch.autograd.gradcheck(fn, (p,), eps=1e-6, atol=1e-6)
     # Default parameters (scale 0.5, sigma_xy 100 -> window reach 2 * 50 px) run and are finite.

@@ -91,7 +91,6 @@ DEFAULTS: dict[str, Any] = {
         "keep_ckpts": 2,
         "amp": None,  # null | bf16
         "cam_pass_mode": "train",  # train (official) | eval
-        "eval_max_images": None,
     },
     "cam": {
         "scales": [1.0, 0.5, 1.5],

@@ -114,18 +114,6 @@ class WSSSNet(nn.Module):
         dims = [self.backbone.head_dims[i] for i in self.aff_layers]
         return self.aff_head(maps, dims)  # type: ignore[misc]
 
-    def param_groups_names(self) -> dict[str, list[str]]:
-        """Parameter names by part: 'backbone', 'heads' (CAM/token/AFA heads) and 'decoder'."""
-        parts: dict[str, list[str]] = {"backbone": [], "heads": [], "decoder": []}
-        for name, _ in self.named_parameters():
-            if name.startswith("backbone."):
-                parts["backbone"].append(name)
-            elif name.startswith("seg_head."):
-                parts["decoder"].append(name)
-            else:
-                parts["heads"].append(name)
-        return parts
-
 
 def build_model(model_cfg: Any, num_classes: int, method: str = "afa") -> WSSSNet:
     """Build a ``WSSSNet`` from ``cfg.model``. num_classes: foreground classes K."""

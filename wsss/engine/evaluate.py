@@ -11,22 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from wsss.data.transforms import denormalize
+from wsss.data.transforms import denormalize, pad_to_multiple
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
-from wsss.methods.base import Method, resize
+from wsss.methods.base import Method, resize, scale_size
 from wsss.model import WSSSNet
 
 
 def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
     """Zero-pad (the normalised mean colour) right/bottom to a multiple; returns the original size."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return (F.pad(x, (0, pw, 0, ph)) if ph or pw else x), (h, w)
+    return pad_to_multiple(x, multiple)[0], (x.shape[-2], x.shape[-1])
 
 
 @torch.no_grad()
@@ -51,7 +48,7 @@ def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float],
     size = tuple(x.shape[-2:])
     best: Tensor | None = None
     for s in scales:
-        xs = resize(x, (int(s * size[0]), int(s * size[1]))) if s != 1.0 else x
+        xs = resize(x, scale_size(size, s)) if s != 1.0 else x
         inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
         seg = net(inp, with_seg=True, with_aff=False).seg
         if flip:
@@ -179,7 +176,7 @@ def predict_seg(
     return crf_seg(logits, denormalize(image)) if crf else logits.argmax(1)
 
 
-def miou_table(results: dict[str, Any], class_names: list[str] | None = None) -> str:
+def miou_table(results: dict[str, Any]) -> str:
     """A markdown table: one row per label map with mIoU (and coverage for pseudo labels)."""
     rows = ["| map | mIoU | pixel acc | note |", "|---|---:|---:|---|"]
     for name, res in results.items():

@@ -155,7 +155,7 @@ def format_results(res: dict[str, Any], class_names: Sequence[str]) -> str:
             f"background-threshold sweep on the refined CAM ({len(t)} thresholds {t[0]:.2f}..{t[-1]:.2f}, "
             f"AReAM protocol): best threshold {s['best_threshold']:.2f}, mIoU {100 * s['best_miou']:.2f}"
         )
-    lines += ["", miou_table(res, list(class_names))]
+    lines += ["", miou_table(res)]
     maps = [k for k in res if not k.startswith("_")]
     if maps:
         lines += ["", "| class | " + " | ".join(maps) + " |", "|---|" + "---:|" * len(maps)]

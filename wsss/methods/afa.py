@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss.data.transforms import denormalize
-from wsss.methods.base import Method, pass_mode, resize, unwrap, with_background
+from wsss.methods.base import Method, pass_mode, present_mask, resize, unwrap
 from wsss.model import WSSSNet
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.refine.labels import affinity_labels, box_mask, channel_argmax, par_refine_scores_label
@@ -124,7 +124,7 @@ class AFAMethod(Method):
             self.propagate(cam, out.aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
             tuple(x.shape[-2:]),
         )
-        present = with_background(labels, 1.0)[..., None, None] > 0
+        present = present_mask(labels)[..., None, None]
         maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
         maps["aff_par"] = self.par_argmax(image01, scores, labels)
         return maps

@@ -23,19 +23,22 @@ from wsss.methods.base import Method, pass_mode, unwrap, with_background
 from wsss.model import WSSSNet
 from wsss.ops.attention import (
     aream_affinity_loss,
+    attention_probs,
+    class_token_attention,
     entropy_weights,
     fuse_layers,
     layer_logit_mean,
     online_entropy_weights,
     refine_by_affinity,
+    slice_patches,
 )
 from wsss.ops.losses import seg_loss_bg_fg
 from wsss.refine.labels import affinity_labels, cam_to_label
 
 
-def _head_mean_softmax(layer: int, logits: Tensor) -> Tensor:
-    """(B, heads, N, N) logits -> (B, N, N) head-mean attention over all keys (fp32)."""
-    return logits.float().softmax(-1).mean(1)
+def _attention_probs(layer: int, logits: Tensor) -> Tensor:
+    """attn_reduce: (B, heads, N, N) logits -> (B, N, N) head-mean attention over all keys (fp32)."""
+    return attention_probs(logits)
 
 
 class AReAMMethod(Method):
@@ -84,6 +87,11 @@ class AReAMMethod(Method):
         return self.deep_layers()
 
     # ----------------------------------------------------------------- CAM refined by attention
+    def patch_affinities(self, affs: dict[int, Tensor], layers: list[int]) -> Tensor:
+        """Patch blocks (l, n, Np, Np) of head-mean attentions over all tokens (n, N, N)."""
+        renorm = bool(self.r.renormalize)
+        return torch.stack([slice_patches(affs[i], self.T, renorm) for i in layers])
+
     def refined_cam_single(
         self,
         out_cam: Tensor,
@@ -93,14 +101,10 @@ class AReAMMethod(Method):
         weights: Tensor | None,
     ) -> Tensor:
         """One pass: raw CAM (n, K, h, w) [x class attention] refined by the fused layers."""
-        T = self.T
         cam = out_cam
         if self.class_attention:
-            cls_att = torch.stack([affs[i][:, :T, T:] for i in self.layers]).mean(0)
-            cam = cam.relu() * cls_att.reshape(cam.shape[0], T, *grid)
-        stack = torch.stack([affs[i][:, T:, T:] for i in layers])  # (l, n, Np, Np)
-        if bool(self.r.renormalize):
-            stack = stack / stack.sum(-1, keepdim=True).clamp_min(1e-12)
+            cam = cam.relu() * class_token_attention([affs[i] for i in self.layers], self.T, grid)
+        stack = self.patch_affinities(affs, layers)
         fused = fuse_layers(stack, None if weights is None else weights.to(stack))
         return refine_by_affinity(cam, fused)
 
@@ -118,7 +122,7 @@ class AReAMMethod(Method):
         need = self.layers if self.class_attention else sorted(set(layers))
         maps = []
         for s in scales or self.scales:
-            out = net.forward_cam(self.scale_inputs(x, s), need, _head_mean_softmax)
+            out = net.forward_cam(self.scale_inputs(x, s), need, _attention_probs)
             grid = out.grids[need[-1]]
             w = weights
             if self.weighting == "entropy_online" and weights is None:
@@ -132,7 +136,7 @@ class AReAMMethod(Method):
         """Paper eq. 7-8 (an interpretation): per-image weights (n, k) from the current model."""
         n = cam.shape[0]
         lab = labels.repeat(n // labels.shape[0], 1)
-        stack = torch.stack([affs[i][:, self.T :, self.T :] for i in self.shallow_layers()])
+        stack = self.patch_affinities(affs, self.shallow_layers())
         return 1 - online_entropy_weights(cam, stack, lab)
 
     # ----------------------------------------------------------------- training

@@ -121,7 +121,7 @@ class Method:
         """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax."""
         probs = masked_softmax(scores, labels)
         refined = self.par(image01, probs)
-        refined = refined.masked_fill(~_present(labels)[..., None, None], float("-inf"))
+        refined = refined.masked_fill(~present_mask(labels)[..., None, None], float("-inf"))
         return channel_argmax(refined)
 
     @torch.no_grad()
@@ -168,6 +168,6 @@ def with_background(cam: Tensor, score: float) -> Tensor:
     return torch.cat([cam.new_full((cam.shape[0], 1, *cam.shape[2:]), score), cam], dim=1)
 
 
-def _present(labels: Tensor) -> Tensor:
+def present_mask(labels: Tensor) -> Tensor:
     """(B, K+1) bool: background plus the present classes."""
     return torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1) > 0
