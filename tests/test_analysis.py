@@ -212,3 +212,86 @@ def dict_cfg(cfg):
     from wsss.config import to_dict
 
     return to_dict(cfg)
+
+
+def test_pair_agreement_matches_loops():
+    from wsss.analysis.affinity import pair_agreement
+
+    g = torch.Generator().manual_seed(3)
+    aff = torch.rand(2, 7, 7, generator=g)
+    target = torch.randint(0, 3, (2, 7, 7), generator=g)
+    target[target == 2] = 255
+    ref = [0.0] * 6
+    for b in range(2):
+        for i in range(7):
+            for j in range(7):
+                t, a = int(target[b, i, j]), float(aff[b, i, j])
+                if t == 255:
+                    continue
+                ref[0 if t == 1 else 2] += a
+                ref[1 if t == 1 else 3] += 1
+                ref[4] += float((a > 0.5) == (t == 1))
+                ref[5] += 1
+    assert torch.allclose(pair_agreement(aff, target), torch.tensor(ref, dtype=torch.float64))
+    perfect = pair_agreement((target == 1).float(), target)
+    assert perfect[0] == perfect[1] and perfect[2] == 0 and perfect[4] == perfect[5]
+
+
+def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
+    from wsss.analysis.affinity import affinity_quality
+    from wsss.methods import build_method
+    from wsss.refine.labels import affinity_labels
+
+    net, cfg = afa_net
+    ds = build_dataset(cfg.data, split="val", train=False)
+    method = build_method(cfg, net)
+    q = affinity_quality(method, net, ds, 6, max_images=2)
+    assert q["protocol"]["images"] == 2 and q["pairs"]["pairs"] > 0
+    assert 0 <= q["pairs"]["accuracy"] <= 1
+    assert set(q["miou"]) == {"cam_par", "learned_par", "oracle_par"}
+    assert all(0 <= v <= 1 for v in q["miou"].values())
+    # a model whose learned affinity IS the ground truth: both paths agree exactly
+    real, masks = net.forward_cam, {}
+    for i in range(2):
+        masks[ds[i]["image"].sum().item()] = ds[i]["mask"][None]
+
+    def oracle_forward(x, layers=(), attn_reduce=None, aff_rows=None):
+        out = real(x, layers, attn_reduce, aff_rows)
+        if out.aff is not None:
+            grid = out.grids[net.aff_layers[-1]]
+            win = method.window(grid, x.device)
+            t = affinity_labels(masks[x[0].sum().item()], grid, win, sampling="topleft")
+            out.aff = (t == 1).float()
+        return out
+
+    monkeypatch.setattr(net, "forward_cam", oracle_forward)
+    q2 = affinity_quality(method, net, ds, 6, max_images=2)
+    assert q2["miou"]["learned_par"] == pytest.approx(q2["miou"]["oracle_par"])
+    assert q2["pairs"]["accuracy"] == 1.0
+
+
+def test_refinement_quality_oracle(aream_net, data_root):
+    from wsss.analysis.affinity import refinement_quality
+    from wsss.methods import build_method
+    net, cfg = aream_net
+    ds = build_dataset(cfg.data, split="val", train=False)
+    method = build_method(cfg, net)
+    q = refinement_quality(method, net, ds, 6, max_images=2)
+    assert set(q["miou"]) == {f"{k}{p}" for k in ("cam", "refined", "oracle") for p in ("", "_par")}
+    assert all(0 <= v <= 1 for v in q["miou"].values()) and method.flip == bool(cfg.cam.flip)
+    # the affinity override replaces the fused attention: given that same attention it changes nothing
+    from wsss.methods.aream import _attention_probs
+    from wsss.ops.attention import fuse_layers
+
+    x, labels = ds[0]["image"][None], ds[0]["labels"][None]
+    method.flip = False
+    try:
+        out = net.forward_cam(x, method.layers, _attention_probs)
+        fused = fuse_layers(method.patch_affinities(out.attn, method.layers))
+        a = method.aream_cam(net, x, labels, method.layers, None, [1.0])
+        b = method.aream_cam(net, x, labels, method.layers, None, [1.0], affinity=lambda g: fused)
+        eye = torch.eye(fused.shape[-1])[None]
+        c = method.aream_cam(net, x, labels, method.layers, None, [1.0], affinity=lambda g: eye)
+    finally:
+        method.flip = bool(cfg.cam.flip)
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)

@@ -69,6 +69,7 @@ def run_dir(tmp_path_factory):
                        "layer_4": {"best_miou": 0.25, "best_threshold": 0.4},
                        "fused": {"best_miou": 0.3, "best_threshold": 0.35},
                        "cam": {"best_miou": 0.1, "best_threshold": 0.2}},
+        "oracle": {"miou": {"cam_par": 0.4, "learned_par": 0.35, "oracle_par": 0.5}},
         "plots": {"hellinger": "hellinger.png", "missing": "nope.png"}}))
     return run
 
@@ -86,6 +87,7 @@ def test_report_structure(run_dir):
     assert tables["protocol"] == 4
     assert tables["grid"] == 2  # one row per image
     assert tables["analysis"] == 4  # 2 layers + fused + cam
+    assert tables["oracle"] == 3 and "learned_par" in text
     assert "obj3" in text and "aff_par" in text
     imgs = [a["src"] for t, a in p.tags if t == "img"]
     # 2 rows x (image, gt, CAM, refined, pseudo, seg) + legend + 1 analysis plot (the missing one is skipped)

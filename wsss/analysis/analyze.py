@@ -8,7 +8,9 @@ One dataset pass (eval mode, single scale, original size padded to 16) gives, pe
   over images: the vector ``aream.weighting=entropy_offline`` needs;
 - the mIoU (best background threshold of a vectorised sweep) of the raw CAM, of the CAM refined by each
   single layer and by the mean of all analysed layers (AReAM fig. 2b / 10);
-- the column mass sum_i A[i, j] (sink tokens, fig. 8) and, for one image, every layer's patch affinity.
+- the column mass sum_i A[i, j] (sink tokens, fig. 8) and, for one image, every layer's patch affinity;
+- AFA and AReAM models: the refinement with the model's affinity against the same refinement with a
+  perfect affinity from the ground truth (:mod:`wsss.analysis.affinity`), under ``"oracle"``.
 
 Memory stays O(B N^2) per layer: a first forward gives the CAM (and MCTformer class attention, only its
 class rows), a second forward reduces each layer's logits to its statistics inside ``attn_reduce`` as
@@ -521,6 +523,13 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
     }
     if net.aff_head is not None:
         data["afa"] = {"layers": list(net.aff_layers), **afa_head_weights(net)}
+    has_masks = getattr(dataset, "has_masks", None)
+    if str(cfg.method) in ("afa", "aream") and (has_masks is None or has_masks()):
+        from wsss.analysis.affinity import affinity_quality, refinement_quality
+        from wsss.methods import build_method
+
+        fn = affinity_quality if str(cfg.method) == "afa" else refinement_quality
+        data["oracle"] = fn(build_method(cfg, net), net, dataset, num_classes, max_images)
     if entropy:
         if len(res.layers) != bb.num_layers:
             raise ValueError(f"--entropy needs all {bb.num_layers} layers analysed ({res.layers_note})")
@@ -562,6 +571,20 @@ def _pad_image(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
+def oracle_summary(q: dict[str, Any]) -> str:
+    """One or two lines on :mod:`wsss.analysis.affinity`'s numbers."""
+    m = {k: f"{100 * v:.2f}" for k, v in q["miou"].items()}
+    if "pairs" in q:  # AFA
+        p = q["pairs"]
+        return (f"AFA affinity: mean {p['mean_same_class']:.3f} on same-class pairs, "
+                f"{p['mean_different_class']:.3f} on different-class pairs, "
+                f"accuracy {100 * p['accuracy']:.1f}%\nmIoU with PAR: CAM {m['cam_par']}, "
+                f"propagated with the learned affinity {m['learned_par']}, "
+                f"with the ground-truth affinity {m['oracle_par']}")
+    return (f"mIoU (with PAR): CAM {m['cam']} ({m['cam_par']}), refined by the attention {m['refined']} "
+            f"({m['refined_par']}), refined by the ground-truth affinity {m['oracle']} ({m['oracle_par']})")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from wsss.config import load_config
     from wsss.data.build import build_dataset
@@ -583,6 +606,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"analysed {data['protocol']['images']} images, {data['layers_note']}")
     print(f"mIoU: raw CAM {100 * ref['cam_miou']:.2f}, fused {100 * ref['fused_miou']:.2f}, "
           f"best layer {ref['best_layer']} {100 * ref['best_layer_miou']:.2f}")
+    if "oracle" in data:
+        print(oracle_summary(data["oracle"]))
     if args.entropy:
         print("paste into the AReAM training command:\n  " + data["entropy"]["override"])
     print(f"wrote {Path(args.out) / 'analysis.json'}")

@@ -258,6 +258,12 @@ def analysis_section(run_dir: Path) -> str | None:
                          float(ref[key]["best_threshold"])])
     parts.append(_table(["variant", "Hellinger", "entropy (bits)", "best mIoU (%)", "best threshold"], rows,
                         "analysis"))
+    oracle = data.get("oracle")
+    if oracle:
+        parts.append('<p class="note">Refinement with the model\'s own affinity against the same refinement '
+                     "with a perfect affinity from the ground truth:</p>")
+        parts.append(_table(["map", "mIoU (%)"], [[k, _pct(v)] for k, v in oracle.get("miou", {}).items()],
+                            "oracle"))
     for name, fname in data.get("plots", {}).items():
         png = run_dir / "analysis" / fname
         if png.is_file():

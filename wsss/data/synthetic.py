@@ -46,6 +46,9 @@ from .io import save_mask
 PART_FRACTION = (0.10, 0.15)  # part area / object area
 BODY_CONFUSION = 0.3  # share of objects whose body takes another class's body colour
 PART_PROB = 0.6  # share of objects that show their discriminative part (a face is not always visible)
+DISTRACTOR_BODY_PROB = 0.5  # share of background distractors painted in an object-body colour
+BG_LUMA_NOISE = 0.0  # amplitude of the background's smooth brightness variation
+BG_CHROMA_NOISE = 0.7  # amplitude of its smooth per-channel (colour) variation
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -92,7 +95,10 @@ def _background(
     rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray, bodies: np.ndarray
 ) -> np.ndarray:
     base = _hsv(rng.random(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
-    img = base * (0.65 + 0.7 * _smooth_noise(rng, size, 4, 3))
+    mod = 1.0 - (BG_LUMA_NOISE + BG_CHROMA_NOISE) / 2 + BG_CHROMA_NOISE * _smooth_noise(rng, size, 4, 3)
+    if BG_LUMA_NOISE > 0:
+        mod = mod + BG_LUMA_NOISE * _smooth_noise(rng, size, 4, 1)
+    img = base * mod
     for _ in range(int(rng.integers(2, 6))):  # distractor shapes of background classes
         kind = int(rng.integers(4))
         cy, cx = rng.uniform(0, size, 2)
@@ -107,7 +113,7 @@ def _background(
             th = rng.uniform(0, np.pi)
             m = np.abs((xx - cx) * np.sin(th) - (yy - cy) * np.cos(th)) < s * 0.15
             m &= (xx - cx) ** 2 + (yy - cy) ** 2 < (3 * s) ** 2
-        if rng.random() < 0.5:  # painted like an object body: body colour alone is not enough
+        if rng.random() < DISTRACTOR_BODY_PROB:  # painted like a body: body colour alone is not enough
             colour = bodies[int(rng.integers(len(bodies)))] * rng.uniform(0.85, 1.15)
         else:
             colour = _hsv(rng.random(), rng.uniform(0.1, 0.45), rng.uniform(0.3, 0.85))

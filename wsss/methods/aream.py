@@ -13,6 +13,7 @@ Per iteration, after a classification-only warm-up:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,14 +100,17 @@ class AReAMMethod(Method):
         grid: tuple[int, int],
         layers: list[int],
         weights: Tensor | None,
+        affinity: Tensor | None = None,
     ) -> Tensor:
-        """One pass: raw CAM (n, K, h, w) [x class attention] refined by the fused layers."""
+        """One pass: raw CAM (n, K, h, w) [x class attention] refined by the fused layers, or by
+        ``affinity`` (n, Np, Np) rows = queries when given."""
         cam = out_cam
         if self.class_attention:
             cam = cam.relu() * class_token_attention([affs[i] for i in self.layers], self.T, grid)
-        stack = self.patch_affinities(affs, layers)
-        fused = fuse_layers(stack, None if weights is None else weights.to(stack))
-        return refine_by_affinity(cam, fused)
+        if affinity is None:
+            stack = self.patch_affinities(affs, layers)
+            affinity = fuse_layers(stack, None if weights is None else weights.to(stack))
+        return refine_by_affinity(cam, affinity)
 
     @torch.no_grad()
     def aream_cam(
@@ -117,17 +121,22 @@ class AReAMMethod(Method):
         layers: list[int],
         weights: Tensor | None,
         scales: list[float] | None = None,
+        affinity: Callable[[tuple[int, int]], Tensor] | None = None,
     ) -> Tensor:
-        """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W)."""
+        """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W).
+
+        affinity: maps a token grid to an (n, Np, Np) affinity that replaces the fused attention
+        (``wsss analyze``: the ground-truth ceiling)."""
         need = self.layers if self.class_attention else sorted(set(layers))
         maps = []
         for s in scales or self.scales:
             out = net.forward_cam(self.scale_inputs(x, s), need, _attention_probs)
             grid = out.grids[need[-1]]
             w = weights
-            if self.weighting == "entropy_online" and weights is None:
+            if self.weighting == "entropy_online" and weights is None and affinity is None:
                 w = self.online_weights(out.cam, out.attn, grid, labels)
-            maps.append(self.refined_cam_single(out.cam, out.attn, grid, layers, w))
+            aff = None if affinity is None else affinity(grid)
+            maps.append(self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff))
         return self.fuse_cams(maps, tuple(x.shape[-2:]), x.shape[0]) * labels[..., None, None]
 
     def online_weights(

@@ -1,0 +1,29 @@
+"""`wsss demo --quick`: the whole demo path (data, training, evaluation, analysis, reports) in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wsss.engine.demo import run_demo, summary_table
+
+
+def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    summary = run_demo(out, quick=True, methods=["cam", "afa", "aream"])
+    assert set(summary) == {"cam", "afa", "aream"}
+    for method in summary:
+        assert (out / method / "report.html").is_file()
+        assert 0 <= summary[method]["maps"]["cam"] <= 1
+    assert "oracle" not in summary["cam"]
+    assert set(summary["afa"]["oracle"]["miou"]) == {"cam_par", "learned_par", "oracle_par"}
+    assert "refined_par" in summary["aream"]["oracle"]["miou"]
+    for method in ("afa", "aream"):
+        data = json.loads((out / method / "analysis" / "analysis.json").read_text())
+        assert data["oracle"] == summary[method]["oracle"]
+        assert "Refinement with the model" in (out / method / "report.html").read_text()
+    table = (out / "summary.md").read_text()
+    assert table == summary_table(summary) + "\n"
+    assert "- afa: AFA affinity" in table and "- aream: mIoU" in table
