@@ -4,8 +4,8 @@ Design (what makes a plain CAM incomplete, and what lets affinity/PAR repair it)
 
 * **Ambiguous bodies, small discriminative parts.** Every object is a large blob (a wobbly ellipse)
   whose body has a muted version of its class hue, but ``BODY_CONFUSION`` of the bodies take another
-  class's body colour and half of the background distractors are painted in body colours too, so
-  the body is only weak evidence of the class (as a dog's fur is). Each class owns a small part (a
+  class's body colour and ``DISTRACTOR_BODY_PROB`` of the background distractors are painted in
+  body colours, so the body is only weak evidence of the class (as a dog's fur is). Each class owns a small part (a
   disc with a saturated, class-specific colour and checker pattern, 10-15 % of the object area,
   placed toward one end of the body), shown on ``PART_PROB`` of the objects. The classifier leans on
   the part, so its CAM peaks there and covers the rest of the object only weakly; the objects
@@ -47,8 +47,6 @@ PART_FRACTION = (0.10, 0.15)  # part area / object area
 BODY_CONFUSION = 0.3  # share of objects whose body takes another class's body colour
 PART_PROB = 0.6  # share of objects that show their discriminative part (a face is not always visible)
 DISTRACTOR_BODY_PROB = 0.5  # share of background distractors painted in an object-body colour
-BG_LUMA_NOISE = 0.0  # amplitude of the background's smooth brightness variation
-BG_CHROMA_NOISE = 0.7  # amplitude of its smooth per-channel (colour) variation
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -95,10 +93,7 @@ def _background(
     rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray, bodies: np.ndarray
 ) -> np.ndarray:
     base = _hsv(rng.random(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
-    mod = 1.0 - (BG_LUMA_NOISE + BG_CHROMA_NOISE) / 2 + BG_CHROMA_NOISE * _smooth_noise(rng, size, 4, 3)
-    if BG_LUMA_NOISE > 0:
-        mod = mod + BG_LUMA_NOISE * _smooth_noise(rng, size, 4, 1)
-    img = base * mod
+    img = base * (0.65 + 0.7 * _smooth_noise(rng, size, 4, 3))
     for _ in range(int(rng.integers(2, 6))):  # distractor shapes of background classes
         kind = int(rng.integers(4))
         cy, cx = rng.uniform(0, size, 2)
