@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
         "color_jitter": False,
         "resized_crop": False,
         "cat_max_ratio": None,
+        "rand_augment": None,  # timm spec, e.g. "rand-m9-mstd0.5-inc1" (MCTformer recipe)
+        "random_erasing": 0.0,  # probability of erasing one box (MCTformer recipe: 0.25)
         "batch_size": 2,
         "num_workers": 2,
         "seed": 0,

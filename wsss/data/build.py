@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from .coco import COCODataset
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError
+from .randaugment import build_rand_augment
 from .transforms import EvalTransform, TrainTransform
 from .voc import VOCDataset
 
@@ -42,7 +43,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
     """:class:`TrainTransform` from keys crop_size (512), scale_range ([0.5, 2.0]), flip (true),
-    color_jitter (false), interpolation ("bilinear"), resized_crop (false), cat_max_ratio; or
+    color_jitter (false), interpolation ("bilinear"), resized_crop (false), cat_max_ratio,
+    rand_augment (null or a timm spec such as "rand-m9-mstd0.5-inc1"), random_erasing (0.0); or
     :class:`EvalTransform` when not training."""
     if not train:
         return EvalTransform()
@@ -55,6 +57,8 @@ def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
         interpolation=str(_get(cfg, "interpolation", "bilinear")),
         resized_crop=bool(_get(cfg, "resized_crop", False)),
         cat_max_ratio=_get(cfg, "cat_max_ratio", None),
+        rand_augment=build_rand_augment(_get(cfg, "rand_augment", None)),
+        random_erasing=float(_get(cfg, "random_erasing", 0.0)),
     )
 
 

@@ -5,11 +5,11 @@ Design (what makes a plain CAM incomplete, and what lets affinity/PAR repair it)
 * **Ambiguous bodies, small discriminative parts.** Every object is a large blob (a wobbly ellipse)
   whose body has a muted version of its class hue, but ``BODY_CONFUSION`` of the bodies take another
   class's body colour and ``DISTRACTOR_BODY_PROB`` of the background distractors are painted in
-  body colours, so the body is only weak evidence of the class (as a dog's fur is). Each class owns a small part (a
-  disc with a saturated, class-specific colour and checker pattern, 10-15 % of the object area,
-  placed toward one end of the body), shown on ``PART_PROB`` of the objects. The classifier leans on
-  the part, so its CAM peaks there and covers the rest of the object only weakly; the objects
-  without a visible part make it learn the weaker body evidence too.
+  body colours, so the body is only weak evidence of the class (as a dog's fur is). Each class owns
+  a small part (a disc with a saturated, class-specific colour and checker pattern, 10-15 % of the
+  object area, placed toward one end of the body), shown on ``PART_PROB`` of the objects. The
+  classifier leans on the part, so its CAM peaks there and covers the rest of the object only
+  weakly; the objects without a visible part make it learn the weaker body evidence too.
 * **Coherent objects.** The part sits inside the body, the object is contiguous and its body has a
   smooth, low-contrast texture distinct from the background, so pixel affinities (and PAR's colour
   kernel) connect the part to the rest of the object.

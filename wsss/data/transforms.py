@@ -12,7 +12,8 @@ Recipes (:class:`TrainTransform`):
 * AReAM Conformer: the same with bicubic rescaling and ``color_jitter=True``
   (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, applied with p = 0.8, random order).
 * AReAM MCTformer: ``resized_crop=True``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic)
-  -> hflip. RandAugment and random erasing of the timm recipe are not reproduced.
+  -> hflip -> RandAugment ``rand-m9-mstd0.5-inc1`` -> normalisation -> random erasing (p = 0.25)
+  (:mod:`wsss.data.randaugment`; the timm recipe, which ignores colour jitter when RandAugment is on).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from .io import IGNORE_INDEX
+from .randaugment import RandAugment, random_erasing
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -272,7 +274,9 @@ class TrainTransform:
 
     ``interpolation`` applies to the random rescale (AFA "bilinear", Conformer "bicubic");
     ``resized_crop=True`` replaces rescale + pad/crop by RandomResizedCrop (MCTformer recipe).
-    ``crop_size=None`` keeps the (rescaled) full image."""
+    ``crop_size=None`` keeps the (rescaled) full image. ``rand_augment`` runs after the flip (and
+    before the crop of the rescale path, so padding is never augmented); ``random_erasing`` is the
+    probability of erasing one box of the normalised image (both: the timm / MCTformer recipe)."""
 
     def __init__(
         self,
@@ -283,6 +287,8 @@ class TrainTransform:
         interpolation: str = "bilinear",
         resized_crop: bool = False,
         cat_max_ratio: float | None = None,
+        rand_augment: RandAugment | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
         if interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
@@ -295,6 +301,10 @@ class TrainTransform:
         self.interpolation = interpolation
         self.resized_crop = resized_crop
         self.cat_max_ratio = cat_max_ratio
+        self.rand_augment = rand_augment
+        if not 0.0 <= float(random_erasing) <= 1.0:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+        self.random_erasing = float(random_erasing)
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
@@ -303,28 +313,40 @@ class TrainTransform:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.int64)
         if self.resized_crop:
             image, mask, box = random_resized_crop(image, mask, rng, self.crop_size)
-            if self.flip:
-                image, mask = random_hflip(image, mask, rng)
-            if self.color_jitter:
-                image = color_jitter(image, rng)
-            return normalize(image), mask, box
+            image, mask = self._photometric(*self._flip(image, mask, rng), rng)
+            return self._erase(normalize(image), rng), mask, box
         if self.scale_range is not None:
             image, mask = random_rescale(image, mask, rng, self.scale_range, self.interpolation)
-        if self.flip:
-            image, mask = random_hflip(image, mask, rng)
-        if self.color_jitter:
-            image = color_jitter(image, rng)
+        image, mask = self._photometric(*self._flip(image, mask, rng), rng)
         if self.crop_size is not None:
             image, mask, box = random_crop(image, mask, rng, self.crop_size, self.cat_max_ratio)
         else:
             box = np.array([0, image.shape[0], 0, image.shape[1]], dtype=np.int64)
-        return normalize(image), mask, box
+        return self._erase(normalize(image), rng), mask, box
+
+    def _flip(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return random_hflip(image, mask, rng) if self.flip else (image, mask)
+
+    def _photometric(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.color_jitter:
+            image = color_jitter(image, rng)
+        if self.rand_augment is not None:  # its geometric ops move the mask with the image
+            image, mask = self.rand_augment(image, mask, rng)  # type: ignore[assignment]
+        return image, mask
+
+    def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return random_erasing(image, rng, self.random_erasing) if self.random_erasing > 0 else image
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, flip={self.flip}, "
             f"color_jitter={self.color_jitter}, interpolation={self.interpolation!r}, "
-            f"resized_crop={self.resized_crop})"
+            f"resized_crop={self.resized_crop}, rand_augment={self.rand_augment!r}, "
+            f"random_erasing={self.random_erasing})"
         )
 
 
