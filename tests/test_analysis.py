@@ -178,7 +178,8 @@ def _parse(argv):
 
 def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    for (net, cfg), name, extra in ((aream_net, "aream_mctformer_micro_synthetic", ["--entropy"]),
+    aream_extra = ["--entropy", "--resize", "48"]
+    for (net, cfg), name, extra in ((aream_net, "aream_mctformer_micro_synthetic", aream_extra),
                                     (afa_net, "afa_mit_tiny_synthetic", [])):
         names = ["bg"] + [f"c{i}" for i in range(5)]
         meta = {"config": dict_cfg(cfg), "num_classes": 6, "class_names": names}
@@ -198,6 +199,7 @@ def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
         for f in data["plots"].values():
             assert (out / f).is_file() and (out / f).read_bytes()[:4] == b"\x89PNG"
         assert data["protocol"]["images"] == 2
+        assert data["protocol"]["resize"] == (48 if name.startswith("aream") else None)
         if name.startswith("aream"):
             assert (out / "aream_entropy.yaml").is_file()
             assert "aream.entropy=[" in capsys.readouterr().out
@@ -295,3 +297,17 @@ def test_refinement_quality_oracle(aream_net, data_root):
     finally:
         method.flip = bool(cfg.cam.flip)
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)
+
+
+def test_square_resized_view(data_root):
+    from wsss.analysis.analyze import SquareResized
+
+    ds = build_dataset(_cfg("afa_mit_tiny_synthetic", data_root).data, split="val", train=False)
+    view = SquareResized(ds, 40)
+    s, orig = view[1], ds[1]
+    assert s["image"].shape == (3, 40, 40) and s["mask"].shape == (40, 40) and s["mask"].dtype == torch.long
+    assert set(s["mask"].unique().tolist()) <= set(orig["mask"].unique().tolist())
+    assert torch.equal(s["labels"], orig["labels"]) and len(view) == len(ds)
+    assert view.num_classes == ds.num_classes
+    with pytest.raises(ValueError, match="resize"):
+        SquareResized(ds, 8)

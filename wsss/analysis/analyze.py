@@ -224,6 +224,35 @@ def iter_batches(dataset: Any, max_images: int | None, batch_size: int) -> Itera
         yield group
 
 
+class SquareResized:
+    """A dataset view whose images are resized to ``size`` x ``size`` (bicubic, antialiased; masks
+    nearest), aspect ratio distorted: the official offline-entropy pass (``aream.md`` 6.2: 224 for
+    MCTformer, 384 for Conformer). Other attributes come from the wrapped dataset."""
+
+    def __init__(self, dataset: Any, size: int) -> None:
+        if int(size) < 16:
+            raise ValueError(f"resize must be >= 16 pixels, got {size}")
+        self.dataset, self.size = dataset, int(size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample = dict(self.dataset[idx])
+        hw = (self.size, self.size)
+        sample["image"] = F.interpolate(sample["image"][None], size=hw, mode="bicubic", antialias=True,
+                                        align_corners=False)[0]
+        if "mask" in sample:
+            mask = sample["mask"][None, None].float()
+            sample["mask"] = F.interpolate(mask, size=hw, mode="nearest")[0, 0].long()
+        return sample
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "size"):  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 @dataclass
 class AnalysisResult:
     layers: list[int]
@@ -514,7 +543,8 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
         "protocol": {"split": split, "images": res.images, "mode": "eval", "scales": [1.0], "flip": False,
                      "pad_multiple": PAD, "attention": "head-mean softmax over all keys; patch rows",
                      "class_attention": uses_class_attention(net, cfg),
-                     "cam_postprocess": "bilinear, crop, ReLU, min-max (eps 1e-6), GT classes"},
+                     "cam_postprocess": "bilinear, crop, ReLU, min-max (eps 1e-6), GT classes",
+                     "resize": dataset.size if isinstance(dataset, SquareResized) else None},
         "layers": res.layers,
         "layers_note": res.layers_note,
         **res.summary,
@@ -594,6 +624,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     net, cfg, _ = load_model(args.checkpoint, cfg, device)
     split = args.split or str(cfg.eval.get("split") or cfg.data.val_split)
     dataset = build_dataset(cfg.data, split=split, train=False)
+    if args.resize:
+        dataset = SquareResized(dataset, args.resize)
     try:
         _pyplot()
         plots = True
@@ -627,5 +659,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--entropy", action="store_true",
                    help="also write aream_entropy.yaml (aream.entropy for aream.weighting=entropy_offline)")
+    p.add_argument("--resize", type=int, default=None, metavar="N",
+                   help="resize every image to N x N first, as the official entropy pass does "
+                        "(224 for MCTformer, 384 for Conformer); default: the original size")
     p.set_defaults(fn=cmd_analyze)
     return p
