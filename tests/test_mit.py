@@ -565,3 +565,36 @@ def test_segformer_head_names_train_and_errors():
     assert head.linear_c4.proj.weight.grad is not None
     with pytest.raises(ValueError, match="expects 4 maps"):
         head(feats[:2])
+
+
+def test_hf_names_of_released_checkpoints():
+    """Key names as they appear in released Hugging Face SegFormer files (4.x layout) and in the
+    transformers 5.x layout, mapped to the official names."""
+    hf4 = {
+        "segformer.encoder.patch_embeddings.0.proj.weight": "patch_embed1.proj.weight",
+        "segformer.encoder.patch_embeddings.0.layer_norm.bias": "patch_embed1.norm.bias",
+        "segformer.encoder.block.0.0.layer_norm_1.weight": "block1.0.norm1.weight",
+        "segformer.encoder.block.0.0.attention.self.query.weight": "block1.0.attn.q.weight",
+        "segformer.encoder.block.0.0.attention.self.sr.weight": "block1.0.attn.sr.weight",
+        "segformer.encoder.block.0.0.attention.self.layer_norm.weight": "block1.0.attn.norm.weight",
+        "segformer.encoder.block.0.0.attention.output.dense.bias": "block1.0.attn.proj.bias",
+        "segformer.encoder.block.0.0.layer_norm_2.bias": "block1.0.norm2.bias",
+        "segformer.encoder.block.0.0.mlp.dense1.weight": "block1.0.mlp.fc1.weight",
+        "segformer.encoder.block.0.0.mlp.dwconv.dwconv.bias": "block1.0.mlp.dwconv.dwconv.bias",
+        "segformer.encoder.block.1.1.mlp.dense2.weight": "block2.1.mlp.fc2.weight",
+        "segformer.encoder.layer_norm.0.weight": "norm1.weight",
+    }
+    hf5 = {
+        "segformer.stages.0.patch_embeddings.proj.weight": "patch_embed1.proj.weight",
+        "segformer.stages.0.blocks.0.attention.q_proj.weight": "block1.0.attn.q.weight",
+        "segformer.stages.0.blocks.0.attention.sequence_reduction.sequence_reduction.weight":
+            "block1.0.attn.sr.weight",
+        "segformer.stages.1.blocks.2.mlp.fc1.weight": "block2.2.mlp.fc1.weight",
+    }
+    for table in (hf4, hf5):
+        sd = {k: torch.zeros(1) for k in table}
+        assert set(checkpoint_filter_fn(sd)) == set(table.values())
+    kv = {"segformer.encoder.block.0.0.attention.self.key.weight": torch.zeros(2, 3),
+          "segformer.encoder.block.0.0.attention.self.value.weight": torch.ones(2, 3)}
+    out = checkpoint_filter_fn(kv)
+    assert list(out) == ["block1.0.attn.kv.weight"] and out["block1.0.attn.kv.weight"][2:].eq(1).all()
