@@ -208,6 +208,7 @@ def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
             assert len(cfg2.aream.entropy) == net.backbone.num_layers
         else:
             assert {"afa_query", "afa_head_weights"} <= set(data["plots"]) and "query" in data["afa"]
+        assert "layer_cams" in data["plots"]
 
 
 def dict_cfg(cfg):
@@ -311,3 +312,23 @@ def test_square_resized_view(data_root):
     assert view.num_classes == ds.num_classes
     with pytest.raises(ValueError, match="resize"):
         SquareResized(ds, 8)
+
+
+def test_class_heat_matches_loops():
+    from wsss.analysis.analyze import NORM_EPS, class_heat
+
+    g = torch.Generator().manual_seed(2)
+    cam = torch.randn(3, 4, 5, generator=g)
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    heat = class_heat(cam, labels, (4, 5))
+    for i in range(4):
+        for j in range(5):
+            best = 0.0
+            for k in range(3):
+                if labels[k] == 0:
+                    continue
+                c = cam[k].relu()
+                v = (c[i, j] - c.min()) / (c.max() - c.min() + NORM_EPS)
+                best = max(best, float(v))
+            assert heat[i, j] == pytest.approx(best, abs=1e-6)
+    assert class_heat(cam, labels, (8, 10)).shape == (8, 10)

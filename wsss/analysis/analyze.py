@@ -323,7 +323,8 @@ def _example(sample: dict, image: Tensor, st: LayerStats, labels: Tensor) -> dic
 
     img = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return {"name": str(sample.get("name", "0")), "image": img, "affinity": st.example.cpu(),
-            "col_mass": st.col_mass[:, 0].cpu(), "grid": st.grid, "labels": labels.cpu()}
+            "col_mass": st.col_mass[:, 0].cpu(), "grid": st.grid, "labels": labels.cpu(),
+            "cam": st.cam[0].cpu(), "refined": st.refined[:, 0].cpu()}
 
 
 def _quantiles(x: Tensor) -> dict[str, list[float]]:
@@ -462,6 +463,34 @@ def plot_affinity_grid(affinity: Tensor, layers: list[int], out: Path) -> str:
     return _save(fig, out / "affinity_layers.png")
 
 
+def class_heat(cam: Tensor, labels: Tensor, size: Sequence[int]) -> np.ndarray:
+    """(K, h, w) CAM -> (H, W) heat in [0, 1]: ReLU, per-class min-max, labelled classes, max over
+    classes, bilinear to ``size``."""
+    c = normalize_cam(cam.float().relu()[None], eps=NORM_EPS)[0] * labels.to(torch.float32)[:, None, None]
+    heat = _resize(c.amax(0)[None, None], (int(size[0]), int(size[1])))[0, 0]
+    return heat.clamp(0, 1).numpy()
+
+
+def plot_layer_cams(image: np.ndarray, cam: Tensor, refined: Tensor, labels: Tensor, layers: list[int],
+                    out: Path) -> str:
+    """The example image's CAM and the CAM refined by each layer alone (L, K, h, w), as heat overlays
+    (AReAM fig. 2 / 10: where over-smoothed layers spread the activation)."""
+    from wsss.analysis.viz import overlay_heatmap
+
+    plt = _pyplot()
+    panels = [("CAM", cam)] + [(f"layer {layer}", refined[i]) for i, layer in enumerate(layers)]
+    cols = min(len(panels), 5)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(panels):
+            title, m = panels[i]
+            ax.imshow(overlay_heatmap(image, class_heat(m, labels, image.shape[:2])))
+            ax.set_title(title, fontsize=9)
+    return _save(fig, out / "layer_cams.png")
+
+
 def plot_column_mass(col_mass: Tensor, grid: tuple[int, int], layers: list[int], out: Path) -> str:
     """Column mass sum_i A[i, j] per layer (L, Np) as (h, w) maps (sink tokens light up)."""
     plt = _pyplot()
@@ -580,6 +609,8 @@ def _write_plots(net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: P
     ex = res.example
     files["affinity"] = plot_affinity_grid(ex["affinity"], res.layers, out)
     files["column_mass"] = plot_column_mass(ex["col_mass"], ex["grid"], res.layers, out)
+    files["layer_cams"] = plot_layer_cams(ex["image"], ex["cam"], ex["refined"], ex["labels"], res.layers,
+                                          out)
     if net.aff_head is not None:
         from wsss.data.transforms import normalize
 
