@@ -387,6 +387,38 @@ def test_hf_directory_layout(fname, tmp_path):
         mit_tiny(pretrained=tmp_path / "empty")
 
 
+@pytest.mark.parametrize("shard_suffix", [".safetensors", ".bin"])
+def test_sharded_hf_directory(shard_suffix, tmp_path):
+    import json
+
+    import wsss
+    from wsss.checkpoint import read_state_dict
+
+    native = _tiny()
+    _randomise_norms(native)
+    sd = _foreign("hf4_prefixed", _native_sd(native))
+    keys = sorted(sd)
+    shards = {f"model-0000{i + 1}-of-00002{shard_suffix}": keys[i::2] for i in range(2)}
+    for fname, names in shards.items():
+        _save({k: sd[k] for k in names}, tmp_path / fname)
+    index = ("model.safetensors" if shard_suffix == ".safetensors" else "pytorch_model.bin") + ".index.json"
+    weight_map = {k: f for f, names in shards.items() for k in names}
+    (tmp_path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _assert_same_outputs(native, mit_tiny(pretrained=tmp_path).eval(), torch.randn(1, 3, 48, 48))
+    _assert_same_outputs(native, wsss.from_pretrained(tmp_path).eval(), torch.randn(1, 3, 48, 48))
+    # an index naming a tensor no shard holds, a missing shard, an index without weight_map
+    ghost = {**weight_map, "ghost.weight": next(iter(shards))}
+    (tmp_path / index).write_text(json.dumps({"weight_map": ghost}))
+    with pytest.raises(CheckpointError, match="ghost.weight"):
+        read_state_dict(tmp_path / index)
+    (tmp_path / index).write_text(json.dumps({"weight_map": {"a": "missing" + shard_suffix}}))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_state_dict(tmp_path / index)
+    (tmp_path / index).write_text("[]")
+    with pytest.raises(CheckpointError, match="weight_map"):
+        read_state_dict(tmp_path / index)
+
+
 def test_nested_training_checkpoint_with_module_prefix(tmp_path):
     native = _tiny()
     sd = {f"module.encoder.{k}": v for k, v in _native_sd(native).items()}

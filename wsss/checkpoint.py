@@ -7,6 +7,7 @@ Foreign formats are converted by each backbone family's ``checkpoint_filter_fn``
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,8 +23,46 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+# Weight files of a model directory (Hugging Face layout), in order of preference.
+WEIGHT_FILES = (
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """The weights file of ``path``: a file as is; for a directory the first of :data:`WEIGHT_FILES`
+    (a sharded checkpoint is named by its ``*.index.json``), else its single ``.pth`` / ``.pt`` /
+    ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"{path} holds no single weights file ({', '.join(WEIGHT_FILES)}, *.pth)")
+
+
+def _read_sharded(index: Path) -> dict[str, Tensor]:
+    """Merge the shards listed in a Hugging Face ``*.index.json`` (``weight_map``: name -> shard file)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a sharded-checkpoint index (no 'weight_map'): {err}") from err
+    out: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(read_state_dict(index.parent / shard))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors of the index are in no shard: {missing[:5]}")
+    return out
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a flat ``name -> tensor`` dict from ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``.
+    """Read a flat ``name -> tensor`` dict from ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``, or
+    the shards of a Hugging Face ``*.index.json``.
 
     Nested training checkpoints (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped and a
     DDP ``module.`` prefix is stripped.
@@ -31,6 +70,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -25,11 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from wsss.checkpoint import CheckpointError, load_into, read_state_dict
+from wsss.checkpoint import CheckpointError, load_into, read_state_dict, resolve_weights
 from wsss.config import DEFAULTS
 from wsss.model import WSSSNet, build_model, import_backbones
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.yaml", "*.safetensors", "*.bin", "*.pth", "*.pt"]
 NETWORK_PROBE_S = 3.0  # how long a hub download waits for the network before giving up
@@ -246,24 +245,12 @@ def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, An
                           f"(known: MiT/SegFormer, ViT/DeiT/MCTformer, Conformer)")
 
 
-def _weights_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in _WEIGHT_FILES:
-            if (path / name).is_file():
-                return path / name
-        pth = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.safetensors"))
-        if len(pth) == 1:
-            return pth[0]
-        raise FileNotFoundError(f"{path} holds no single weights file ({', '.join(_WEIGHT_FILES)}, *.pth)")
-    return path
-
-
 def load_backbone(path: str | os.PathLike, backbone: str | None = None, **kw: Any) -> nn.Module:
     """A backbone with the weights of a foreign checkpoint, built through its family's
     ``pretrained=`` path. ``backbone`` forces the registered name; ``kw`` go to the builder."""
     from wsss.registry import BACKBONES
 
-    file = _weights_file(Path(path))
+    file = resolve_weights(path)
     name, detected = detect_backbone(read_state_dict(file))
     import_backbones()
     return BACKBONES.build(backbone or name, pretrained=str(file), **{**detected, **kw})

@@ -15,7 +15,6 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import DropPath, attend, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError, load_into, read_state_dict
+from wsss.checkpoint import CheckpointError, load_into, read_state_dict, resolve_weights
 from wsss.registry import BACKBONES
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "mit_b4",
     "mit_b5",
     "mit_tiny",
-    "resolve_checkpoint_path",
 ]
 
 AFA_STRIDES = (4, 2, 2, 1)
@@ -409,22 +407,11 @@ def _rename_hf(
     return None
 
 
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A file, or a Hugging Face model directory holding model.safetensors / pytorch_model.bin."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path} is a directory without model.safetensors or pytorch_model.bin")
-    return path
-
-
 def load_pretrained(
     model: nn.Module, path: str | os.PathLike, filter_fn: Callable = checkpoint_filter_fn
 ) -> None:
     """Read ``path`` (file or HF directory), convert it and load it strictly into ``model``."""
-    file = resolve_checkpoint_path(path)
+    file = resolve_weights(path)
     load_into(model, filter_fn(read_state_dict(file), model), source=str(file))
 
 
