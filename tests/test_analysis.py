@@ -111,8 +111,10 @@ def test_layer_statistics_matches_loops(aream_net):
         # Column mass over patch queries and example affinity.
         assert torch.allclose(st.col_mass[li].double(), a.sum(1), atol=1e-6)
         assert torch.allclose(st.example[li].double(), a[0], atol=1e-6)
+        assert torch.allclose(st.example_heads[li].mean(0).double(), a[0], atol=1e-6)  # heads average to it
     assert ((st.hellinger >= 0) & (st.hellinger <= 1)).all()
     assert st.hellinger_heads.shape == (len(layers), b, net.backbone.num_heads[0])
+    assert st.example_heads.shape == (len(layers), net.backbone.num_heads[0], npatch, npatch)
     assert ((st.entropy >= 0) & (st.entropy <= math.log2(npatch) + 1e-6)).all()
 
 
@@ -208,7 +210,7 @@ def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
             assert len(cfg2.aream.entropy) == net.backbone.num_layers
         else:
             assert {"afa_query", "afa_head_weights"} <= set(data["plots"]) and "query" in data["afa"]
-        assert "layer_cams" in data["plots"]
+        assert {"layer_cams", "affinity_heads"} <= set(data["plots"])
 
 
 def dict_cfg(cfg):

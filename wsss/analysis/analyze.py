@@ -95,7 +95,8 @@ class LayerStats:
     cam: (B, K, h, w) CAM that is refined (MCTformer: ReLU CAM x class attention when used);
     refined: (L, B, K, h, w) CAM refined by each layer alone; hellinger: (L, B); hellinger_heads:
     (L, B, heads); entropy: (L, B) base-2 entropy (``aream.md`` 6.2); col_mass: (L, B, Np) column sums
-    of the patch affinity over patch queries; example: (L, Np, Np) patch affinities of image 0 or None.
+    of the patch affinity over patch queries; example: (L, Np, Np) patch affinities of image 0 or None;
+    example_heads: (L, heads, Np, Np) the same per head (their mean is ``example``) or None.
     """
 
     cam: Tensor
@@ -106,6 +107,7 @@ class LayerStats:
     col_mass: Tensor
     grid: tuple[int, int]
     example: Tensor | None = None
+    example_heads: Tensor | None = None
 
 
 def uses_class_attention(net: WSSSNet, cfg: Any | None) -> bool:
@@ -159,6 +161,7 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
         }
         if keep_example:
             s["example"] = aff[0]
+            s["example_heads"] = slice_patches(_upcast(logits[:1]).softmax(-1)[0], t)
         stats[layer] = s
         return logits.new_zeros(())
 
@@ -173,6 +176,7 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
         cam=_resize(cam, grid), refined=stack("refined"), hellinger=stack("hellinger"),
         hellinger_heads=stack("hellinger_heads"), entropy=stack("entropy"), col_mass=stack("col_mass"),
         grid=grid, example=stack("example") if keep_example else None,
+        example_heads=stack("example_heads") if keep_example else None,
     )
 
 
@@ -324,7 +328,8 @@ def _example(sample: dict, image: Tensor, st: LayerStats, labels: Tensor) -> dic
     img = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return {"name": str(sample.get("name", "0")), "image": img, "affinity": st.example.cpu(),
             "col_mass": st.col_mass[:, 0].cpu(), "grid": st.grid, "labels": labels.cpu(),
-            "cam": st.cam[0].cpu(), "refined": st.refined[:, 0].cpu()}
+            "cam": st.cam[0].cpu(), "refined": st.refined[:, 0].cpu(),
+            "affinity_heads": st.example_heads.cpu()}
 
 
 def _quantiles(x: Tensor) -> dict[str, list[float]]:
@@ -491,6 +496,23 @@ def plot_layer_cams(image: np.ndarray, cam: Tensor, refined: Tensor, labels: Ten
     return _save(fig, out / "layer_cams.png")
 
 
+def plot_head_affinity_grid(affinity: Tensor, layers: list[int], out: Path) -> str:
+    """Per-layer, per-head patch affinity (L, heads, Np, Np): one row per layer, one column per head,
+    each panel min-max normalised ("Blues")."""
+    plt = _pyplot()
+    num, heads = affinity.shape[:2]
+    fig, axes = plt.subplots(num, heads, figsize=(1.6 * heads, 1.6 * num), squeeze=False)
+    lo = affinity.amin(dim=(2, 3), keepdim=True)
+    norm = (affinity - lo) / (affinity.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)
+    for i in range(num):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.axis("off")
+            ax.imshow(norm[i, h].numpy(), cmap="Blues", interpolation="nearest")
+            ax.set_title(f"layer {layers[i]} head {h}", fontsize=6)
+    return _save(fig, out / "affinity_heads.png")
+
+
 def plot_column_mass(col_mass: Tensor, grid: tuple[int, int], layers: list[int], out: Path) -> str:
     """Column mass sum_i A[i, j] per layer (L, Np) as (h, w) maps (sink tokens light up)."""
     plt = _pyplot()
@@ -608,6 +630,7 @@ def _write_plots(net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: P
     files = plot_layer_curves(data, res.layers, out)
     ex = res.example
     files["affinity"] = plot_affinity_grid(ex["affinity"], res.layers, out)
+    files["affinity_heads"] = plot_head_affinity_grid(ex["affinity_heads"], res.layers, out)
     files["column_mass"] = plot_column_mass(ex["col_mass"], ex["grid"], res.layers, out)
     files["layer_cams"] = plot_layer_cams(ex["image"], ex["cam"], ex["refined"], ex["labels"], res.layers,
                                           out)
