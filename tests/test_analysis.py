@@ -250,7 +250,10 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
     net, cfg = afa_net
     ds = build_dataset(cfg.data, split="val", train=False)
     method = build_method(cfg, net)
+    net.train()
     q = affinity_quality(method, net, ds, 6, max_images=2)
+    assert net.training and method.flip == bool(cfg.cam.flip)  # both restored
+    net.eval()
     assert q["protocol"]["images"] == 2 and q["pairs"]["pairs"] > 0
     assert 0 <= q["pairs"]["accuracy"] <= 1
     assert set(q["miou"]) == {"cam_par", "learned_par", "oracle_par"}

@@ -21,19 +21,19 @@ import torch
 from torch import Tensor
 
 from wsss.data.transforms import denormalize
-from wsss.engine.evaluate import pad_batch
+from wsss.engine.evaluate import num_images, pad_batch
 from wsss.engine.metrics import ConfusionMatrix
-from wsss.methods.base import Method, resize, with_background
+from wsss.methods.base import Method, pass_mode, resize, with_background
 from wsss.model import WSSSNet
 from wsss.refine.labels import affinity_labels, cam_to_label
 
 
-def pair_agreement(aff: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+def pair_agreement(aff: Tensor, target: Tensor) -> Tensor:
     """Sums over the labelled token pairs, to be accumulated over a dataset.
 
     Args:
         aff: (B, N, N) predicted affinity in [0, 1].
-        target: (B, N, N) long in {0, 1, ignore_index} (:func:`wsss.refine.labels.affinity_labels`).
+        target: (B, N, N) long in {0, 1, 255 = ignored} (:func:`wsss.refine.labels.affinity_labels`).
     Returns:
         float64 (6,): [sum of aff on positives, #positives, sum of aff on negatives, #negatives,
         #pairs whose (aff > 0.5) equals the label, #labelled pairs].
@@ -49,8 +49,7 @@ def pair_agreement(aff: Tensor, target: Tensor, ignore_index: int = 255) -> Tens
 
 def _samples(dataset: Any, max_images: int | None, device: torch.device) -> Iterator[tuple[Tensor, ...]]:
     """(x padded, image01, labels, gt (1, h, w), gt padded with 255 to x's size) per image."""
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    for idx in range(n):
+    for idx in range(num_images(dataset, max_images)):
         sample = dataset[idx]
         x, (h, w) = pad_batch(sample["image"][None].to(device))
         gt = sample["mask"][None].to(device)
@@ -60,8 +59,7 @@ def _samples(dataset: Any, max_images: int | None, device: torch.device) -> Iter
 
 
 def _protocol(dataset: Any, max_images: int | None) -> dict[str, Any]:
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    return {"images": n, "scales": [1.0], "flip": False}
+    return {"images": num_images(dataset, max_images), "scales": [1.0], "flip": False}
 
 
 @torch.no_grad()
@@ -77,25 +75,24 @@ def affinity_quality(
     """
     if net.aff_head is None or not hasattr(method, "propagate"):
         raise ValueError("affinity_quality needs an AFA model and method (cfg.method: afa)")
-    was = net.training
-    net.eval()
     device = next(net.parameters()).device
     sums = torch.zeros(6, dtype=torch.float64)
     cms = {k: ConfusionMatrix(num_classes, device=device) for k in ("cam_par", "learned_par", "oracle_par")}
     bkg, aff_bkg = float(method.cfg.eval.bkg_score), float(method.cfg.eval.aff_bkg_score)
     sampling = str(method.cfg.afa.sampling)
-    for x, image01, labels, gt, gt_pad in _samples(dataset, max_images, device):
-        h, w = gt.shape[-2:]
-        cam = method.multiscale_cam(net, x, [1.0]) * labels[..., None, None]
-        out = net.forward_cam(x, net.aff_layers)
-        grid = out.grids[net.aff_layers[-1]]
-        target = affinity_labels(gt_pad, grid, method.window(grid, device), sampling=sampling)
-        sums += pair_agreement(out.aff, target)
-        cms["cam_par"].update(method.par_argmax(image01, with_background(cam, bkg), labels)[:, :h, :w], gt)
-        for name, aff in (("learned_par", out.aff), ("oracle_par", (target == 1).to(out.aff.dtype))):
-            scores = resize(method.propagate(cam, aff, grid, labels, aff_bkg), tuple(x.shape[-2:]))
-            cms[name].update(method.par_argmax(image01, scores, labels)[:, :h, :w], gt)
-    net.train(was)
+    with pass_mode(net, "eval"), method.flipping(False):
+        for x, image01, labels, gt, gt_pad in _samples(dataset, max_images, device):
+            h, w = gt.shape[-2:]
+            cam = method.multiscale_cam(net, x, [1.0]) * labels[..., None, None]
+            out = net.forward_cam(x, net.aff_layers)
+            grid = out.grids[net.aff_layers[-1]]
+            target = affinity_labels(gt_pad, grid, method.window(grid, device), sampling=sampling)
+            sums += pair_agreement(out.aff, target)
+            cam_par = method.par_argmax(image01, with_background(cam, bkg), labels)
+            cms["cam_par"].update(cam_par[:, :h, :w], gt)
+            for name, aff in (("learned_par", out.aff), ("oracle_par", (target == 1).to(out.aff.dtype))):
+                scores = resize(method.propagate(cam, aff, grid, labels, aff_bkg), tuple(x.shape[-2:]))
+                cms[name].update(method.par_argmax(image01, scores, labels)[:, :h, :w], gt)
     return {
         "pairs": {
             "mean_same_class": float(sums[0] / sums[1].clamp(min=1)),
@@ -118,15 +115,13 @@ def refinement_quality(
     is (background score ``eval.bkg_score``) and after PAR. ``method`` must be an AReAM method."""
     if not hasattr(method, "aream_cam"):
         raise ValueError("refinement_quality needs an AReAM method (cfg.method: aream)")
-    was, saved = net.training, method.flip
-    net.eval()
-    method.flip = False  # one pass per image, so the oracle rows line up with the CAM rows
     device = next(net.parameters()).device
     names = ("cam", "refined", "oracle")
     cms = {f"{k}{p}": ConfusionMatrix(num_classes, device=device) for k in names for p in ("", "_par")}
     bkg = float(method.cfg.eval.bkg_score)
     sampling = str(method.cfg.aream.sampling)
-    try:
+    # no flip: one pass per image, so the oracle rows line up with the CAM rows
+    with pass_mode(net, "eval"), method.flipping(False):
         for x, image01, labels, gt, gt_pad in _samples(dataset, max_images, device):
             h, w = gt.shape[-2:]
 
@@ -143,9 +138,6 @@ def refinement_quality(
                 par = method.par_argmax(image01, with_background(cam, bkg), labels)
                 cms[k].update(cam_to_label(cam, labels, bkg_score=bkg)[:, :h, :w], gt)
                 cms[f"{k}_par"].update(par[:, :h, :w], gt)
-    finally:
-        net.train(was)
-        method.flip = saved
     return {
         "miou": {k: float(cm.compute()["miou"]) for k, cm in cms.items()},
         "protocol": {**_protocol(dataset, max_images), "bkg_score": bkg, "layers": list(method.layers),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.analysis.hellinger import layer_hellinger
-from wsss.engine.evaluate import pad_batch
+from wsss.engine.evaluate import num_images, pad_batch
 from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
 from wsss.model import WSSSNet
 from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches
@@ -216,7 +216,7 @@ def normalize_variants(cams: Tensor, padded: tuple[int, int], size: tuple[int, i
 
 def iter_batches(dataset: Any, max_images: int | None, batch_size: int) -> Iterator[list[dict]]:
     """Consecutive samples grouped into batches of equal image size (VOC images differ in size)."""
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    n = num_images(dataset, max_images)
     group: list[dict] = []
     for idx in range(n):
         sample = dataset[idx]
@@ -413,6 +413,15 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plots_available() -> str | None:
+    """None when matplotlib can draw the plots, else the reason (an install hint)."""
+    try:
+        _pyplot()
+    except ImportError as err:
+        return str(err)
+    return None
 
 
 def _save(fig: Any, path: Path) -> str:
@@ -680,14 +689,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     dataset = build_dataset(cfg.data, split=split, train=False)
     if args.resize:
         dataset = SquareResized(dataset, args.resize)
-    try:
-        _pyplot()
-        plots = True
-    except ImportError as err:
-        print(f"wsss analyze: {err}; writing analysis.json only")
-        plots = False
+    missing = plots_available()
+    if missing:
+        print(f"wsss analyze: {missing}; writing analysis.json only")
     data = run_analysis(net, cfg, dataset, args.out, split, args.max_images, args.batch_size, args.entropy,
-                        plots)
+                        missing is None)
     ref = data["refinement"]["_summary"]
     print(f"analysed {data['protocol']['images']} images, {data['layers_note']}")
     print(f"mIoU: raw CAM {100 * ref['cam_miou']:.2f}, fused {100 * ref['fused_miou']:.2f}, "

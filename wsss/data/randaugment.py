@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -211,7 +210,7 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.25)
     return out
 
 
-def build_rand_augment(spec: str | None) -> Callable | None:
+def build_rand_augment(spec: str | None) -> RandAugment | None:
     """None / "" / "none" -> None, else :meth:`RandAugment.from_spec`."""
     if spec in (None, "", "none"):
         return None

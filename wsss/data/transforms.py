@@ -313,11 +313,11 @@ class TrainTransform:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.int64)
         if self.resized_crop:
             image, mask, box = random_resized_crop(image, mask, rng, self.crop_size)
-            image, mask = self._photometric(*self._flip(image, mask, rng), rng)
+            image, mask = self._augment(*self._flip(image, mask, rng), rng)
             return self._erase(normalize(image), rng), mask, box
         if self.scale_range is not None:
             image, mask = random_rescale(image, mask, rng, self.scale_range, self.interpolation)
-        image, mask = self._photometric(*self._flip(image, mask, rng), rng)
+        image, mask = self._augment(*self._flip(image, mask, rng), rng)
         if self.crop_size is not None:
             image, mask, box = random_crop(image, mask, rng, self.crop_size, self.cat_max_ratio)
         else:
@@ -329,7 +329,7 @@ class TrainTransform:
     ) -> tuple[np.ndarray, np.ndarray]:
         return random_hflip(image, mask, rng) if self.flip else (image, mask)
 
-    def _photometric(
+    def _augment(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.color_jitter:

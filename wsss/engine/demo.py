@@ -33,18 +33,14 @@ ANALYSIS_IMAGES = 50
 
 def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
     """``wsss analyze`` of a finished run into ``run_dir/analysis`` (plots when matplotlib is there)."""
-    from wsss.analysis.analyze import _pyplot, load_model, run_analysis
+    from wsss.analysis.analyze import load_model, plots_available, run_analysis
     from wsss.data.build import build_dataset
 
     net, cfg, _ = load_model(run_dir / "model", cfg)
     split = str(cfg.eval.get("split") or cfg.data.val_split)
-    try:
-        _pyplot()
-        plots = True
-    except ImportError:
-        plots = False
     dataset = build_dataset(cfg.data, split=split, train=False)
-    return run_analysis(net, cfg, dataset, run_dir / "analysis", split, max_images, plots=plots)
+    return run_analysis(net, cfg, dataset, run_dir / "analysis", split, max_images,
+                        plots=plots_available() is None)
 
 
 def run_demo(

@@ -21,6 +21,11 @@ from wsss.methods.base import Method, resize, scale_size
 from wsss.model import WSSSNet
 
 
+def num_images(dataset: Any, max_images: int | None) -> int:
+    """How many images of ``dataset`` a pass over at most ``max_images`` visits."""
+    return len(dataset) if max_images is None else min(len(dataset), int(max_images))
+
+
 def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
     """Zero-pad (the normalised mean colour) right/bottom to a multiple; returns the original size."""
     return pad_to_multiple(x, multiple)[0], (x.shape[-2], x.shape[-1])
@@ -112,7 +117,7 @@ def evaluate(
     was = net.training
     net.eval()
     scales = list(scales or [1.0])
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    n = num_images(dataset, max_images)
     cms: dict[str, ConfusionMatrix] = {}
     covered = torch.zeros(2, dtype=torch.float64, device=device)  # pseudo: labelled, valid gt
     if crf:

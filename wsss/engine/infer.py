@@ -228,6 +228,7 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
                       ) -> dict[str, Any]:
     """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary."""
     from wsss.data.build import build_dataset
+    from wsss.engine.evaluate import num_images
 
     cfg, net, method, names, dev = _setup(config, checkpoint, overrides, device)
     if map_name == "seg" and net.seg_head is None:
@@ -240,7 +241,7 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
     dataset = build_dataset(cfg.data, split=split, train=False)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    n = num_images(dataset, max_images)
     written, skipped, counts = 0, 0, np.zeros(256, dtype=np.int64)
     t0 = time.time()
     for idx in range(n):

@@ -125,6 +125,15 @@ class Method:
         return channel_argmax(refined)
 
     @torch.no_grad()
+    @contextmanager
+    def flipping(self, flip: bool) -> Iterator[None]:
+        """CAM passes with (``True``) or without the flipped copy for the duration of the block."""
+        saved, self.flip = self.flip, bool(flip)
+        try:
+            yield
+        finally:
+            self.flip = saved
+
     def predict(
         self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool
     ) -> dict[str, Tensor]:
@@ -133,16 +142,13 @@ class Method:
         labels are the ground-truth image labels (the standard protocol for CAM / pseudo-label
         evaluation); the segmentation head does not use them.
         """
-        saved, self.flip = self.flip, flip
-        try:
+        with self.flipping(flip):
             cam = self.multiscale_cam(net, x, scales) * labels[..., None, None]
             bkg = float(self.cfg.eval.bkg_score)
             maps = {"cam": cam_to_label(cam, labels, bkg_score=bkg)}
             maps["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
             maps["pseudo"] = self.pseudo_label(image01, cam, labels, None)
             maps.update(self.extra_maps(net, x, image01, labels, cam, scales))
-        finally:
-            self.flip = saved
         seg = self.segment(net, x)
         if seg is not None:
             maps["seg"] = seg.argmax(1)
