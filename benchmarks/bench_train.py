@@ -1,12 +1,27 @@
-"""Training-iteration and pseudo-label-path timings of the paper configs.
+"""Training-iteration and pseudo-label-path timings of the paper configs, with a per-phase breakdown.
 
-Each case runs in a fresh subprocess (so its peak memory is its own) on random images with 1-3
-present classes and a partly padded image box, after the method's warm-up (the full AFA / AReAM
-path: multi-scale CAM pass, PAR, propagation, affinity labels, all losses, backward, AdamW step).
+Each case runs in a fresh subprocess (so its peak memory is its own) on fixed random images (seed 0)
+with 1-3 present classes and a partly padded image box, with fixed random weights (seed 0), after the
+method's warm-up (the full AFA / AReAM path: multi-scale CAM pass, PAR, propagation, affinity labels,
+all losses, backward, AdamW step).
 
-    python benchmarks/bench_train.py                  # every case, CPU
-    python benchmarks/bench_train.py --only afa_320   # one case
-    python benchmarks/bench_train.py --device cuda
+For training cases the same process also times the iteration's unavoidable network passes alone
+("passes"): one forward + backward of the network (backbone and heads, a trivial loss) plus the
+no-grad CAM forwards of every scale with its flipped copy, without attention capture. Iterations and
+passes alternate (``--iters`` of each after one warm-up of each); the table gives their medians and
+the median of the per-pair ratios, so load on a shared machine hits both alike. The iteration is split
+into phases by timing the method's own functions: ``cam_pass`` (multi-scale CAM + affinity),
+``labels`` (pseudo labels, PAR, propagation, affinity labels), ``forward`` (the gradient forward),
+``loss`` (the rest of ``training_step``), ``backward`` and ``step`` (AdamW).
+
+    python benchmarks/bench_train.py                                  # every case, CPU
+    python benchmarks/bench_train.py --only afa_320 afa_320_bf16      # the acceptance cases
+    python benchmarks/bench_train.py --only afa_320 --threads 1 --iters 7
+    python benchmarks/bench_train.py --device cuda                    # GPU (synchronised timing)
+
+``--threads`` fixes torch's intra-op threads (default: torch's choice, the physical cores); the header
+prints the CPU model, whether bf16 is native there, the torch version and the thread count. As in
+training (``wsss train``), glibc is told to keep freed memory (``--default-malloc`` to compare).
 
 Reference points from the official AFA code on this CPU (MiT-B1): 5.1 s per training iteration at
 crop 320, batch 2, and 2.9 s per iteration for its pseudo-label path at crop 512.
@@ -21,6 +36,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 # name: (config, overrides, what is timed)
 CASES: dict[str, tuple[str, list[str], str]] = {
@@ -60,10 +78,72 @@ def _batch(cfg, num_classes: int, device):  # noqa: ANN001
     }
 
 
+OFFICIAL_S = {"afa_320": 5.1, "afa_320_bf16": 5.1}  # the official AFA code on the reference CPU
+CAM_PASS = ("cam_and_affinity", "multiscale_cam", "aream_cam")
+LABEL_FNS = ("pseudo_label", "propagate")
+LABEL_GLOBALS = ("par_refine_scores_label", "affinity_labels")
+
+
+class Phases:
+    """Wall time per phase, accumulated by wrapping the method's functions (see the module docstring)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.times[name] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def instrument(self, method: Any, net: Any) -> None:
+        module = sys.modules[type(method).__module__]
+        for attr in CAM_PASS + LABEL_FNS:
+            if hasattr(method, attr):
+                phase = "cam_pass" if attr in CAM_PASS else "labels"
+                setattr(method, attr, self.wrap(phase, getattr(method, attr)))
+        for attr in LABEL_GLOBALS:
+            if hasattr(module, attr):
+                setattr(module, attr, self.wrap("labels", getattr(module, attr)))
+        net.forward = self.wrap("forward", net.forward)
+
+    def time(self, name: str, fn: Callable[[], Any]) -> Any:
+        return self.wrap(name, fn)()
+
+
+def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
+    """The unavoidable network work of one iteration: fwd + bwd, and the no-grad multi-scale CAM forwards."""
+    import torch
+
+    from wsss.methods.base import pass_mode
+
+    x = batch["image"]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = net(x, with_seg=net.seg_head is not None, with_aff=net.aff_head is not None)
+        loss = sum(lg.float().mean() for lg in out.logits)
+        loss = loss + sum(t.float().mean() for t in (out.seg, out.aff) if t is not None)
+    loss.backward()
+    cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    with torch.no_grad(), pass_mode(net, method.mode), cast:
+        for s in method.scales:
+            net.forward_cam(method.scale_inputs(x, s))
+    net.zero_grad(set_to_none=True)
+
+
 def run_case(name: str, device_name: str, iters: int) -> dict:
     import torch
 
     from wsss.config import load_config
+    from wsss.engine.hardware import resolve_amp
     from wsss.engine.optim import build_optimizer
     from wsss.methods import build_method
     from wsss.methods.base import pass_mode
@@ -72,20 +152,30 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
     config, overrides, kind = CASES[name]
     cfg = load_config(config, overrides + ["model.pretrained=null"])
     device = torch.device(device_name)
+    torch.manual_seed(0)
     num_classes = int(cfg.data.num_classes)
     net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device)
     method = build_method(cfg, net)
     opt = build_optimizer(net, cfg.optim)
     batch = _batch(cfg, num_classes, device)
+    amp = resolve_amp(cfg.train.amp, device) is not None
     it = 10**6  # past every warm-up and label switch: the full method path
     net.train()
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    phases = Phases(sync)
+    if kind == "train":
+        phases.instrument(method, net)
+
     def step() -> None:
         if kind == "train":
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16"):
-                loss, _ = method.training_step(net, batch, it)
-            loss.backward()
-            opt.step()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, _ = phases.time("step_fn", lambda: method.training_step(net, batch, it))
+            phases.time("backward", loss.backward)
+            phases.time("step", opt.step)
             opt.zero_grad(set_to_none=True)
         else:  # the no-grad pseudo-label path of AFA (CAM pass excluded, as in the official figure)
             from wsss.data.transforms import denormalize
@@ -109,21 +199,34 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
                 g = (size[0] // 16, size[1] // 16)
                 affinity_labels(par_label, g, method.window(g, x.device))
                 _times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
+
+    def timed(fn: Callable[[], None]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
 
     _cam_cache: dict = {}
     _times: list[float] = []
     step()  # warm-up (allocations, caches)
+    if kind == "train":
+        _passes(net, method, batch, cfg, amp)
     _times.clear()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, passes, per_phase = [], [], defaultdict(list)
     for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        phases.times.clear()
+        phases.on = True
+        times.append(timed(step))
+        phases.on = False
+        for k, v in phases.times.items():
+            per_phase[k].append(v)
+        if kind == "train":
+            passes.append(timed(lambda: _passes(net, method, batch, cfg, amp)))
     if kind == "pseudo":
         times = _times
     peak = (
@@ -131,12 +234,13 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {
+    row = {
         "case": name,
         "config": config,
         "kind": kind,
         "crop": int(cfg.data.crop_size),
         "batch": int(cfg.data.batch_size),
+        "amp": "bf16" if amp else "fp32",
         "median_s": statistics.median(times),
         "min_s": min(times),
         "iters_per_s": 1 / statistics.median(times),
@@ -145,38 +249,98 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         "threads": torch.get_num_threads(),
         "device": device_name,
     }
+    if kind == "train":
+        row["passes_s"] = statistics.median(passes)
+        row["ratio"] = statistics.median(t / p for t, p in zip(times, passes))
+        row["phases"] = _phase_medians(per_phase)
+    return row
+
+
+def _phase_medians(per_phase: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds per phase; ``loss`` = training_step minus the phases timed inside it."""
+    med = {k: statistics.median(v) for k, v in per_phase.items()}
+    inner = sum(med.get(k, 0.0) for k in ("cam_pass", "labels", "forward"))
+    out = {k: med.get(k, 0.0) for k in ("cam_pass", "labels", "forward")}
+    out["loss"] = max(med.get("step_fn", 0.0) - inner, 0.0)
+    out.update(backward=med.get("backward", 0.0), step=med.get("step", 0.0))
+    return out
+
+
+def header(device_name: str) -> str:
+    import torch
+
+    from wsss.engine.hardware import bf16_native, cpu_info
+
+    dev = torch.device(device_name)
+    what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_info()[0]
+    return (
+        f"device: {device_name} ({what}); native bf16: {'yes' if bf16_native(dev) else 'no'}; "
+        f"torch {torch.__version__}; threads {torch.get_num_threads()}"
+    )
+
+
+def _report(rows: list[dict]) -> None:
+    print(
+        "| case | what | crop | batch | dtype | median s/iter | iter/s | passes s | iter / passes "
+        "| official / iter | peak MiB |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        passes = f"{r['passes_s']:.3f}" if "passes_s" in r else "-"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        speed = f"{OFFICIAL_S[r['case']] / r['median_s']:.1f}x" if r["case"] in OFFICIAL_S else "-"
+        print(
+            f"| {r['case']} | {r['kind']} | {r['crop']} | {r['batch']} | {r['amp']} | {r['median_s']:.3f} | "
+            f"{r['iters_per_s']:.2f} | {passes} | {ratio} | {speed} | {r['peak_mib']:.0f} |"
+        )
+    phased = [r for r in rows if "phases" in r]
+    if phased:
+        names = list(phased[0]["phases"])
+        print("\nPer-phase medians (s):\n")
+        print("| case | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for r in phased:
+            print(f"| {r['case']} | " + " | ".join(f"{r['phases'][n]:.3f}" for n in names) + " |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, choices=sorted(CASES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (and passes) per case")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds alone")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:
+        if not args.default_malloc and args.device == "cpu":
+            from wsss.engine.hardware import keep_freed_memory
+
+            keep_freed_memory()
         print(json.dumps(run_case(args.case, args.device, args.iters)))
         return
+    print(header(args.device))
+    extra = (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--default-malloc"] if args.default_malloc else []
+    )
     rows = []
     for name in args.only or list(CASES):
-        out = subprocess.run(
-            [sys.executable, __file__, "--case", name, "--device", args.device, "--iters", str(args.iters)],
-            capture_output=True,
-            text=True,
-        )
+        cmd = [sys.executable, __file__, "--case", name, "--device", args.device, "--iters", str(args.iters)]
+        out = subprocess.run(cmd + extra, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{name}: {r['median_s']:.3f} s", file=sys.stderr)
-    print("| case | config | what | crop | batch | median s/iter | iter/s | peak MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['case']} | {r['config']} | {r['kind']} | {r['crop']} | {r['batch']} | "
-            f"{r['median_s']:.3f} | {r['iters_per_s']:.2f} | {r['peak_mib']:.0f} |"
-        )
+        print(f"{name}: {rows[-1]['median_s']:.3f} s", file=sys.stderr)
+    _report(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,30 @@ def test_warmup_trains_classification_only() -> None:
     assert all(p.grad is None for p in net.aff_head.parameters())
     loss, logs = method.training_step(net, batch, int(cfg.afa.warmup_iters) + 1)
     assert {"cls", "seg", "aff"} <= set(logs) and torch.isfinite(loss)
+
+
+def test_afa_cam_and_affinity_matches_the_plain_passes() -> None:
+    """Capturing attention for the un-flipped rows only changes nothing: reference = every scale run on
+    [x_s, flip(x_s)] in one pass, the largest with capture, fused with the official AFA rule."""
+    from wsss.ops.cam import AFA_FUSE, fuse_multiscale
+
+    torch.manual_seed(0)
+    cfg = load_config("afa_mit_tiny_synthetic", ["cam.scales=[1.0,0.5,1.5]"])
+    net = build_model(cfg.model, 5, "afa").eval()
+    method = build_method(cfg, net)
+    x = torch.randn(2, 3, 64, 64)
+    cam, aff, grid = method.cam_and_affinity(net, x)
+    cams = []
+    with torch.no_grad():
+        for s in (1.0, 0.5, 1.5):
+            xs = torch.nn.functional.interpolate(x, size=(int(64 * s),) * 2, mode="bilinear") if s != 1 else x
+            out = net.forward_cam(torch.cat([xs, xs.flip(-1)]), net.aff_layers if s == 1.5 else ())
+            cams.append(out.cam)
+            if s == 1.5:
+                ref_aff = net.aff_head([out.attn[i][:2] for i in net.aff_layers],
+                                       [net.backbone.head_dims[i] for i in net.aff_layers])
+                ref_grid = out.grids[net.aff_layers[-1]]
+    ref = fuse_multiscale(cams, (64, 64), 2, **AFA_FUSE)
+    assert grid == ref_grid and aff.shape == (2, grid[0] * grid[1], grid[0] * grid[1])
+    torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aff, ref_aff, atol=1e-5, rtol=1e-5)

@@ -60,7 +60,9 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x = self.proj(x)
+        # channels-last in, channels-last out: the (B, N, D) token view of the output is then
+        # contiguous (no transposing copy before the LayerNorm)
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
         hw = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
 
@@ -243,7 +245,7 @@ class MixVisionTransformer(Backbone):
                     out.attn[idx] = attn_reduce(idx, logits) if attn_reduce is not None else logits
                     out.grids[idx] = blk.attn.reduced_grid(hw)
                 idx += 1
-            x = _to_map(norm(tokens), hw).contiguous()
+            x = _to_map(norm(tokens), hw)  # a channels-last view of the tokens, no copy
             out.features.append(x)
         return out
 

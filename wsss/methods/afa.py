@@ -58,16 +58,24 @@ class AFAMethod(Method):
 
     @torch.no_grad()
     def cam_and_affinity(self, net: WSSSNet, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
-        """Multi-scale CAM (B, K, H, W) and the affinity (B, N, N) of the largest scale on its grid."""
+        """Multi-scale CAM (B, K, H, W) and the affinity (B, N, N) of the largest scale on its grid.
+
+        At the largest scale the un-flipped images (the only ones the propagation uses) run with
+        attention capture and the flipped copies without: explicit attention (the (B, heads, N, N)
+        logits, their softmax and product) is computed for those B images only.
+        """
         top = max(range(len(self.scales)), key=lambda i: self.scales[i])
+        b = x.shape[0]
         cams, aff, grid = [], None, (0, 0)
         for i, s in enumerate(self.scales):
-            layers = net.aff_layers if i == top else ()
-            out = net.forward_cam(self.scale_inputs(x, s), layers, aff_rows=x.shape[0])  # un-flipped rows
-            cams.append(out.cam)
-            if i == top:
-                aff, grid = out.aff, out.grids[net.aff_layers[-1]]
-        return self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0]), aff, grid  # type: ignore[return-value]
+            xs = self.scale_inputs(x, s)
+            if i != top:
+                cams.append(net.forward_cam(xs).cam)
+                continue
+            out = net.forward_cam(xs[:b], net.aff_layers)
+            aff, grid = out.aff, out.grids[net.aff_layers[-1]]
+            cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
+        return self.fuse_cams(cams, tuple(x.shape[-2:]), b), aff, grid  # type: ignore[return-value]
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int
