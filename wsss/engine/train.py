@@ -24,6 +24,7 @@ from wsss.data.build import build_dataset, build_loader
 from wsss.engine.checkpoint import export_model, find_latest, load_training_state, save_training_state
 from wsss.engine.distributed import DistInfo, cleanup, convert_sync_bn, init_distributed, seed_everything
 from wsss.engine.evaluate import evaluate, miou_table
+from wsss.engine.hardware import keep_freed_memory, resolve_amp
 from wsss.engine.optim import build_optimizer, build_scheduler
 from wsss.methods import build_method
 from wsss.model import build_model, count_parameters
@@ -96,6 +97,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     _setup_logging(out_dir, main)
     seed_everything(int(cfg.seed), dist.rank)
     device = dist.device
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every large temporary (see engine/hardware.py)
 
     train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
     val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
@@ -139,7 +142,7 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     batches = _Batches(loader, epoch, pos)
-    amp = cfg.train.amp == "bf16"
+    amp = resolve_amp(cfg.train.amp, device) is not None  # fp32 (with a warning) where bf16 is emulated
     accum = int(cfg.train.grad_accum)
     writer = _writer(out_dir) if main else None
     history_path = out_dir / "history.jsonl"
