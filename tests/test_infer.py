@@ -214,3 +214,39 @@ def test_hub_offline_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     with pytest.raises(FileNotFoundError, match="some-org/no-such-model.*local path"):
         from_pretrained("some-org/no-such-model")
     assert time.time() - t0 < 5
+
+
+def test_batched_evaluation_equals_one_image_at_a_time(setup: dict) -> None:
+    """batch_size / num_workers change the speed, not the result: confusion-matrix mIoU and the written
+    pseudo labels equal those of one image per forward."""
+    kw = {"print_table": False, "scales": [1.0, 0.5], "flip": True}
+    one = run_evaluate(CFG, setup["release"], setup["over"], split="train", out=setup["root"] / "e1.json",
+                       batch_size=1, num_workers=0, **kw)
+    many = run_evaluate(CFG, setup["release"], setup["over"], split="train", out=setup["root"] / "e4.json",
+                        batch_size=4, num_workers=1, **kw)
+    assert many["_protocol"]["batch_size"] == 4 and many["_protocol"]["images_per_s"] > 0
+    for name in ("cam", "cam_par", "pseudo", "seg"):
+        np.testing.assert_allclose(np.array(many[name]["iou"], dtype=float),
+                                   np.array(one[name]["iou"], dtype=float), atol=1e-4)
+    dirs = {bs: setup["root"] / f"pl_bs{bs}" for bs in (1, 3)}
+    for bs, d in dirs.items():
+        run_pseudo_labels(CFG, setup["release"], setup["over"], "train", d, map_name="pseudo",
+                          verbose=False, batch_size=bs)
+    for png in sorted(dirs[1].glob("*.png")):
+        a, b = load_mask(png, 256), load_mask(dirs[3] / png.name, 256)
+        assert (a != b).mean() < 1e-3  # float rounding of a batched matmul may flip a rare tie
+
+
+def test_same_size_batches_groups_by_size() -> None:
+    from wsss.engine.evaluate import same_size_batches
+
+    sizes = [(8, 8), (8, 12), (8, 8), (8, 8), (8, 12)]
+    data = [{"image": torch.zeros(3, *hw), "labels": torch.zeros(2),
+             "mask": torch.zeros(hw, dtype=torch.long), "img_box": torch.tensor([0, hw[0], 0, hw[1]]),
+             "size": torch.tensor(hw), "name": str(i)}
+            for i, hw in enumerate(sizes)]
+    batches = list(same_size_batches(data, [0, 1, 2, 3, 4], batch_size=3))
+    assert [b["name"] for b in batches] == [["0", "2"], ["1"], ["3"], ["4"]]
+    assert all(b["image"].shape[-2:] == b["mask"].shape[-2:] for b in batches)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(same_size_batches(data, [0], batch_size=0))

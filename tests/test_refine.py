@@ -265,6 +265,22 @@ def test_par_iterations_match_loop_reference_with_replicate_borders():
     torch.testing.assert_close(out2[1].double(), ref2, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 5 * 6 * 4 * 2, 5 * 6 * 4 * 3])
+def test_par_blocked_propagation_matches_loop_reference(monkeypatch, block_bytes):
+    """The CPU path that propagates blocks of images / channels (1 plane, 2 channels, odd 3-channel
+    blocks) gives the loop reference for every image and channel."""
+    import wsss.refine.par as par_mod
+
+    monkeypatch.setattr(par_mod, "CPU_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(5)
+    img = torch.rand(3, 3, 5, 6)
+    maps = torch.rand(3, 4, 5, 6)
+    out = PAR(num_iter=2)(img, maps)
+    for i in range(3):
+        ref = ref_propagate(ref_kernel(img[i]), maps[i], 2)
+        torch.testing.assert_close(out[i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("map_size", [(16, 20), (7, 9)])
 def test_par_matches_official_structure(map_size):
     torch.manual_seed(3)

@@ -137,6 +137,8 @@ DEFAULTS: dict[str, Any] = {
         "crf": False,
         "max_images": None,
         "sweep": False,
+        "batch_size": 8,  # images of one size evaluated together
+        "num_workers": 0,  # DataLoader workers reading the evaluation images
     },
 }
 

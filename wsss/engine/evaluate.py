@@ -1,19 +1,23 @@
 """Evaluation: mIoU of every label map a method produces (CAM, refined CAM, pseudo label, seg).
 
-Images are evaluated at full resolution one at a time (their sizes differ), padded to a multiple
-of 16 for the backbone and cropped back. Confusion matrices accumulate on the device and are
+Images are evaluated at full resolution, padded to a multiple of 16 for the backbone and cropped
+back; images of the same size go through the network together (up to ``batch_size``, loaded by a
+DataLoader with ``num_workers``), images of different sizes never (padding them to a common size
+would change the CAM normalisation and PAR). Confusion matrices accumulate on the device and are
 all-reduced under DDP. Ignored pixels of a pseudo label (255) are left out of its confusion
 matrix, and the share of ground-truth pixels it covers is reported next to its mIoU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from wsss.data.build import collate
 from wsss.data.transforms import denormalize, pad_to_multiple
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
@@ -24,6 +28,22 @@ from wsss.model import WSSSNet
 def num_images(dataset: Any, max_images: int | None) -> int:
     """How many images of ``dataset`` a pass over at most ``max_images`` visits."""
     return len(dataset) if max_images is None else min(len(dataset), int(max_images))
+
+
+def same_size_batches(
+    dataset: Dataset, indices: Sequence[int], batch_size: int = 1, num_workers: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Batches (as :func:`wsss.data.build.collate`) of the samples at ``indices``, each of at most
+    ``batch_size`` images of one size; samples are read by a DataLoader with ``num_workers``."""
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=list)
+    for samples in loader:
+        groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for sample in samples:
+            groups.setdefault(tuple(sample["image"].shape), []).append(sample)
+        yield from (collate(group) for group in groups.values())
 
 
 def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
@@ -107,8 +127,12 @@ def evaluate(
     crf: bool = False,
     sweep: bool = False,
     sweep_thresholds: list[float] | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """mIoU per label map over ``dataset`` (sharded by rank). num_classes includes background.
+
+    batch_size: images of one size evaluated together; num_workers: DataLoader workers reading them.
 
     With several scales or flip, the 'seg' map is the multi-scale seg prediction (:func:`multiscale_seg`);
     ``crf``: the 'seg' map is post-processed with the dense CRF (AFA test preset);
@@ -130,11 +154,8 @@ def evaluate(
     if sweep:
         thr = {"thresholds": sweep_thresholds} if sweep_thresholds else {}
         sweeper = SweepAccumulator(num_classes, **thr)
-    for idx in range(rank, n, world_size):
-        sample = dataset[idx]
-        image = sample["image"][None].to(device)
-        labels = sample["labels"][None].to(device)
-        gt = sample["mask"][None].to(device)
+    for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
+        image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
         maps = predict_maps(method, net, image, labels, scales, flip)
         if msc_seg and "seg" in maps:
             maps["seg"] = predict_seg(method, net, image, scales, flip, crf)

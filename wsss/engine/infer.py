@@ -93,7 +93,8 @@ def run_evaluate(
     """Evaluate ``checkpoint`` on ``split`` with the protocol of ``config``'s eval section.
 
     opts: scales (list), flip (bool), crf (bool), sweep (bool), max_images (int), device (str),
-    maps (names to keep), print_table (bool, default True). None = the config's value.
+    maps (names to keep), batch_size, num_workers (int), print_table (bool, default True). None = the
+    config's value.
     Writes the results to ``out`` (default ``<run>/eval_<split>.json``) and returns them.
     """
     from wsss.data.build import build_dataset
@@ -109,8 +110,9 @@ def run_evaluate(
     max_images = opts.get("max_images") if opts.get("max_images") is not None else ev.max_images
     dataset = build_dataset(cfg.data, split=split, train=False)
     t0 = time.time()
+    loading = {k: int(ev[k] if opts.get(k) is None else opts[k]) for k in ("batch_size", "num_workers")}
     res = evaluate(method, net, dataset, int(dataset.num_classes), dev, scales=scales, flip=flip,
-                   max_images=max_images, crf=crf, sweep=sweep)
+                   max_images=max_images, crf=crf, sweep=sweep, **loading)
     keep = opts.get("maps")
     if keep:
         res = {k: v for k, v in res.items() if k.startswith("_") or k in keep}
@@ -124,6 +126,7 @@ def run_evaluate(
         "aff_bkg_score": float(ev.aff_bkg_score),
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
         "image_labels": "ground truth (for the CAM / pseudo-label maps)", "class_names": class_names,
+        "images_per_s": res["_protocol"]["images"] / max(time.time() - t0, 1e-9), **loading,
     })
     if sweep:
         res["_protocol"]["sweep"] = {"protocol": "aream", "thresholds": res["_sweep"]["thresholds"],
@@ -202,33 +205,36 @@ def downscale(scores: torch.Tensor, stride: int) -> torch.Tensor:
 @torch.no_grad()
 def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.Tensor, map_name: str,
                       scales: list[float], flip: bool, want_scores: bool) -> tuple[torch.Tensor, Any]:
-    """Label map (H, W) of ``map_name`` for one normalised image (1, 3, H, W) and, if asked, its
-    scores: seg logits (C, H, W) for 'seg', else the masked multi-scale CAM (K, H, W)."""
+    """Label maps (B, H, W) of ``map_name`` for normalised images (B, 3, H, W) of one size and, if
+    asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
     from wsss.engine.evaluate import multiscale_seg, pad_batch, predict_maps, predict_seg, sweep_cam
 
     if map_name == "seg":
-        label = predict_seg(method, net, image, scales, flip)[0]
+        label = predict_seg(method, net, image, scales, flip)
         if not want_scores:
             return label, None
         x, (h, w) = pad_batch(image)
-        return label, multiscale_seg(method, net, x, scales, flip)[0, :, :h, :w]  # type: ignore[index]
+        return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
     maps = predict_maps(method, net, image, labels, scales, flip)
     if map_name not in maps:
         raise ValueError(
             f"map '{map_name}' is not produced by method {method.name}; available: {sorted(maps)}"
         )
-    scores = sweep_cam(method, net, image, labels, scales, flip)[0] if want_scores else None
-    return maps[map_name][0], scores
+    scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
+    return maps[map_name], scores
 
 
 def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
                       split: str, out: str | os.PathLike, map_name: str = "pseudo", logits: bool = False,
                       logit_stride: int = 4, scales: Sequence[float] | None = None, flip: bool | None = None,
-                      max_images: int | None = None, device: str | None = None, verbose: bool = True
-                      ) -> dict[str, Any]:
-    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary."""
+                      max_images: int | None = None, device: str | None = None, verbose: bool = True,
+                      batch_size: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
+    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary.
+
+    batch_size / num_workers: images of one size per forward and DataLoader workers (default: the
+    config's eval.batch_size / eval.num_workers)."""
     from wsss.data.build import build_dataset
-    from wsss.engine.evaluate import num_images
+    from wsss.engine.evaluate import num_images, same_size_batches
 
     cfg, net, method, names, dev = _setup(config, checkpoint, overrides, device)
     if map_name == "seg" and net.seg_head is None:
@@ -242,29 +248,33 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = num_images(dataset, max_images)
-    written, skipped, counts = 0, 0, np.zeros(256, dtype=np.int64)
+    written, counts = 0, np.zeros(256, dtype=np.int64)
     t0 = time.time()
-    for idx in range(n):
-        name = dataset.names[idx]
-        png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-        if _readable(png) and (not logits or _readable(npz)):
-            skipped += 1
-            continue
-        sample = dataset[idx]
-        label, scores = _label_and_scores(method, net, sample["image"][None].to(dev),
-                                          sample["labels"][None].to(dev), map_name, scales_l, flip_b, logits)
-        lab = label.cpu().numpy().astype(np.uint8)
-        _atomic_write(png, lambda t, lab=lab: save_mask(t, lab), ".png")
-        if logits:
-            small = downscale(scores, stride).half().cpu().numpy()
-            kind = "seg_logits" if map_name == "seg" else "cam"
-            arrays = {"logits": small, "size": np.asarray(lab.shape), "stride": np.asarray(stride),
-                      "kind": np.asarray(kind)}
-            _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a), ".npz")
-        counts += np.bincount(lab.reshape(-1), minlength=256)
-        written += 1
-        if verbose and written % 50 == 0:
-            print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
+
+    def done(name: str) -> bool:
+        return _readable(out_dir / f"{name}.png") and (not logits or _readable(out_dir / f"{name}.npz"))
+
+    pending = [idx for idx in range(n) if not done(dataset.names[idx])]
+    skipped = n - len(pending)
+    bs = int(cfg.eval.batch_size if batch_size is None else batch_size)
+    workers = int(cfg.eval.num_workers if num_workers is None else num_workers)
+    for batch in same_size_batches(dataset, pending, bs, workers):
+        label_b, scores_b = _label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
+                                              map_name, scales_l, flip_b, logits)
+        for i, name in enumerate(batch["name"]):
+            png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+            lab = label_b[i].cpu().numpy().astype(np.uint8)
+            _atomic_write(png, lambda t, lab=lab: save_mask(t, lab), ".png")
+            if logits:
+                small = downscale(scores_b[i], stride).half().cpu().numpy()
+                kind = "seg_logits" if map_name == "seg" else "cam"
+                arrays = {"logits": small, "size": np.asarray(lab.shape), "stride": np.asarray(stride),
+                          "kind": np.asarray(kind)}
+                _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a), ".npz")
+            counts += np.bincount(lab.reshape(-1), minlength=256)
+            written += 1
+            if verbose and written % 50 == 0:
+                print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
     summary = {
         "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
         "checkpoint": str(Path(checkpoint).resolve()), "config": str(config), "overrides": list(overrides),
@@ -275,7 +285,8 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
                    if logits else None),
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0, "images_per_s": written / max(time.time() - t0, 1e-9),
+        "batch_size": bs, "num_workers": workers,
     }
     _write_json(out_dir / "summary.json", summary)
     if verbose:
@@ -353,14 +364,16 @@ def _crf_guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_evaluate(args.config, args.checkpoint, args.overrides, split=args.split, out=args.out,
                  scales=args.scales, flip=args.flip, crf=args.crf or None, sweep=args.sweep or None,
-                 max_images=args.max_images, device=args.device, maps=args.maps)
+                 max_images=args.max_images, device=args.device, maps=args.maps,
+                 batch_size=args.batch_size, num_workers=args.workers)
     return 0
 
 
 def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     run_pseudo_labels(args.config, args.checkpoint, args.overrides, args.split, args.out, map_name=args.map,
                       logits=args.logits, logit_stride=args.logit_stride, scales=args.scales, flip=args.flip,
-                      max_images=args.max_images, device=args.device)
+                      max_images=args.max_images, device=args.device, batch_size=args.batch_size,
+                      num_workers=args.workers)
     return 0
 
 
@@ -382,6 +395,13 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def _loading(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size per forward (default: the config's eval.batch_size)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers reading images (default: the config's eval.num_workers)")
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``evaluate``, ``pseudo-labels`` and ``predict`` on the ``wsss`` CLI."""
     p = sub.add_parser("evaluate", help="mIoU + per-class IoU of every label map of a checkpoint")
@@ -392,6 +412,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--maps", nargs="+", default=None, help="report only these maps (default: all)")
     p.add_argument("--out", default=None, help="results JSON (default: <run>/eval_<split>.json)")
+    _loading(p)
     p.set_defaults(fn=_crf_guard(cmd_evaluate))
 
     p = sub.add_parser("pseudo-labels", help="write pseudo-label PNGs (VOC palette) for multi-stage training")
@@ -404,6 +425,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--logits", action="store_true", help="also write <name>.npz with float16 scores")
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
     p.add_argument("--max-images", type=int, default=None)
+    _loading(p)
     p.set_defaults(fn=_crf_guard(cmd_pseudo_labels))
 
     p = sub.add_parser("predict", help="masks, overlays and class lists for image files")

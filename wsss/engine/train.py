@@ -246,4 +246,6 @@ def _evaluate(
         max_images=cfg.eval.max_images,
         rank=dist.rank,
         world_size=dist.world_size,
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
     )

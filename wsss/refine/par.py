@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: maps larger than this are propagated in blocks on CPU (see PAR.propagate); about a core's L2 share
+CPU_BLOCK_BYTES = 512 * 1024
+
 # 3x3 ring without the centre, row-major (the order of the official one-hot conv kernel)
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -111,7 +114,7 @@ class PAR(nn.Module):
         key = (torch.device(device or "cpu"), dtype)
         if key not in self._pos_cache:
             dist = neighbour_distances(self.dilations).to(torch.float32)
-            logits = -(dist / (dist.std() + 1e-8) / self.w_pos_temp) ** 2
+            logits = -((dist / (dist.std() + 1e-8) / self.w_pos_temp) ** 2)
             self._pos_cache[key] = logits.softmax(0).to(device=key[0], dtype=dtype)
         return self._pos_cache[key]
 
@@ -168,6 +171,23 @@ class PAR(nn.Module):
         Returns:
             (B, C, H, W).
         """
+        b, c = maps.shape[:2]
+        plane = maps.shape[-2] * maps.shape[-1] * maps.element_size()
+        if maps.device.type != "cpu" or b * c * plane <= CPU_BLOCK_BYTES:
+            return self._propagate(kernel, maps)
+        # On CPU the 48 x num_iter passes over the maps are bound by memory traffic: run them on blocks
+        # of images and channels (all independent) small enough to stay in the core's cache.
+        chans = min(c, max(1, CPU_BLOCK_BYTES // plane))
+        imgs = max(1, CPU_BLOCK_BYTES // (chans * plane))
+        out = torch.empty_like(maps)
+        for i in range(0, b, imgs):
+            for j in range(0, c, chans):
+                out[i : i + imgs, j : j + chans] = self._propagate(
+                    kernel[i : i + imgs], maps[i : i + imgs, j : j + chans]
+                )
+        return out
+
+    def _propagate(self, kernel: Tensor, maps: Tensor) -> Tensor:
         size = maps.shape[-2:]
         weights = kernel.unsqueeze(2).unbind(1)  # 48 x (B, 1, H, W)
         for _ in range(self.num_iter):
