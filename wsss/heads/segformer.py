@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,14 +16,14 @@ __all__ = ["SegFormerHead"]
 
 
 class LinearEmbed(nn.Module):
-    """Per-token Linear(C -> D) on a map: (B, C, h, w) -> (B, D, h, w)."""
+    """Per-token Linear(C -> D) on a map: (B, C, h, w) -> channels-last tokens (B, h, w, D)."""
 
     def __init__(self, in_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.proj(x.permute(0, 2, 3, 1))
 
 
 class ConvBNReLU(nn.Module):
@@ -37,7 +36,11 @@ class ConvBNReLU(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return self.norm_act(self.conv(x))
+
+    def norm_act(self, x: Tensor) -> Tensor:
+        """BatchNorm -> ReLU of an already convolved map."""
+        return self.act(self.bn(x))
 
 
 class SegFormerHead(nn.Module):
@@ -64,14 +67,23 @@ class SegFormerHead(nn.Module):
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """Official order: embed, resize, concatenate, 1x1 fuse conv. The fuse conv (no bias) is split
+        into one block per map and applied before the resize: bilinear resizing and a per-pixel
+        linear map commute, so each map is mixed at its own (smaller) size and the 4D-channel
+        concatenation at full size is never built. Same function, a fraction of the work."""
         if len(features) != len(self.in_channels):
             raise ValueError(f"SegFormerHead expects {len(self.in_channels)} maps, got {len(features)}")
         size = features[0].shape[-2:]
-        embedded = []
-        for i, feat in enumerate(features, start=1):
-            e = getattr(self, f"linear_c{i}")(feat)
-            if e.shape[-2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
-            embedded.append(e)
-        fused = self.linear_fuse(torch.cat(embedded[::-1], dim=1))
+        n = len(features)
+        weight = self.linear_fuse.conv.weight.flatten(1)  # (D, n*D): input blocks in the order c_n..c_1
+        d = weight.shape[1] // n
+        fused: Tensor | None = None
+        for i, feat in enumerate(features):
+            block = weight[:, (n - 1 - i) * d : (n - i) * d]
+            tokens = getattr(self, f"linear_c{i + 1}")(feat)  # (B, h_i, w_i, D)
+            z = F.linear(tokens, block).permute(0, 3, 1, 2)  # its share of the fuse conv, (B, D, h_i, w_i)
+            if z.shape[-2:] != size:
+                z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+            fused = z if fused is None else fused + z
+        fused = self.linear_fuse.norm_act(fused)
         return self.linear_pred(self.dropout(fused))
