@@ -630,3 +630,22 @@ def test_hf_names_of_released_checkpoints():
           "segformer.encoder.block.0.0.attention.self.value.weight": torch.ones(2, 3)}
     out = checkpoint_filter_fn(kv)
     assert list(out) == ["block1.0.attn.kv.weight"] and out["block1.0.attn.kv.weight"][2:].eq(1).all()
+
+
+@pytest.mark.parametrize(("dtype", "keys", "tol"), [(torch.float32, 100, 1e-5), (torch.bfloat16, 100, 3e-2),
+                                                   (torch.bfloat16, 300, 3e-2)])
+def test_attend_paths_match_the_definition(dtype, keys, tol):
+    """Fused SDPA, the bf16 short-key matmul path and the capturing path all give softmax(q k^T s) v."""
+    from wsss.backbones._layers import attend
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 50, 16, generator=g)
+    k, v = torch.randn(2, 2, keys, 16, generator=g), torch.randn(2, 2, keys, 16, generator=g)
+    ref = (q.double() @ k.double().transpose(-2, -1) * 0.25).softmax(-1) @ v.double()
+    out, logits = attend(q.to(dtype), k.to(dtype), v.to(dtype), 0.25, capture=False)
+    assert logits is None and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    out2, logits2 = attend(q.to(dtype), k.to(dtype), v.to(dtype), 0.25, capture=True)
+    torch.testing.assert_close(out2.double(), ref, atol=tol, rtol=tol)
+    exact = q.double() @ k.double().transpose(-2, -1) * 0.25
+    torch.testing.assert_close(logits2.double(), exact, atol=tol * 10, rtol=tol)
