@@ -59,6 +59,10 @@ def _setup(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: 
     cfg = load_config(config, overrides)
     net, _, names = load_run(checkpoint)
     dev = _device(device)
+    if dev.type == "cpu":
+        from wsss.engine.hardware import keep_freed_memory
+
+        keep_freed_memory()  # large per-image temporaries: no fresh page faults for each
     net = net.to(dev).eval()
     return cfg, net, build_method(cfg, net), names, dev
 
