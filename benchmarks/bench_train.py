@@ -148,28 +148,62 @@ def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
     net.zero_grad(set_to_none=True)
 
 
-def run_case(name: str, device_name: str, iters: int) -> dict:
+def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> float:
+    """One run of AFA's no-grad pseudo-label path (CAM pass excluded, as in the official figure): seconds."""
+    import torch
+
+    from wsss.data.transforms import denormalize
+    from wsss.methods.base import pass_mode, resize
+    from wsss.refine.labels import affinity_labels, par_refine_scores_label
+
+    x, labels, box = batch["image"], batch["labels"], batch["img_box"]
+    with torch.no_grad(), pass_mode(net, method.mode):
+        if "c" not in cache:
+            cache["c"] = method.cam_and_affinity(net, x)
+        cam, aff, grid = cache["c"]
+        t0 = clock()
+        image01 = denormalize(x)
+        cam = cam * labels[..., None, None]
+        par_label = method.pseudo_label(image01, cam, labels, box)
+        size = tuple(x.shape[-2:])
+        high = resize(method.propagate(cam, aff, grid, labels, method.high), size)
+        low = resize(method.propagate(cam, aff, grid, labels, method.low), size)
+        par_refine_scores_label(
+            image01, high, low, labels, method.par, box, crop_to_box=bool(cfg.afa.crop_to_box)
+        )
+        g = (size[0] // 16, size[1] // 16)
+        affinity_labels(par_label, g, method.window(g, x.device))
+        return clock() - t0
+
+
+def _setup(name: str, device_name: str) -> tuple:
+    """(cfg, net, method, optimiser, batch, bf16 on?) of a case, with fixed seeds."""
     import torch
 
     from wsss.config import load_config
     from wsss.engine.hardware import resolve_amp
     from wsss.engine.optim import build_optimizer
     from wsss.methods import build_method
-    from wsss.methods.base import pass_mode
     from wsss.model import build_model
 
-    config, overrides, kind = CASES[name]
+    config, overrides, _ = CASES[name]
     cfg = load_config(config, overrides + ["model.pretrained=null"])
     device = torch.device(device_name)
     torch.manual_seed(0)
     num_classes = int(cfg.data.num_classes)
-    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device)
+    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device).train()
     method = build_method(cfg, net)
-    opt = build_optimizer(net, cfg.optim)
-    batch = _batch(cfg, num_classes, device)
     amp = resolve_amp(cfg.train.amp, device) is not None
+    return cfg, net, method, build_optimizer(net, cfg.optim), _batch(cfg, num_classes, device), amp
+
+
+def run_case(name: str, device_name: str, iters: int) -> dict:
+    import torch
+
+    kind = CASES[name][2]
+    cfg, net, method, opt, batch, amp = _setup(name, device_name)
+    device = torch.device(device_name)
     it = 10**6  # past every warm-up and label switch: the full method path
-    net.train()
 
     def sync() -> None:
         if device.type == "cuda":
@@ -180,49 +214,24 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         phases.instrument(method, net)
 
     def step() -> None:
-        if kind == "train":
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _ = phases.time("step_fn", lambda: method.training_step(net, batch, it))
-            phases.time("backward", loss.backward)
-            phases.time("step", opt.step)
-            opt.zero_grad(set_to_none=True)
-        else:  # the no-grad pseudo-label path of AFA (CAM pass excluded, as in the official figure)
-            from wsss.data.transforms import denormalize
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = phases.time("step_fn", lambda: method.training_step(net, batch, it))
+        phases.time("backward", loss.backward)
+        phases.time("step", opt.step)
+        opt.zero_grad(set_to_none=True)
 
-            x, labels, box = batch["image"], batch["labels"], batch["img_box"]
-            with torch.no_grad(), pass_mode(net, method.mode):
-                cam, aff, grid = _cam_cache.setdefault("c", method.cam_and_affinity(net, x))
-                t0 = clock()
-                image01 = denormalize(x)
-                cam = cam * labels[..., None, None]
-                par_label = method.pseudo_label(image01, cam, labels, box)
-                size = tuple(x.shape[-2:])
-                from wsss.methods.base import resize
-                from wsss.refine.labels import affinity_labels, par_refine_scores_label
-
-                high = resize(method.propagate(cam, aff, grid, labels, method.high), size)
-                low = resize(method.propagate(cam, aff, grid, labels, method.low), size)
-                par_refine_scores_label(
-                    image01, high, low, labels, method.par, box, crop_to_box=bool(cfg.afa.crop_to_box)
-                )
-                g = (size[0] // 16, size[1] // 16)
-                affinity_labels(par_label, g, method.window(g, x.device))
-                _times.append(clock() - t0)
-        sync()
-
-    def timed(fn: Callable[[], None]) -> float:
+    def timed(fn: Callable[[], Any]) -> float:
         sync()
         t0 = clock()
         fn()
         sync()
         return clock() - t0
 
-    _cam_cache: dict = {}
-    _times: list[float] = []
-    step()  # warm-up (allocations, caches)
+    cache: dict = {}
+    work = step if kind == "train" else (lambda: _pseudo_path(method, net, batch, cfg, cache))
+    work()  # warm-up (allocations, caches)
     if kind == "train":
         _passes(net, method, batch, cfg, amp)
-    _times.clear()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -230,23 +239,32 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
     for _ in range(iters):
         phases.times.clear()
         phases.on = True
-        times.append(timed(step))
+        times.append(timed(step) if kind == "train" else _pseudo_path(method, net, batch, cfg, cache))
         phases.on = False
         for k, v in phases.times.items():
             per_phase[k].append(v)
         if kind == "train":
             passes.append(timed(lambda: _passes(net, method, batch, cfg, amp)))
-    if kind == "pseudo":
-        times = _times
+    row = _row(name, cfg, amp, times, device_name, rss0)
+    if kind == "train":
+        row["passes_s"] = statistics.median(passes)
+        row["ratio"] = statistics.median(t / p for t, p in zip(times, passes))
+        row["phases"] = _phase_medians(per_phase)
+    return row
+
+
+def _row(name: str, cfg: Any, amp: bool, times: list[float], device_name: str, rss0: float) -> dict:
+    import torch
+
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
+        if device_name.startswith("cuda")
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    row = {
+    return {
         "case": name,
-        "config": config,
-        "kind": kind,
+        "config": CASES[name][0],
+        "kind": CASES[name][2],
         "crop": int(cfg.data.crop_size),
         "batch": int(cfg.data.batch_size),
         "amp": "bf16" if amp else "fp32",
@@ -258,11 +276,6 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         "threads": torch.get_num_threads(),
         "device": device_name,
     }
-    if kind == "train":
-        row["passes_s"] = statistics.median(passes)
-        row["ratio"] = statistics.median(t / p for t, p in zip(times, passes))
-        row["phases"] = _phase_medians(per_phase)
-    return row
 
 
 def _phase_medians(per_phase: dict[str, list[float]]) -> dict[str, float]:

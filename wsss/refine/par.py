@@ -114,7 +114,7 @@ class PAR(nn.Module):
         key = (torch.device(device or "cpu"), dtype)
         if key not in self._pos_cache:
             dist = neighbour_distances(self.dilations).to(torch.float32)
-            logits = -((dist / (dist.std() + 1e-8) / self.w_pos_temp) ** 2)
+            logits = -(dist / (dist.std() + 1e-8) / self.w_pos_temp) ** 2
             self._pos_cache[key] = logits.softmax(0).to(device=key[0], dtype=dtype)
         return self._pos_cache[key]
 
