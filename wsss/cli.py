@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -57,13 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(err: OSError) -> str:
+    """One line for a failed file operation: what, which file, and what to do for the common cases."""
+    what = err.strerror or str(err) or type(err).__name__
+    where = f": {err.filename}" if err.filename else ""
+    hint = {
+        errno.ENOSPC: " (the disk is full: free some space and run the command again; finished files are kept)",
+        errno.EDQUOT: " (disk quota exceeded: free some space and run the command again)",
+        errno.EROFS: " (read-only file system: choose a writable folder)",
+        errno.EACCES: " (no permission: choose a folder you can write to)",
+        errno.EPERM: " (no permission: choose a folder you can write to)",
+    }.get(err.errno or 0, "")
+    return f"{what}{where}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"wsss {args.command}: error: {err}", file=sys.stderr)
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, FileNotFoundError) and err.filename:
+            msg = os_error_message(err)
+        print(f"wsss {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only or full disk, permissions: one line, no traceback
+        print(f"wsss {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

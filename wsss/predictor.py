@@ -26,12 +26,12 @@ from torch import Tensor
 
 from wsss.data.io import load_image
 from wsss.data.transforms import denormalize, normalize
+from wsss.engine.distributed import resolve_device
 from wsss.engine.evaluate import crf_seg, multiscale_seg, pad_batch
 from wsss.methods import build_method
 from wsss.methods.base import resize, with_background
 from wsss.model import WSSSNet
 from wsss.refine.labels import cam_to_label
-
 
 MIN_SIDE = 64  # smaller inputs are padded: every backbone's strides and spatial reductions fit 64 px
 
@@ -117,8 +117,7 @@ class Segmenter:
 
     def __init__(self, net: WSSSNet, cfg: Any, class_names: Sequence[str],
                  device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.cfg = cfg
         self.class_names = list(class_names)

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,18 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-from wsss.data.io import DataError, load_image, save_mask
+from wsss.data.io import load_image, save_mask
+from wsss.engine.checkpoint import atomic_write_files
+from wsss.engine.distributed import resolve_device
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+PREDICT_MAX_SIZE = 2048  # `wsss predict` default long side: a 24 MP photo is predicted as 3 MP
 PSEUDO_MAPS = ("pseudo", "aff_par", "refined_par", "cam_par", "cam", "aff", "refined", "seg")
-
-
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_dir_of(checkpoint: str | os.PathLike) -> Path:
@@ -58,23 +55,15 @@ def _setup(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: 
 
     cfg = load_config(config, overrides)
     net, _, names = load_run(checkpoint)
-    dev = _device(device)
+    dev = resolve_device(device)
     net = net.to(dev).eval()
     return cfg, net, build_method(cfg, net), names, dev
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    """``write(tmp)`` to a temp file beside ``path`` (keeping the suffix for format detection), then
-    rename onto ``path``: an interrupted run never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
+    """``write(tmp)`` to a temp file beside ``path`` (same suffix, for format detection), then rename it
+    onto ``path``: an interrupted run never leaves a half-written file under the final name."""
+    atomic_write_files([(path, write)])
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -291,46 +280,118 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files given directly, plus the image files (by extension) of the directories given, sorted."""
-    files: list[Path] = []
-    for item in inputs:
+    return [f for f, _ in _listed(inputs)]
+
+
+def _listed(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, int]]:
+    """(file, index of the input argument it came from), directories listed by extension, sorted; a
+    file given twice is listed once."""
+    files: dict[Path, tuple[Path, int]] = {}
+    for i, item in enumerate(inputs):
         p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-        else:
-            files.append(p)
-    return files
+        found = ([f for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+                 if p.is_dir() else [p])
+        for f in found:
+            files.setdefault(f.resolve(), (f, i))
+    return list(files.values())
+
+
+PREDICT_SUFFIXES = (".png", "_overlay.png", ".json")  # the files written per image, after its stem
+
+
+def output_stems(inputs: Sequence[str | os.PathLike], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(image file, output stem) for every image: ``out/<stem>``; where two images share a stem (two
+    folders holding ``a.jpg``, or ``a.jpg`` and ``a.png``) the input folder structure is mirrored,
+    ``out/<folder name>/<stem>``, and the extension kept where that still collides. No two images get
+    one output."""
+    listed = _listed(inputs)
+    labels: dict[int, str] = {}
+    for i, item in enumerate(inputs):  # one sub-folder name per input argument, unique
+        p = Path(item)
+        base = (p if p.is_dir() else p.resolve().parent).name or "input"
+        name, k = base, 2
+        while name in labels.values():
+            name, k = f"{base}_{k}", k + 1
+        labels[i] = name
+
+    def collisions(keys: list[str]) -> set[str]:
+        low = [k.lower() for k in keys]  # case-insensitive file systems
+        return {k for k, lk in zip(keys, low) if low.count(lk) > 1}
+
+    keys = [f.stem for f, _ in listed]
+    clash = collisions(keys)
+    keys = [f"{labels[i]}/{f.stem}" if k in clash else k for (f, i), k in zip(listed, keys)]
+    clash = collisions(keys)
+    keys = [f"{k}_{f.suffix.lstrip('.').lower()}" if k in clash else k for (f, _), k in zip(listed, keys)]
+    return [(f, out_dir / k) for (f, _), k in zip(listed, keys)]
+
+
+def check_predict_out(inputs: Sequence[str | os.PathLike], pairs: Sequence[tuple[Path, Path]],
+                      out_dir: Path) -> None:
+    """Refuse an ``--out`` that is an existing file, an input folder, or where an output would replace
+    an input image; then create it and check that it is writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file, not a folder")
+    out_res = out_dir.resolve()
+    for item in inputs:
+        if Path(item).is_dir() and Path(item).resolve() == out_res:
+            raise ValueError(f"--out {out_dir} is the input folder {item}: the masks would be written among "
+                             f"(and could replace) your images; choose another folder")
+    sources = {f.resolve() for f, _ in pairs}
+    for _, stem in pairs:
+        for suffix in PREDICT_SUFFIXES:
+            target = Path(f"{stem}{suffix}")
+            if target.resolve() in sources:
+                raise ValueError(f"--out {out_dir}: an output would replace the input image {target}; "
+                                 f"choose another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PermissionError(13, "cannot write to the output folder (permission denied)", str(out_dir))
+
+
+def _save_prediction(f: Path, stem: Path, pred: Any) -> None:
+    """Mask PNG, overlay PNG and JSON of one image, all or nothing (a full disk leaves none)."""
+    mask, overlay = pred.mask.astype(np.uint8), pred.overlay()
+    text = json.dumps({"image": str(f), **pred.to_json()}, indent=2)
+    atomic_write_files([
+        (Path(f"{stem}.png"), lambda t: save_mask(t, mask)),
+        (Path(f"{stem}_overlay.png"), lambda t: Image.fromarray(overlay).save(t)),
+        (Path(f"{stem}.json"), lambda t: Path(t).write_text(text)),
+    ])
 
 
 def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 labels: str | None = None, crf: bool = False, device: str | None = None,
-                scales: Sequence[float] | None = None, flip: bool | None = None) -> int:
-    """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed."""
+                scales: Sequence[float] | None = None, flip: bool | None = None,
+                max_size: int | None = None, progress: bool | None = None) -> int:
+    """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed (each named
+    on stderr; the others are still predicted). ``max_size``: long side of the copy predicted (the
+    results are mapped back to the original size); None = full resolution."""
     from wsss.predictor import Segmenter
 
+    out_dir = Path(out)
+    pairs = output_stems(inputs, out_dir)
+    if not pairs:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    check_predict_out(inputs, pairs, out_dir)
     seg = Segmenter.from_pretrained(checkpoint, device=device)
     if labels:
         seg.label_vector(labels)  # unknown names fail before any image
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    files = list_images(inputs)
-    if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
-    for f in files:
+    bar = tqdm(pairs, desc="predict", unit="image", disable=(not progress) if progress is not None else None)
+    for f, stem in bar:
         try:
-            image = load_image(f)
-        except DataError as err:
-            print(f"wsss predict: error: {err}", file=sys.stderr)
+            pred = seg.predict(load_image(f), labels=labels, scales=scales, flip=flip, crf=crf,
+                               max_size=max_size)
+        except (ValueError, RuntimeError) as err:  # unreadable, too small, out of memory: the next one
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            bar.write(f"wsss predict: error: {msg if str(f) in msg else f'{f}: {msg}'}", file=sys.stderr)
             failed += 1
             continue
-        pred = seg.predict(image, labels=labels, scales=scales, flip=flip, crf=crf)
-        stem = out_dir / f.stem
-        mask, overlay = pred.mask.astype(np.uint8), pred.overlay()
-        _atomic_write(stem.with_suffix(".png"), lambda t, m=mask: save_mask(t, m), ".png")
-        _atomic_write(Path(f"{stem}_overlay.png"), lambda t, o=overlay: Image.fromarray(o).save(t), ".png")
-        _write_json(stem.with_suffix(".json"), {"image": str(f), **pred.to_json()})
-    print(f"predict: {len(files) - failed} of {len(files)} images -> {out_dir}"
-          + (f" ({failed} unreadable)" if failed else ""))
+        _save_prediction(f, stem, pred)
+    bar.close()
+    print(f"predict: {len(pairs) - failed} of {len(pairs)} images -> {out_dir}"
+          + (f" ({failed} failed)" if failed else ""))
     return failed
 
 
@@ -366,7 +427,8 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     failed = run_predict(args.checkpoint, args.images, args.out, labels=args.labels, crf=args.crf,
-                         device=args.device, scales=args.scales, flip=args.flip)
+                         device=args.device, scales=args.scales, flip=args.flip,
+                         max_size=args.max_size or None)
     return 1 if failed else 0
 
 
@@ -412,4 +474,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--labels", default=None, help="comma-separated class names (default: the classifier's)")
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    p.add_argument("--max-size", type=int, default=PREDICT_MAX_SIZE,
+                   help="predict on a copy whose long side is at most this many pixels; the masks are mapped "
+                        f"back to the original size (default {PREDICT_MAX_SIZE}; 0 = full resolution)")
     p.set_defaults(fn=_crf_guard(cmd_predict))
