@@ -20,14 +20,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wsss.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss.engine.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, methods=args.methods)
+    run_demo(args.out, quick=args.quick, methods=args.methods, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config")
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an out_dir holding a run (its checkpoints, model, logs are removed)")
     p.set_defaults(fn=cmd_train)
 
     # evaluate / pseudo-labels / predict live with the inference engine, analyze / report with
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -63,7 +68,7 @@ def os_error_message(err: OSError) -> str:
     what = err.strerror or str(err) or type(err).__name__
     where = f": {err.filename}" if err.filename else ""
     hint = {
-        errno.ENOSPC: " (the disk is full: free some space and run the command again; finished files are kept)",
+        errno.ENOSPC: " (the disk is full: free some space and run it again; finished files are kept)",
         errno.EDQUOT: " (disk quota exceeded: free some space and run the command again)",
         errno.EROFS: " (read-only file system: choose a writable folder)",
         errno.EACCES: " (no permission: choose a folder you can write to)",

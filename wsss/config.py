@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Every key a config may set, with the defaults of the official AFA VOC recipe where one exists.
 DEFAULTS: dict[str, Any] = {

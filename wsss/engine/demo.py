@@ -44,14 +44,26 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
 
 
 def run_demo(
-    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None
+    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
+    resume: bool = False, overwrite: bool = False,
 ) -> dict[str, Any]:
-    from wsss.engine.train import train
+    """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
+    are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
+    is trained again. Without either, an ``out`` that holds a method's run is an error."""
+    from wsss.engine.train import RUN_FILES, train
 
     out = Path(out)
     data_root = out / "data"
     summary: dict[str, Any] = {}
-    for method in methods or list(DEMO_CONFIGS):
+    methods = list(methods or DEMO_CONFIGS)
+    unknown = [m for m in methods if m not in DEMO_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(DEMO_CONFIGS)}")
+    used = [m for m in methods if any((out / m / n).exists() for n in RUN_FILES)]
+    if used and not (resume or overwrite):  # checked before any method trains
+        raise ValueError(f"{out} already holds demo runs ({', '.join(used)}): pass --resume to keep them "
+                         f"and continue, --overwrite to train them again, or choose another --out")
+    for method in methods:
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
         if quick:
             overrides += [
@@ -64,7 +76,12 @@ def run_demo(
             ]
         cfg = load_config(DEMO_CONFIGS[method], overrides)
         t0 = time.time()
-        results = train(cfg)
+        done = out / method / "metrics.json"
+        if resume and done.is_file() and (out / method / "model").is_dir():
+            results = json.loads(done.read_text())["eval"]  # finished before: keep it
+            print(f"demo: {method} already trained in {out / method} (--resume)")
+        else:
+            results = train(cfg, resume=resume, overwrite=overwrite)
         pseudo_key = PSEUDO_MAP[method]
         summary[method] = {
             "config": DEMO_CONFIGS[method],

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -210,12 +211,53 @@ def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.
     return maps[map_name][0], scores
 
 
+MANIFEST = "manifest.json"
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and values; the file format does not matter)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def claim_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out_dir`` the folder of the pseudo labels that ``manifest`` describes (model weights, map,
+    settings). Label files already there are reused only when its manifest is the same; files of another
+    model, map or setting (or of unknown origin) are an error naming what differs, unless ``overwrite``
+    (then every label is written again). The manifest is written before any label."""
+    path = out_dir / MANIFEST
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file, not a folder")
+    old: dict[str, Any] | None = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+    labels_there = out_dir.is_dir() and any(out_dir.glob("*.png"))
+    if not overwrite and (old is not None or labels_there) and old != manifest:
+        if old is None:
+            why = "label PNGs without a manifest (written by something else)"
+        else:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            why = f"pseudo labels of other settings (differing: {', '.join(diff)})"
+        raise ValueError(f"--out {out_dir} holds {why}: choose another folder, or pass --overwrite to "
+                         f"write every label again")
+    _write_json(path, manifest)
+
+
 def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
                       split: str, out: str | os.PathLike, map_name: str = "pseudo", logits: bool = False,
                       logit_stride: int = 4, scales: Sequence[float] | None = None, flip: bool | None = None,
-                      max_images: int | None = None, device: str | None = None, verbose: bool = True
-                      ) -> dict[str, Any]:
-    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary."""
+                      max_images: int | None = None, device: str | None = None, verbose: bool = True,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable: labels of the same model and
+    settings, per ``<out>/manifest.json``, are kept); returns the summary. ``overwrite``: write every
+    label again, whatever the folder holds."""
+    from wsss.config import to_dict
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import num_images
 
@@ -229,14 +271,19 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
         raise ValueError(f"--logit-stride must be >= 1, got {stride}")
     dataset = build_dataset(cfg.data, split=split, train=False)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    c = to_dict(cfg)
+    manifest = {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales_l, "flip": flip_b,
+                "logit_stride": stride if logits else None, "method": c["method"],
+                "settings": {k: c[k] for k in ("cam", "par", "afa", "aream")},
+                "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+    claim_out_dir(out_dir, manifest, overwrite)
     n = num_images(dataset, max_images)
     written, skipped, counts = 0, 0, np.zeros(256, dtype=np.int64)
     t0 = time.time()
     for idx in range(n):
         name = dataset.names[idx]
         png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-        if _readable(png) and (not logits or _readable(npz)):
+        if not overwrite and _readable(png) and (not logits or _readable(npz)):
             skipped += 1
             continue
         sample = dataset[idx]
@@ -421,7 +468,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     run_pseudo_labels(args.config, args.checkpoint, args.overrides, args.split, args.out, map_name=args.map,
                       logits=args.logits, logit_stride=args.logit_stride, scales=args.scales, flip=args.flip,
-                      max_images=args.max_images, device=args.device)
+                      max_images=args.max_images, device=args.device, overwrite=args.overwrite)
     return 0
 
 
@@ -465,6 +512,8 @@ def add_parsers(sub: Any) -> None:
                         "cam_par, seg, ...")
     p.add_argument("--logits", action="store_true", help="also write <name>.npz with float16 scores")
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write every label again (--out holds labels of another model, map or setting)")
     p.add_argument("--max-images", type=int, default=None)
     p.set_defaults(fn=_crf_guard(cmd_pseudo_labels))
 
