@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from wsss import cli
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
@@ -86,7 +86,8 @@ def test_pseudo_labels_detect_stale_outputs(tiny_synthetic: Path, tmp_path: Path
         run_pseudo_labels(CFG, releases[1], over, "val", out, map_name="cam", verbose=False)
     with pytest.raises(ValueError, match="other settings.*map"):
         run_pseudo_labels(CFG, releases[0], over, "val", out, map_name="cam_par", verbose=False)
-    assert run_pseudo_labels(CFG, releases[0], over, "val", out, map_name="cam", verbose=False)["written"] == 0
+    again = run_pseudo_labels(CFG, releases[0], over, "val", out, map_name="cam", verbose=False)
+    assert again["written"] == 0 and again["skipped_existing"] == 3
     s2 = run_pseudo_labels(CFG, releases[1], over, "val", out, map_name="cam", verbose=False, overwrite=True)
     assert s2["written"] == 3 and s2["skipped_existing"] == 0
     assert load_mask(out / f"{s_name(out)}.png", 256).shape == first.shape
