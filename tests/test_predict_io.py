@@ -164,6 +164,7 @@ def test_out_file_read_only_and_full_disk(models: dict, tmp_path: Path, capsys, 
 
     real_access = infer.os.access
     monkeypatch.setattr(infer.os, "access", lambda p, m: False if Path(p).name == "ro" else real_access(p, m))
+    (tmp_path / "ro").mkdir()
     assert cli.main([*base, str(tmp_path / "ro")]) == 1
     err = capsys.readouterr().err
     assert "permission denied" in err and "ro" in err and "Traceback" not in err

@@ -141,3 +141,19 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tiny_synthetic: Pa
     assert cli.main(["train", CFG, *args, "--resume"]) == 0
     assert find_latest(run / "checkpoints").name == "ckpt_00000003.pt"
     assert np.isfinite(json.loads((run / "metrics.json").read_text())["iterations"])
+
+
+def test_read_only_or_blocked_run_folder_is_one_line(tiny_synthetic: Path, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).name == "ro" else real_access(p, m))
+    assert cli.main(["train", CFG, *tiny_overrides(tiny_synthetic, ro / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and str(ro) in err and "Traceback" not in err
+    assert not (ro / "run").exists()
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train", CFG, *tiny_overrides(tiny_synthetic, tmp_path / "file" / "run")]) == 1
+    assert "a file is in the way" in capsys.readouterr().err

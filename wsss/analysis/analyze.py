@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.analysis.hellinger import layer_hellinger
+from wsss.engine.distributed import resolve_device
 from wsss.engine.evaluate import num_images, pad_batch
 from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
 from wsss.model import WSSSNet
@@ -696,7 +697,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from wsss.data.build import build_dataset
 
     cfg = load_config(args.config, args.overrides)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     net, cfg, _ = load_model(args.checkpoint, cfg, device)
     split = args.split or str(cfg.eval.get("split") or cfg.data.val_split)
     dataset = build_dataset(cfg.data, split=split, train=False)

@@ -11,6 +11,7 @@ The release format is a directory with ``model.safetensors`` + ``config.json``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -115,6 +116,19 @@ def atomic_write_files(items: Sequence[tuple[str | os.PathLike, Callable[[str], 
     for directory in dict.fromkeys(p.parent for p in paths):
         _fsync_dir(directory)
     return paths
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise an ``OSError`` naming the folder when ``directory`` (or, when it does not exist yet, the
+    nearest folder above it) cannot be written: read-only, no permission, or a file in the way."""
+    p = Path(directory).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the output folder", str(p))
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot write to the folder (read-only or permission denied)",
+                              str(p))
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsss.data.io import load_image, save_mask
-from wsss.engine.checkpoint import atomic_write_files
+from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.distributed import resolve_device
 from wsss.refine.crf import CRFUnavailableError
 
@@ -237,6 +237,7 @@ def claim_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> N
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = {}
+    check_writable(out_dir)
     labels_there = out_dir.is_dir() and any(out_dir.glob("*.png"))
     if not overwrite and (old is not None or labels_there) and old != manifest:
         if old is None:
@@ -391,9 +392,8 @@ def check_predict_out(inputs: Sequence[str | os.PathLike], pairs: Sequence[tuple
             if target.resolve() in sources:
                 raise ValueError(f"--out {out_dir}: an output would replace the input image {target}; "
                                  f"choose another folder")
+    check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise PermissionError(13, "cannot write to the output folder (permission denied)", str(out_dir))
 
 
 def _save_prediction(f: Path, stem: Path, pred: Any) -> None:

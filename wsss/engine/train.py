@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from wsss.config import to_dict
 from wsss.data.build import build_dataset, build_loader
-from wsss.engine.checkpoint import export_model, find_latest, load_training_state, save_training_state
+from wsss.engine.checkpoint import (
+    check_writable,
+    export_model,
+    find_latest,
+    load_training_state,
+    save_training_state,
+)  # fmt: skip
 from wsss.engine.distributed import DistInfo, cleanup, convert_sync_bn, init_distributed, seed_everything
 from wsss.engine.evaluate import evaluate, miou_table
 from wsss.engine.optim import build_optimizer, build_scheduler
@@ -95,6 +101,7 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     found = [n for n in RUN_FILES if (out_dir / n).exists()]
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is an existing file, not a folder")
+    check_writable(out_dir)
     if resume:
         if find_latest(out_dir / "checkpoints") is None:
             print(f"wsss train: --resume: no checkpoint in {out_dir / 'checkpoints'}; starting from "
