@@ -152,6 +152,7 @@ def test_device_errors_are_one_line(models: dict, tmp_path: Path, capsys) -> Non
                          str(tmp_path / "o"), "--device", dev])
         err = capsys.readouterr().err
         assert code == 2 and what in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()  # refused before any output
 
 
 def test_out_file_read_only_and_full_disk(models: dict, tmp_path: Path, capsys, monkeypatch) -> None:

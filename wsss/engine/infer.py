@@ -376,8 +376,8 @@ def output_stems(inputs: Sequence[str | os.PathLike], out_dir: Path) -> list[tup
 
 def check_predict_out(inputs: Sequence[str | os.PathLike], pairs: Sequence[tuple[Path, Path]],
                       out_dir: Path) -> None:
-    """Refuse an ``--out`` that is an existing file, an input folder, or where an output would replace
-    an input image; then create it and check that it is writable."""
+    """Refuse an ``--out`` that is an existing file, an input folder, a folder that cannot be written, or
+    where an output would replace an input image (nothing is created here)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file, not a folder")
     out_res = out_dir.resolve()
@@ -393,7 +393,6 @@ def check_predict_out(inputs: Sequence[str | os.PathLike], pairs: Sequence[tuple
                 raise ValueError(f"--out {out_dir}: an output would replace the input image {target}; "
                                  f"choose another folder")
     check_writable(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _save_prediction(f: Path, stem: Path, pred: Any) -> None:
@@ -421,9 +420,10 @@ def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLik
     if not pairs:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     check_predict_out(inputs, pairs, out_dir)
-    seg = Segmenter.from_pretrained(checkpoint, device=device)
+    seg = Segmenter.from_pretrained(checkpoint, device=resolve_device(device))  # a bad device: before loading
     if labels:
         seg.label_vector(labels)  # unknown names fail before any image
+    out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     bar = tqdm(pairs, desc="predict", unit="image", disable=(not progress) if progress is not None else None)
     for f, stem in bar:
