@@ -206,6 +206,8 @@ class Rule:
         if kind == "bool":
             return None if isinstance(v, bool) else "true or false"
         if kind == "str":
+            if not self.choices and isinstance(v, _NUM) and not isinstance(v, bool):
+                return None  # a name such as name=2024 (read as a number); code reads it with str()
             if not isinstance(v, str):
                 return "a string"
             return None if not self.choices or v in self.choices else f"one of {', '.join(self.choices)}"
