@@ -183,3 +183,19 @@ def test_out_file_read_only_and_full_disk(models: dict, tmp_path: Path, capsys, 
     err = capsys.readouterr().err
     assert code == 1 and "disk is full" in err and "Traceback" not in err and calls["n"] == 1
     assert [p.name for p in out.iterdir()] == []  # no mask without its overlay and JSON, no temp file
+
+
+def test_batching_by_size_gives_the_same_outputs(models: dict, tmp_path: Path) -> None:
+    imgs = tmp_path / "imgs"
+    for i, (h, w) in enumerate([(40, 40), (40, 40), (40, 40), (32, 48), (40, 40)]):
+        _photo(imgs / f"p{i}.png", h, w, i)
+    (imgs / "p2b.png").write_bytes(b"broken")  # sorted between p2 and p3: breaks a group
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert run_predict(models["cam"], [imgs], one, device="cpu", progress=False) == 1
+    assert run_predict(models["cam"], [imgs], three, device="cpu", progress=False, batch_size=3) == 1
+    for i in range(5):
+        np.testing.assert_array_equal(load_mask(one / f"p{i}.png", 256), load_mask(three / f"p{i}.png", 256))
+        a, b = (json.loads((d / f"p{i}.json").read_text()) for d in (one, three))
+        assert a["present"] == b["present"]
+        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), atol=1e-5)
+    assert not (three / "p2b.png").exists()

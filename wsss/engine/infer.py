@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,15 +406,58 @@ def _save_prediction(f: Path, stem: Path, pred: Any) -> None:
     ])
 
 
+def _size_groups(pairs: Sequence[tuple[Path, Path]], batch_size: int
+                 ) -> Iterator[list[tuple[Path, Path, np.ndarray | Exception]]]:
+    """Consecutive images of one size, at most ``batch_size`` at a time, as ``(file, stem, uint8 image)``;
+    an unreadable file comes alone with its error in place of the image."""
+    group: list[tuple[Path, Path, np.ndarray | Exception]] = []
+    for f, stem in pairs:
+        try:
+            item: np.ndarray | Exception = load_image(f)
+        except (ValueError, OSError) as err:
+            item = err
+        if group and (isinstance(item, Exception) or len(group) >= batch_size
+                      or group[0][2].shape != item.shape):  # type: ignore[union-attr]
+            yield group
+            group = []
+        group.append((f, stem, item))
+        if isinstance(item, Exception):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _predict_group(seg: Any, group: list[tuple[Path, Path, Any]], opts: dict[str, Any]) -> list[Any]:
+    """Predictions (or the error of each image that failed) of one size group: one batch, and image by
+    image when the batch fails, so that the error names its file."""
+    if not isinstance(group[0][2], Exception):
+        try:
+            return seg.predict_batch([im for _, _, im in group], **opts)
+        except (ValueError, RuntimeError) as err:
+            if len(group) == 1:
+                return [err]
+    out: list[Any] = []
+    for _, _, im in group:
+        try:
+            out.append(im if isinstance(im, Exception) else seg.predict(im, **opts))
+        except (ValueError, RuntimeError) as err:  # too small, out of memory, ...: the next one
+            out.append(err)
+    return out
+
+
 def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 labels: str | None = None, crf: bool = False, device: str | None = None,
                 scales: Sequence[float] | None = None, flip: bool | None = None,
-                max_size: int | None = None, progress: bool | None = None) -> int:
+                max_size: int | None = None, progress: bool | None = None, batch_size: int = 1) -> int:
     """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed (each named
     on stderr; the others are still predicted). ``max_size``: long side of the copy predicted (the
-    results are mapped back to the original size); None = full resolution."""
+    results are mapped back to the original size); None = full resolution. ``batch_size``: consecutive
+    images of one size are predicted together, up to this many."""
     from wsss.predictor import Segmenter
 
+    if int(batch_size) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     out_dir = Path(out)
     pairs = output_stems(inputs, out_dir)
     if not pairs:
@@ -424,18 +467,19 @@ def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLik
     if labels:
         seg.label_vector(labels)  # unknown names fail before any image
     out_dir.mkdir(parents=True, exist_ok=True)
+    opts = {"labels": labels, "scales": scales, "flip": flip, "crf": crf, "max_size": max_size}
     failed = 0
-    bar = tqdm(pairs, desc="predict", unit="image", disable=(not progress) if progress is not None else None)
-    for f, stem in bar:
-        try:
-            pred = seg.predict(load_image(f), labels=labels, scales=scales, flip=flip, crf=crf,
-                               max_size=max_size)
-        except (ValueError, RuntimeError) as err:  # unreadable, too small, out of memory: the next one
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            bar.write(f"wsss predict: error: {msg if str(f) in msg else f'{f}: {msg}'}", file=sys.stderr)
-            failed += 1
-            continue
-        _save_prediction(f, stem, pred)
+    bar = tqdm(total=len(pairs), desc="predict", unit="image",
+               disable=(not progress) if progress is not None else None)
+    for group in _size_groups(pairs, int(batch_size)):
+        for (f, stem, _), pred in zip(group, _predict_group(seg, group, opts)):
+            if isinstance(pred, Exception):
+                msg = str(pred).splitlines()[0] if str(pred) else type(pred).__name__
+                bar.write(f"wsss predict: error: {msg if str(f) in msg else f'{f}: {msg}'}", file=sys.stderr)
+                failed += 1
+            else:
+                _save_prediction(f, stem, pred)
+            bar.update(1)
     bar.close()
     print(f"predict: {len(pairs) - failed} of {len(pairs)} images -> {out_dir}"
           + (f" ({failed} failed)" if failed else ""))
@@ -475,7 +519,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     failed = run_predict(args.checkpoint, args.images, args.out, labels=args.labels, crf=args.crf,
                          device=args.device, scales=args.scales, flip=args.flip,
-                         max_size=args.max_size or None)
+                         max_size=args.max_size or None, batch_size=args.batch_size)
     return 1 if failed else 0
 
 
@@ -526,4 +570,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-size", type=int, default=PREDICT_MAX_SIZE,
                    help="predict on a copy whose long side is at most this many pixels; the masks are mapped "
                         f"back to the original size (default {PREDICT_MAX_SIZE}; 0 = full resolution)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="predict consecutive images of one size together, up to this many (default 1)")
     p.set_defaults(fn=_crf_guard(cmd_predict))
