@@ -8,6 +8,7 @@ training is needed) predicts one random photo of 0.5, 2 or 12 MP at full resolut
     python benchmarks/bench_predict.py                       # 0.5, 2 and 12 MP, CPU
     python benchmarks/bench_predict.py --only 2mp --device cuda
     python benchmarks/bench_predict.py --max-size 2048       # what `wsss predict` does by default
+    python benchmarks/bench_predict.py --config afa_hybrid_lite0_synthetic   # the hybrid demo backbone
 
 Peak memory is the process's peak resident set (CPU) or ``torch.cuda.max_memory_allocated``
 (CUDA); "model" is the resident set after building the model, before predicting.
@@ -24,7 +25,7 @@ import time
 
 # name: (height, width)
 CASES = {"0.5mp": (540, 960), "2mp": (1080, 1920), "12mp": (3000, 4000)}
-CONFIG = "afa_mit_tiny_synthetic"
+CONFIG = "afa_mit_tiny_synthetic"  # the scratch demo's AFA model (MiT, full attention in its last stage)
 
 
 def _rss_mb() -> float:
@@ -32,7 +33,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def child(name: str, device: str, max_size: int | None) -> dict:
+def child(name: str, device: str, max_size: int | None, config: str = CONFIG) -> dict:
     import numpy as np
     import torch
 
@@ -42,7 +43,7 @@ def child(name: str, device: str, max_size: int | None) -> dict:
     from wsss.predictor import Segmenter
 
     torch.manual_seed(0)
-    cfg = load_config(CONFIG)
+    cfg = load_config(config)
     c = int(cfg.data.num_classes)
     seg = Segmenter(build_model(cfg.model, c - 1, "afa"), cfg, class_names_for(c), device=device)
     seg.net.cam_head.classifier.weight.data.fill_(0.05)  # every class scored present: the worst case
@@ -59,7 +60,7 @@ def child(name: str, device: str, max_size: int | None) -> dict:
     assert pred.mask.shape == (h, w)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"case": name, "pixels_mp": h * w / 1e6, "max_size": max_size, "device": device,
+    return {"case": name, "config": config, "pixels_mp": h * w / 1e6, "max_size": max_size, "device": device,
             "model_mb": round(model_mb), "peak_mb": round(peak), "seconds": round(seconds, 2),
             "present": pred.present()}
 
@@ -69,15 +70,17 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=list(CASES), default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-size", type=int, default=None)
+    ap.add_argument("--config", default=CONFIG, help="an AFA config (the model is built, not trained)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.device, args.max_size)))
+        print(json.dumps(child(args.child, args.device, args.max_size, args.config)))
         return
+    print(f"config: {args.config}")
     print("| case | MP | max-size | device | model MB | peak MB | MB per MP | seconds |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for name in args.only or list(CASES):
-        cmd = [sys.executable, __file__, "--child", name, "--device", args.device]
+        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--config", args.config]
         if args.max_size:
             cmd += ["--max-size", str(args.max_size)]
         res = subprocess.run(cmd, capture_output=True, text=True)

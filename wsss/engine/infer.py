@@ -61,14 +61,14 @@ def _setup(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: 
     return cfg, net, build_method(cfg, net), names, dev
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temp file beside ``path`` (same suffix, for format detection), then rename it
     onto ``path``: an interrupted run never leaves a half-written file under the final name."""
     atomic_write_files([(path, write)])
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)), ".json")
+    _atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,13 +291,13 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
         label, scores = _label_and_scores(method, net, sample["image"][None].to(dev),
                                           sample["labels"][None].to(dev), map_name, scales_l, flip_b, logits)
         lab = label.cpu().numpy().astype(np.uint8)
-        _atomic_write(png, lambda t, lab=lab: save_mask(t, lab), ".png")
+        _atomic_write(png, lambda t, lab=lab: save_mask(t, lab))
         if logits:
             small = downscale(scores, stride).half().cpu().numpy()
             kind = "seg_logits" if map_name == "seg" else "cam"
             arrays = {"logits": small, "size": np.asarray(lab.shape), "stride": np.asarray(stride),
                       "kind": np.asarray(kind)}
-            _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a), ".npz")
+            _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a))
         counts += np.bincount(lab.reshape(-1), minlength=256)
         written += 1
         if verbose and written % 50 == 0:
