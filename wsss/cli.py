@@ -54,12 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
     p.set_defaults(fn=cmd_demo)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--threads", type=int, default=None, metavar="N",
+            help="CPU threads for torch (default: the config's 'threads', else torch's default of one per "
+                 "core); on a machine where other processes are busy, 1 or 2 is much faster",
+        )
     return parser
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: set it now and pass it on as the ``threads=N`` override of a config command."""
+    from wsss.engine.distributed import set_threads
+
+    if args.threads is None:
+        return
+    set_threads(args.threads)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, f"threads={args.threads}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(args)
         return int(args.fn(args) or 0)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"wsss {args.command}: error: {err}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 Images are evaluated at full resolution one at a time (their sizes differ), padded to a multiple
 of 16 for the backbone and cropped back. Confusion matrices accumulate on the device and are
-all-reduced under DDP. Ignored pixels of a pseudo label (255) are left out of its confusion
-matrix, and the share of ground-truth pixels it covers is reported next to its mIoU.
+all-reduced under DDP. A pseudo label's uncertain pixels (255) are scored both ways: left out
+('pseudo', with the share of ground-truth pixels it covers) and counted as wrong ('pseudo_strict',
+the rule of a scorer that knows no ignore value in predictions).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -19,6 +21,11 @@ from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
 from wsss.methods.base import Method, resize, scale_size
 from wsss.model import WSSSNet
+
+
+# How a map's mIoU treats its uncertain pixels (printed in the tables).
+MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
+             "pseudo_strict": "the pseudo label with its uncertain (255) pixels counted as wrong"}
 
 
 def num_images(dataset: Any, max_images: int | None) -> int:
@@ -33,12 +40,14 @@ def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
 
 @torch.no_grad()
 def predict_maps(
-    method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool
+    method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool,
+    maps: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size."""
+    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size; only the named
+    ``maps`` are computed (None: every map of the method)."""
     x, (h, w) = pad_batch(image)
-    maps = method.predict(net, x, denormalize(x), labels, scales, flip)
-    return {k: v[:, :h, :w] for k, v in maps.items()}
+    out = method.predict(net, x, denormalize(x), labels, scales, flip, maps=maps)
+    return {k: v[:, :h, :w] for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -143,6 +152,8 @@ def evaluate(
         for name, pred in maps.items():
             target = gt
             if name == "pseudo":
+                # 255 is out of range for the confusion matrix: a miss of the ground-truth class
+                cms.setdefault("pseudo_strict", ConfusionMatrix(num_classes, device=device)).update(pred, gt)
                 valid = gt != 255
                 covered += torch.stack([(valid & (pred != 255)).sum(), valid.sum()]).double()
                 target = gt.masked_fill(pred == 255, 255)
@@ -187,6 +198,8 @@ def miou_table(results: dict[str, Any]) -> str:
     for name, res in results.items():
         if name.startswith("_"):
             continue
-        note = f"coverage {res['coverage']:.1%}" if "coverage" in res else ""
+        note = MAP_NOTES.get(name, "")
+        if "coverage" in res:
+            note = f"coverage {res['coverage']:.1%}; {note}"
         rows.append(f"| {name} | {100 * res['miou']:.2f} | {100 * res['pixel_acc']:.2f} | {note} |")
     return "\n".join(rows)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wsss.data.io import DataError, load_image, save_mask
+from wsss.data.io import DataError, load_image, load_mask, save_mask
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -48,19 +48,35 @@ def run_dir_of(checkpoint: str | os.PathLike) -> Path:
     return p
 
 
-def _setup(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
+def _setup(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str],
            device: str | None) -> tuple[Any, Any, Any, list[str], torch.device]:
-    """(cfg, net on device, method, class names, device): the config of the command line, the weights
-    (and architecture) of the checkpoint."""
-    from wsss.config import load_config
+    """(cfg, net on device, method, class names, device): the checkpoint's weights and its run's config
+    (data, classes, method, model), with ``config``'s other settings and the overrides on top
+    (:func:`wsss.config.run_config`)."""
+    from wsss.config import run_config, split_config_arg
+    from wsss.engine.distributed import set_threads
     from wsss.hub import load_run
     from wsss.methods import build_method
 
-    cfg = load_config(config, overrides)
-    net, _, names = load_run(checkpoint)
+    config, overrides = split_config_arg(None if config is None else str(config), overrides)
+    net, run_cfg, names = load_run(checkpoint)
+    cfg = run_config(run_cfg, config, overrides)
+    set_threads(cfg.get("threads"))
     dev = _device(device)
     net = net.to(dev).eval()
     return cfg, net, build_method(cfg, net), names, dev
+
+
+def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: str) -> None:
+    """One-line error when the checkpoint's class count differs from the dataset's."""
+    model_c, data_c = int(net.num_classes) + 1, int(dataset.num_classes)
+    if model_c != data_c:
+        where = getattr(dataset, "root", None) or getattr(dataset, "image_dir", "the dataset")
+        raise ValueError(
+            f"checkpoint {checkpoint} predicts {model_c} classes (background included) but the dataset "
+            f"{where} (split {split}) has {data_c}: use the data the model was trained on "
+            f"(its run's config, without data overrides) or a model trained for {data_c} classes"
+        )
 
 
 def _atomic_write(path: Path, write: Callable[[str], None], suffix: str) -> None:
@@ -87,7 +103,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_evaluate(
-    config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
+    config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
     split: str | None = None, out: str | os.PathLike | None = None, **opts: Any,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` with the protocol of ``config``'s eval section.
@@ -108,6 +124,7 @@ def run_evaluate(
     sweep = bool(ev.sweep if opts.get("sweep") is None else opts["sweep"])
     max_images = opts.get("max_images") if opts.get("max_images") is not None else ev.max_images
     dataset = build_dataset(cfg.data, split=split, train=False)
+    check_classes(net, dataset, checkpoint, split)
     t0 = time.time()
     res = evaluate(method, net, dataset, int(dataset.num_classes), dev, scales=scales, flip=flip,
                    max_images=max_images, crf=crf, sweep=sweep)
@@ -119,7 +136,8 @@ def run_evaluate(
         if not k.startswith("_") and "iou" in v:
             v["per_class"] = {n: (None if x != x else x) for n, x in zip(class_names, v["iou"])}
     res["_protocol"].update({
-        "split": split, "checkpoint": str(Path(checkpoint).resolve()), "config": str(config),
+        "split": split, "checkpoint": str(Path(checkpoint).resolve()),
+        "config": "the run's config" + ("" if config is None else f" + {config} (all but data/model/method)"),
         "overrides": list(overrides), "bkg_score": float(ev.bkg_score),
         "aff_bkg_score": float(ev.aff_bkg_score),
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
@@ -212,45 +230,50 @@ def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.
             return label, None
         x, (h, w) = pad_batch(image)
         return label, multiscale_seg(method, net, x, scales, flip)[0, :, :h, :w]  # type: ignore[index]
-    maps = predict_maps(method, net, image, labels, scales, flip)
-    if map_name not in maps:
-        raise ValueError(
-            f"map '{map_name}' is not produced by method {method.name}; available: {sorted(maps)}"
-        )
+    maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])
     scores = sweep_cam(method, net, image, labels, scales, flip)[0] if want_scores else None
     return maps[map_name][0], scores
 
 
-def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
-                      split: str, out: str | os.PathLike, map_name: str = "pseudo", logits: bool = False,
-                      logit_stride: int = 4, scales: Sequence[float] | None = None, flip: bool | None = None,
-                      max_images: int | None = None, device: str | None = None, verbose: bool = True
-                      ) -> dict[str, Any]:
-    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary."""
+def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.PathLike,
+                      overrides: Sequence[str], split: str, out: str | os.PathLike, map_name: str = "pseudo",
+                      logits: bool = False, logit_stride: int = 4, scales: Sequence[float] | None = None,
+                      flip: bool | None = None, max_images: int | None = None, device: str | None = None,
+                      verbose: bool = True) -> dict[str, Any]:
+    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary.
+
+    Only ``map_name`` is computed. Where the split has ground-truth masks, the written labels (and
+    those already present) are scored against them: uncertain pixels (255) left out, with the
+    coverage, and counted as wrong (``summary["scores"]``).
+    """
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import num_images
 
     cfg, net, method, names, dev = _setup(config, checkpoint, overrides, device)
-    if map_name == "seg" and net.seg_head is None:
-        raise ValueError("--map seg needs a model with a segmentation head")
+    if map_name not in method.map_names(net):
+        raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
+                         f"{', '.join(method.map_names(net))}")
     scales_l = [float(s) for s in (scales or cfg.eval.scales)]
     flip_b = bool(cfg.eval.flip if flip is None else flip)
     stride = int(logit_stride)
     if stride < 1:
         raise ValueError(f"--logit-stride must be >= 1, got {stride}")
     dataset = build_dataset(cfg.data, split=split, train=False)
+    check_classes(net, dataset, checkpoint, split)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = num_images(dataset, max_images)
     written, skipped, counts = 0, 0, np.zeros(256, dtype=np.int64)
+    scorer = LabelScorer(int(dataset.num_classes))
     t0 = time.time()
     for idx in range(n):
         name = dataset.names[idx]
         png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+        sample = dataset[idx]
         if _readable(png) and (not logits or _readable(npz)):
             skipped += 1
+            scorer.update(torch.from_numpy(load_mask(png, int(dataset.num_classes))), sample["mask"])
             continue
-        sample = dataset[idx]
         label, scores = _label_and_scores(method, net, sample["image"][None].to(dev),
                                           sample["labels"][None].to(dev), map_name, scales_l, flip_b, logits)
         lab = label.cpu().numpy().astype(np.uint8)
@@ -262,26 +285,68 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
                       "kind": np.asarray(kind)}
             _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a), ".npz")
         counts += np.bincount(lab.reshape(-1), minlength=256)
+        scorer.update(label.cpu(), sample["mask"])
         written += 1
         if verbose and written % 50 == 0:
             print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
     summary = {
         "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
         "checkpoint": str(Path(checkpoint).resolve()), "config": str(config), "overrides": list(overrides),
-        "scales": scales_l, "flip": flip_b, "image_labels": "ground truth",
+        "scales": scales_l, "flip": flip_b, "image_labels": "ground truth", "ignore_value": 255,
         "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
         "logits": ({"stride": stride, "dtype": "float16",
                     "kind": "seg_logits" if map_name == "seg" else "cam (K, h, w) in [0, 1], masked"}
                    if logits else None),
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
+        "scores": scorer.compute(),
         "seconds": time.time() - t0,
     }
     _write_json(out_dir / "summary.json", summary)
     if verbose:
         print(f"pseudo-labels ({map_name}, {split}): {written} written, {skipped} already present "
               f"-> {out_dir}")
+        if summary["scores"] is not None:
+            print(format_label_scores(summary["scores"], split))
     return summary
+
+
+class LabelScorer:
+    """mIoU (evaluate's rule) of label maps with 255 = uncertain against ground-truth masks, both ways:
+    uncertain pixels left out (with the coverage: the labelled share of valid ground-truth pixels)
+    and counted as wrong. Images without a mask (all 255) add nothing."""
+
+    def __init__(self, num_classes: int) -> None:
+        from wsss.engine.metrics import ConfusionMatrix
+
+        self.left_out = ConfusionMatrix(num_classes)
+        self.wrong = ConfusionMatrix(num_classes)
+        self.labelled, self.valid = 0, 0
+
+    def update(self, label: torch.Tensor, gt: torch.Tensor) -> None:
+        """label, gt: (H, W) integer maps."""
+        label, gt = label.long(), gt.long()
+        valid = gt != 255
+        self.labelled += int((valid & (label != 255)).sum())
+        self.valid += int(valid.sum())
+        self.wrong.update(label, gt)
+        self.left_out.update(label.masked_fill(label == 255, 0), gt.masked_fill(label == 255, 255))
+
+    def compute(self) -> dict[str, Any] | None:
+        """None without ground truth, else miou_left_out, miou_wrong, coverage, per-class IoU lists."""
+        if self.valid == 0:
+            return None
+        a, b = self.left_out.compute(), self.wrong.compute()
+        return {"miou_uncertain_left_out": a["miou"], "miou_uncertain_wrong": b["miou"],
+                "coverage": self.labelled / self.valid, "iou_uncertain_left_out": a["iou"],
+                "iou_uncertain_wrong": b["iou"], "rule": "voc (mean over classes present in the ground truth)"}
+
+
+def format_label_scores(scores: dict[str, Any], split: str) -> str:
+    """One line: both mIoUs and the coverage of written labels."""
+    return (f"scored against the {split} ground truth: mIoU {100 * scores['miou_uncertain_left_out']:.2f} "
+            f"with uncertain (255) pixels left out (coverage {100 * scores['coverage']:.2f}%), "
+            f"{100 * scores['miou_uncertain_wrong']:.2f} with them counted as wrong")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +437,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
-        p.add_argument("config", help="config file or shipped config name (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/VOC2012")
+        p.add_argument("config", nargs="?", default=None,
+                       help="optional: a config whose settings replace the run's, except its data, model "
+                            "and method (default: the checkpoint's run config alone)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. "
+                                                    "eval.max_images=50 or data.root=/other/VOC2012")
     p.add_argument("--checkpoint", required=True,
                    help="release dir (model/), run dir or training checkpoint ckpt_*.pt")
     p.add_argument("--scales", type=float, nargs="+", default=None, help="default: the config's eval.scales")

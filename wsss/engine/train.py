@@ -22,7 +22,14 @@ from tqdm import tqdm
 from wsss.config import to_dict
 from wsss.data.build import build_dataset, build_loader
 from wsss.engine.checkpoint import export_model, find_latest, load_training_state, save_training_state
-from wsss.engine.distributed import DistInfo, cleanup, convert_sync_bn, init_distributed, seed_everything
+from wsss.engine.distributed import (
+    DistInfo,
+    cleanup,
+    convert_sync_bn,
+    init_distributed,
+    seed_everything,
+    set_threads,
+)
 from wsss.engine.evaluate import evaluate, miou_table
 from wsss.engine.optim import build_optimizer, build_scheduler
 from wsss.methods import build_method
@@ -86,8 +93,18 @@ def _writer(out_dir: Path) -> Any:
 def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
     many iterations of this call (used to test kill-and-resume)."""
+    set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
+    # The data is read (and every mask value checked) before the run folder is written.
+    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
+    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    num_classes = int(train_set.num_classes)
+    if int(val_set.num_classes) != num_classes:
+        raise ValueError(f"the train split has {num_classes} classes but the val split {val_set.num_classes}")
+    # The run's config names the classes the dataset gave, so commands on the run need no overrides.
+    cfg = OmegaConf.merge(cfg, {"data": {"num_classes": num_classes,
+                                         "class_names": list(train_set.class_names)}})
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if main:
@@ -96,10 +113,6 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     _setup_logging(out_dir, main)
     seed_everything(int(cfg.seed), dist.rank)
     device = dist.device
-
-    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
-    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
-    num_classes = int(train_set.num_classes)
     loader = build_loader(
         train_set,
         batch_size=int(cfg.data.batch_size),
@@ -124,6 +137,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
         it = int(state["iteration"])
         epoch, pos = int(state["epoch"]), int(state["pos"])
         log.info(f"resumed from {latest} at iteration {it}")
+        if main:
+            truncate_history(out_dir / "history.jsonl", it)
     if main:
         log.info(
             f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
@@ -180,9 +195,10 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
         if it % int(cfg.train.eval_every) == 0 and it < max_iters:
             res = _evaluate(cfg, method, net, val_set, num_classes, dist)
             if main:
-                log.info(
-                    f"iter {it} eval: " + json.dumps({k: v["miou"] for k, v in res.items() if "miou" in v})
-                )
+                line = f"iter {it} eval: " + json.dumps({k: round(v["miou"], 4) for k, v in res.items()
+                                                         if "miou" in v})
+                log.info(line)
+                bar.write(line)
         if stop_after is not None and steps >= stop_after:
             bar.close()
             return {"stopped_at": it}
@@ -196,7 +212,10 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
         )
         summary = {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1), "eval": results}
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info("final evaluation\n" + miou_table(results))
+        table = f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n" \
+            + miou_table(results)
+        log.info(table)
+        print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
         if writer is not None:
             for name, res in results.items():
                 if "miou" in res:
@@ -204,6 +223,24 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
             writer.close()
     cleanup()
     return results
+
+
+def truncate_history(path: Path, iteration: int) -> None:
+    """Drop the records after ``iteration`` (logged by a killed run past its last checkpoint), so that a
+    resumed run never writes an iteration twice. Atomic: the file is replaced, never half-written."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if isinstance(rec, dict) and int(rec.get("iter", 0)) <= iteration:
+            keep.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _checkpoint(
