@@ -32,7 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = root / "data"
     generate_synthetic(data, num_train=4, num_val=3, size=64, num_classes=6)
     over = [f"data.root={data}", f"out_dir={root / 'run'}", "data.num_train=4", "data.num_val=3",
-            "data.size=64", "cam.scales=[1.0]", "par.num_iter=2"]
+            "data.size=64", "data.num_classes=6", "cam.scales=[1.0]", "par.num_iter=2"]
     cfg = load_config(CFG, over)
     torch.manual_seed(0)
     net = build_model(cfg.model, int(cfg.data.num_classes) - 1, str(cfg.method))

@@ -311,7 +311,8 @@ def analyze_dataset(net: WSSSNet, dataset: Any, num_classes: int, cfg: Any | Non
         names = ["cam"] + [f"layer_{i}" for i in layers] + ["fused"]
         maps = normalize_variants(variants, tuple(x.shape[-2:]), size, labels)
         for name, m in zip(names, maps):
-            sweeps.setdefault(name, SweepAccumulator(num_classes, thresholds, protocol=iou)).update(m, labels, gt)
+            acc = sweeps.setdefault(name, SweepAccumulator(num_classes, thresholds, protocol=iou))
+            acc.update(m, labels, gt)
         hell.append(st.hellinger.cpu())
         hell_heads.append(st.hellinger_heads.cpu())
         ent.append(st.entropy.cpu())

@@ -116,7 +116,8 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
                                       seed=seed)
     elif kind == "voc":
         num_classes = _get(cfg_data, "num_classes", None)
-        dataset = VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
+        dataset = VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names,
+                             seed=seed)
     elif kind == "coco":
         dataset = COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
     else:
@@ -140,8 +141,8 @@ def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> S
     if summary.is_file():
         names = json.loads(summary.read_text()).get("class_names")
         if names and list(names) != list(dataset.class_names):
-            raise DataError(f"{summary}: pseudo labels of {len(names)} classes {names[:4]}... but the dataset "
-                            f"has {dataset.num_classes} {list(dataset.class_names)[:4]}...")
+            raise DataError(f"{summary}: pseudo labels of {len(names)} classes {names[:4]}... but the "
+                            f"dataset has {dataset.num_classes} {list(dataset.class_names)[:4]}...")
     pngs = list_stems(folder, (".png",))
     missing = [n for n in dataset.names if n not in pngs]
     if missing:

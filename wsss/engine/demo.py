@@ -2,6 +2,8 @@
 
 1. generate the synthetic VOC-layout dataset (once);
 2. train the CAM baseline, AFA, AReAM and the fully supervised upper bound with the small configs;
+   after AFA, the second stage of the multi-stage recipe: AFA's pseudo labels (``aff_par``) on the
+   train split, then a segmentation network trained on them (``second_stage_mit_tiny_synthetic``);
 3. evaluate each (CAM, refined CAM, pseudo label, segmentation head) on the validation split;
 4. for AFA and AReAM, ``wsss analyze`` on part of the validation split: attention statistics and the
    refinement with the model's own affinity against a perfect one from the ground truth
@@ -22,11 +24,14 @@ from wsss.config import load_config
 DEMO_CONFIGS = {
     "cam": "cam_mit_tiny_synthetic",
     "afa": "afa_mit_tiny_synthetic",
+    "second_stage": "second_stage_mit_tiny_synthetic",  # on AFA's pseudo labels: runs after "afa"
     "aream": "aream_mit_tiny_synthetic",
     "supervised": "supervised_mit_tiny_synthetic",
 }
 # The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
-PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None}
+PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None,
+              "second_stage": None}
+SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
 
@@ -43,6 +48,21 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
                         plots=plots_available() is None)
 
 
+def write_stage_labels(run_dir: Path) -> dict[str, Any]:
+    """``wsss pseudo-labels`` of a finished run on the train split (its PSEUDO_MAP) into
+    ``run_dir/pseudo_train``; returns the folder, the map, the minutes and the scores."""
+    from wsss.engine.infer import run_pseudo_labels
+
+    if not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"the second stage needs the trained {run_dir.name} run first ({run_dir})")
+    t0 = time.time()
+    map_name = PSEUDO_MAP[run_dir.name] or "pseudo"
+    s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
+                          verbose=False)
+    return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": run_dir.name,
+            "minutes": (time.time() - t0) / 60, "scores": s["scores"]}
+
+
 def run_demo(
     out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None
 ) -> dict[str, Any]:
@@ -53,6 +73,10 @@ def run_demo(
     summary: dict[str, Any] = {}
     for method in methods or list(DEMO_CONFIGS):
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
+        labels = None
+        if method == "second_stage":
+            labels = write_stage_labels(out / SECOND_STAGE_FROM)
+            overrides.append(f"data.pseudo_dir={labels['dir']}")
         if quick:
             overrides += [
                 "train.max_iters=4",
@@ -73,6 +97,8 @@ def run_demo(
             "seg_miou": results["seg"]["miou"] if "seg" in results else None,
             "maps": {k: v["miou"] for k, v in results.items() if isinstance(v, dict) and "miou" in v},
         }
+        if labels is not None:
+            summary[method]["train_labels"] = labels
         if method in ANALYZED:
             data = analyze_run(cfg, out / method, 4 if quick else ANALYSIS_IMAGES)
             summary[method]["oracle"] = data.get("oracle")
@@ -103,6 +129,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{pct(s['maps'].get('cam'))} | {s['minutes']:.1f} |"
         )
     notes = [f"- {m}: {oracle_summary(s['oracle'])}" for m, s in summary.items() if s.get("oracle")]
+    for m, s in summary.items():
+        lab = s.get("train_labels")
+        if lab:
+            sc = lab["scores"]
+            rows.append(f"\n{m}: a segmentation network trained on {lab['from']}'s {lab['map']} pseudo "
+                        f"labels of the train split (their train mIoU {pct(sc['miou_uncertain_left_out'])}, "
+                        f"written in {lab['minutes']:.1f} min)")
     if notes:
         head = f"Refinement with the model's affinity vs a perfect one (<= {ANALYSIS_IMAGES} val images):"
         rows += ["", head, *[n.replace("\n", "; ") for n in notes]]

@@ -22,7 +22,6 @@ from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
 from wsss.methods.base import Method, resize, scale_size
 from wsss.model import WSSSNet
 
-
 # How a map's mIoU treats its uncertain pixels (printed in the tables).
 MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
              "pseudo_strict": "the pseudo label with its uncertain (255) pixels counted as wrong"}

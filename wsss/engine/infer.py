@@ -339,7 +339,8 @@ class LabelScorer:
         a, b = self.left_out.compute(), self.wrong.compute()
         return {"miou_uncertain_left_out": a["miou"], "miou_uncertain_wrong": b["miou"],
                 "coverage": self.labelled / self.valid, "iou_uncertain_left_out": a["iou"],
-                "iou_uncertain_wrong": b["iou"], "rule": "voc (mean over classes present in the ground truth)"}
+                "iou_uncertain_wrong": b["iou"],
+                "rule": "voc (mean over classes present in the ground truth)"}
 
 
 def format_label_scores(scores: dict[str, Any], split: str) -> str:
