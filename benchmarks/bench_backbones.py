@@ -34,19 +34,24 @@ class Case:
 
 
 def paper_cases(quick: bool) -> list[Case]:
-    """MiT-B1 at 512 and 320 (AFA, layers 6 and 7); MCTformer-V2-S at 224 and Conformer-S at 384 (AReAM)."""
+    """MiT-B1 at 512 and 320 (AFA, layers 6 and 7); MCTformer-V2-S at 224 and Conformer-S at 384 (AReAM);
+    the hybrid (frozen EfficientNet-Lite0 + 4 blocks) at the demo's 128 px, batch 8, and at 320."""
     every = tuple(range(12))
+    hybrid = (0, 1, 2, 3)
     if quick:
         return [
             Case("mit_b1", 128, (6, 7)),
             Case("mctformer_v2_small", 112, every),
             Case("conformer_s", 128, every),
+            Case("hybrid_lite0_tiny", 128, hybrid),
         ]
     return [
         Case("mit_b1", 512, (6, 7)),
         Case("mit_b1", 320, (6, 7)),
         Case("mctformer_v2_small", 224, every),
         Case("conformer_s", 384, every),
+        Case("hybrid_lite0_tiny", 128, hybrid, batch=8),
+        Case("hybrid_lite0_tiny", 320, hybrid),
     ]
 
 
@@ -56,7 +61,8 @@ def _registry():
 
     from wsss.registry import BACKBONES
 
-    for mod in ("wsss.backbones.mit", "wsss.backbones.vit", "wsss.backbones.conformer"):
+    families = ("mit", "vit", "conformer", "hybrid")
+    for mod in (f"wsss.backbones.{f}" for f in families):
         try:
             importlib.import_module(mod)
         except Exception as err:  # a family still being written must not stop the others

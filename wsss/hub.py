@@ -80,7 +80,8 @@ def is_release_dir(path: Path) -> bool:
 
 
 def _build_and_load(cfg: DictConfig, num_classes: int, sd: Mapping[str, Tensor], source: str) -> WSSSNet:
-    net = build_model(cfg.model, num_classes - 1, str(cfg.method))
+    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": None})  # the trained weights replace them
+    net = build_model(model_cfg, num_classes - 1, str(cfg.method))
     load_into(net, sd, source=source)  # strict: another architecture names its keys
     return net.eval()
 
@@ -229,6 +230,15 @@ def _conformer_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | No
                           f"{stem} matches no Conformer size (conformer_s, conformer_ti, conformer_micro)")
 
 
+def _efficientnet_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    from wsss.backbones.efficientnet import is_efficientnet_lite
+
+    if not is_efficientnet_lite(dict(sd)):
+        return None
+    fc = next((v for k, v in sd.items() if k.endswith("_fc.weight")), None)
+    return "efficientnet_lite0", ({"num_classes": int(fc.shape[0])} if fc is not None else {})
+
+
 def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]]:
     """Family and size of a foreign backbone state dict, from key names and tensor shapes only
     (meta tensors are fine). Returns ``(registered backbone name, builder kwargs)``, e.g.
@@ -236,13 +246,13 @@ def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, An
     from wsss.checkpoint import strip_prefix
 
     sd = strip_prefix(dict(state_dict), "module.")
-    for detect in (_conformer_name, _mit_name, _vit_name):
+    for detect in (_conformer_name, _efficientnet_name, _mit_name, _vit_name):
         found = detect(sd)
         if found is not None:
             return found
     keys = ", ".join(list(sd)[:6])
     raise CheckpointError(f"cannot tell the backbone family of a checkpoint with keys {keys}, ... "
-                          f"(known: MiT/SegFormer, ViT/DeiT/MCTformer, Conformer)")
+                          f"(known: MiT/SegFormer, ViT/DeiT/MCTformer, Conformer, EfficientNet-Lite0)")
 
 
 def load_backbone(path: str | os.PathLike, backbone: str | None = None, **kw: Any) -> nn.Module:

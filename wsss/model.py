@@ -153,6 +153,8 @@ def build_model(model_cfg: Any, num_classes: int, method: str = "afa") -> WSSSNe
 def import_backbones() -> None:
     """Import every backbone family so that its builders are registered."""
     import wsss.backbones.conformer  # noqa: F401
+    import wsss.backbones.efficientnet  # noqa: F401
+    import wsss.backbones.hybrid  # noqa: F401
     import wsss.backbones.mit  # noqa: F401
     import wsss.backbones.vit  # noqa: F401
 

@@ -24,6 +24,11 @@ from torch import Tensor, nn
 
 AttnReduce = Callable[[int, Tensor], Tensor]
 
+# The statistics (0..255 scale) the data pipeline normalises every image with. A backbone trained
+# with other statistics converts its input with :func:`renormalize`.
+PIPELINE_MEAN = (123.675, 116.28, 103.53)
+PIPELINE_STD = (58.395, 57.12, 57.375)
+
 
 @dataclass
 class BackboneOutput:
@@ -92,3 +97,13 @@ def check_input(x: Tensor, multiple: int = 1, name: str = "input") -> None:
             f"{name} sides {tuple(x.shape[-2:])} must be multiples of {multiple}; pad the image "
             f"(wsss.data.transforms.pad_to_multiple) first"
         )
+
+
+def renormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Pipeline-normalised (B, 3, H, W) -> normalised with ``mean``/``std`` given on the [0, 1] scale.
+
+    One per-channel affine map: x01 = (x * PIPELINE_STD + PIPELINE_MEAN) / 255, then (x01 - mean) / std."""
+    view = (1, 3, 1, 1)
+    scale = x.new_tensor([ps / 255.0 / s for ps, s in zip(PIPELINE_STD, std)]).view(view)
+    shift = x.new_tensor([(pm / 255.0 - m) / s for pm, m, s in zip(PIPELINE_MEAN, mean, std)]).view(view)
+    return x * scale + shift

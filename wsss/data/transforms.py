@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from wsss.backbones.base import PIPELINE_MEAN, PIPELINE_STD
+
 from .io import IGNORE_INDEX
 from .randaugment import RandAugment, random_erasing
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGENET_MEAN = PIPELINE_MEAN  # every image is normalised with these (0..255 scale)
+IMAGENET_STD = PIPELINE_STD
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
