@@ -111,6 +111,17 @@ def test_user_path_shell(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+CFG = "afa_mit_tiny_synthetic"
+
+
+@pytest.fixture(scope="module")
+def afa_run(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained AFA run, shared by the tests that only read it."""
+    run = tmp_path_factory.mktemp("afa_run") / "run"
+    train(load_config(CFG, tiny_overrides(tiny_synthetic, run)))
+    return run
+
+
 @pytest.fixture(scope="module")
 def voc21(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A VOC-layout root with 21 classes and no class_names.json (as PASCAL VOC itself)."""
@@ -195,15 +206,13 @@ def _maps_by_loop(method, net, dataset, n: int):  # noqa: ANN001, ANN202
         )
 
 
-def test_pseudo_scored_both_ways(tiny_synthetic: Path, tmp_path: Path) -> None:
+def test_pseudo_scored_both_ways(afa_run: Path) -> None:
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import evaluate, miou_table
     from wsss.hub import load_run
     from wsss.methods import build_method
 
-    run = tmp_path / "run"
-    train(load_config("afa_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, run)))
-    net, cfg, _ = load_run(run / "model")
+    net, cfg, _ = load_run(afa_run / "model")
     method = build_method(cfg, net)
     ds = build_dataset(cfg.data, "val", train=False)
     res = evaluate(method, net, ds, 6, torch.device("cpu"), max_images=3)
@@ -225,24 +234,20 @@ def test_pseudo_scored_both_ways(tiny_synthetic: Path, tmp_path: Path) -> None:
 
 
 def test_pseudo_labels_computes_only_the_requested_map(
-    tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    afa_run: Path, tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from wsss.engine.infer import run_pseudo_labels
     from wsss.methods.afa import AFAMethod
-
-    run = tmp_path / "run"
-    train(load_config("afa_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, run)))
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the AFA propagation ran for --map cam")
 
     monkeypatch.setattr(AFAMethod, "propagate", fail)
-    s = run_pseudo_labels(None, run / "model", [], "val", tmp_path / "pl", map_name="cam", verbose=False)
+    over = tiny_overrides(tiny_synthetic, afa_run)  # the config and overrides of the run, as before
+    s = run_pseudo_labels(CFG, afa_run / "model", over, "val", tmp_path / "pl", map_name="cam", verbose=False)
     assert s["written"] == 3
     with pytest.raises(ValueError, match="refined_par"):
-        run_pseudo_labels(
-            None, run / "model", [], "val", tmp_path / "pl2", map_name="refined_par", verbose=False
-        )
+        run_pseudo_labels(CFG, afa_run / "model", over, "val", tmp_path / "pl2", map_name="refined_par")
     assert not (tmp_path / "pl2").exists()
 
 
@@ -260,42 +265,38 @@ def test_resume_never_duplicates_history(tiny_synthetic: Path, tmp_path: Path) -
     assert iters == [1, 2, 3, 4, 5]
 
 
-def test_report_finds_analysis_written_elsewhere_and_rules_are_labelled(
-    tiny_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_report_finds_analysis_written_elsewhere(afa_run: Path, tiny_synthetic: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from wsss.analysis.report import build_html
     from wsss.cli import main
 
-    run = tmp_path / "run"
-    train(load_config("afa_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, run)))
+    over = tiny_overrides(tiny_synthetic, afa_run)
+    args = ["analyze", CFG, *over, "--checkpoint", str(afa_run / "model"), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "analysis.json").is_file() and not (afa_run / "analysis").exists()
+    assert "Layer-wise analysis" in build_html(afa_run, images=0)
+
+
+def test_analyze_labels_its_rules_and_offers_evaluates(
+    afa_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from wsss.cli import main
+
+    args = ["analyze", "--checkpoint", str(afa_run / "model"), "--device", "cpu", "--out"]
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "analyze",
-                "--checkpoint",
-                str(run / "model"),
-                "--out",
-                str(tmp_path / "elsewhere"),
-                "--iou",
-                "voc",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main([*args, str(tmp_path / "voc"), "--iou", "voc"]) == 0
     out = capsys.readouterr().out
-    assert "evaluate's rule: mean over the classes present" in out and "AReAM rule" not in out
-    data = json.loads((tmp_path / "elsewhere" / "analysis.json").read_text())
-    assert data["refinement"]["_summary"]["protocol"] == "voc"
-    assert "Layer-wise analysis" in build_html(run, images=0)
-    assert (
-        main(["analyze", "--checkpoint", str(run / "model"), "--device", "cpu"]) == 0
-    )  # default: <run>/analysis
-    assert (run / "analysis" / "analysis.json").is_file()
-    assert "AReAM rule: mean over all classes" in capsys.readouterr().out
+    assert "refinement mIoU at the best background threshold (evaluate's rule: mean over the classes" in out
+    assert "AReAM rule" not in out
+    voc = json.loads((tmp_path / "voc" / "analysis.json").read_text())
+    assert voc["refinement"]["_summary"]["protocol"] == "voc"
+    assert main([*args, str(tmp_path / "aream")]) == 0
+    out = capsys.readouterr().out
+    assert "(AReAM rule: mean over all classes" in out and "affinity ceiling (evaluate's rule" in out
+    aream = json.loads((tmp_path / "aream" / "analysis.json").read_text())
+    # the same counts under the two rules: evaluate's mean over present classes is never below
+    assert voc["refinement"]["cam"]["best_miou"] >= aream["refinement"]["cam"]["best_miou"]
+    assert voc["oracle"] == aream["oracle"]
 
 
 def test_conformer_offline_entropy_uses_the_official_eps() -> None:

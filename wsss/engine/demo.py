@@ -48,18 +48,19 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
                         plots=plots_available() is None)
 
 
-def write_stage_labels(run_dir: Path) -> dict[str, Any]:
-    """``wsss pseudo-labels`` of a finished run on the train split (its PSEUDO_MAP) into
-    ``run_dir/pseudo_train``; returns the folder, the map, the minutes and the scores."""
+def write_stage_labels(out: Path, method: str) -> dict[str, Any]:
+    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (its PSEUDO_MAP)
+    into ``<run>/pseudo_train``; returns the folder, the map, the minutes and the scores."""
     from wsss.engine.infer import run_pseudo_labels
 
+    run_dir = out / method
     if not (run_dir / "model").is_dir():
-        raise FileNotFoundError(f"the second stage needs the trained {run_dir.name} run first ({run_dir})")
+        raise FileNotFoundError(f"the second stage needs the trained {method} run first ({run_dir})")
     t0 = time.time()
-    map_name = PSEUDO_MAP[run_dir.name] or "pseudo"
+    map_name = PSEUDO_MAP[method] or "pseudo"
     s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
                           verbose=False)
-    return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": run_dir.name,
+    return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": method,
             "minutes": (time.time() - t0) / 60, "scores": s["scores"]}
 
 
@@ -75,12 +76,14 @@ def run_demo(
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
         labels = None
         if method == "second_stage":
-            labels = write_stage_labels(out / SECOND_STAGE_FROM)
+            labels = write_stage_labels(out, SECOND_STAGE_FROM)
             overrides.append(f"data.pseudo_dir={labels['dir']}")
         if quick:
             overrides += [
                 "train.max_iters=4",
                 "train.log_every=2",
+                "data.num_train=16",  # the second stage needs pseudo labels of every train image
+                "data.num_val=8",
                 "eval.max_images=4",
                 "afa.warmup_iters=1",
                 "afa.switch_iter=2",

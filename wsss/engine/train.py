@@ -96,15 +96,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
-    # The data is read (and every mask value checked) before the run folder is written.
-    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
-    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    cfg, train_set, val_set = _datasets(cfg)  # before the run folder is written
     num_classes = int(train_set.num_classes)
-    if int(val_set.num_classes) != num_classes:
-        raise ValueError(f"the train split has {num_classes} classes but the val split {val_set.num_classes}")
-    # The run's config names the classes the dataset gave, so commands on the run need no overrides.
-    cfg = OmegaConf.merge(cfg, {"data": {"num_classes": num_classes,
-                                         "class_names": list(train_set.class_names)}})
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if main:
@@ -205,17 +198,7 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     bar.close()
     results = _evaluate(cfg, method, net, val_set, num_classes, dist)
     if main:
-        export_model(
-            net,
-            {"config": to_dict(cfg), "num_classes": num_classes, "class_names": list(train_set.class_names)},
-            out_dir / "model",
-        )
-        summary = {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1), "eval": results}
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        table = f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n" \
-            + miou_table(results)
-        log.info(table)
-        print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
+        _save_results(cfg, net, results, {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
         if writer is not None:
             for name, res in results.items():
                 if "miou" in res:
@@ -223,6 +206,32 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
             writer.close()
     cleanup()
     return results
+
+
+def _save_results(cfg: Any, net: torch.nn.Module, results: dict[str, Any], stats: dict[str, Any]) -> None:
+    """The release ``model/``, ``metrics.json``, and the final table and the model's path on stdout
+    (and in train.log)."""
+    out_dir = Path(cfg.out_dir)
+    meta = {"config": to_dict(cfg), "num_classes": int(cfg.data.num_classes),
+            "class_names": list(cfg.data.class_names)}
+    export_model(net, meta, out_dir / "model")
+    (out_dir / "metrics.json").write_text(json.dumps({**stats, "eval": results}, indent=2))
+    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n"
+             + miou_table(results))
+    log.info(table)
+    print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
+
+
+def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
+    """(cfg, train set, val set): both splits read (every mask value checked) and the config extended
+    with the classes the dataset gave, so that commands on the run need no overrides."""
+    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
+    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    c = int(train_set.num_classes)
+    if int(val_set.num_classes) != c:
+        raise ValueError(f"the train split has {c} classes but the val split {val_set.num_classes}")
+    cfg = OmegaConf.merge(cfg, {"data": {"num_classes": c, "class_names": list(train_set.class_names)}})
+    return cfg, train_set, val_set
 
 
 def truncate_history(path: Path, iteration: int) -> None:
