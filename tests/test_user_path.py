@@ -263,6 +263,9 @@ def test_resume_never_duplicates_history(tiny_synthetic: Path, tmp_path: Path) -
     train(load_config("cam_mit_tiny_synthetic", over), resume=True)
     iters = [json.loads(line)["iter"] for line in (run / "history.jsonl").read_text().splitlines()]
     assert iters == [1, 2, 3, 4, 5]
+    train(load_config("cam_mit_tiny_synthetic", over))  # a fresh run in the same folder: its history only
+    iters = [json.loads(line)["iter"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert iters == [1, 2, 3, 4, 5]
 
 
 def test_report_finds_analysis_written_elsewhere(afa_run: Path, tiny_synthetic: Path, tmp_path: Path) -> None:

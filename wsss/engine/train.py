@@ -130,8 +130,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
         it = int(state["iteration"])
         epoch, pos = int(state["epoch"]), int(state["pos"])
         log.info(f"resumed from {latest} at iteration {it}")
-        if main:
-            truncate_history(out_dir / "history.jsonl", it)
+    if main:  # the history of this run only: up to the checkpoint resumed from, empty for a fresh start
+        truncate_history(out_dir / "history.jsonl", it)
     if main:
         log.info(
             f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
@@ -235,8 +235,9 @@ def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
 
 
 def truncate_history(path: Path, iteration: int) -> None:
-    """Drop the records after ``iteration`` (logged by a killed run past its last checkpoint), so that a
-    resumed run never writes an iteration twice. Atomic: the file is replaced, never half-written."""
+    """Drop the records after ``iteration`` (logged by a killed run past its last checkpoint, or by an
+    earlier run in the same folder when training starts afresh at 0), so that no iteration is written
+    twice. Atomic: the file is replaced, never half-written."""
     if not path.is_file():
         return
     keep = []
