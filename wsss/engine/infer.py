@@ -67,6 +67,14 @@ def _setup(config: str | os.PathLike | None, checkpoint: str | os.PathLike, over
     return cfg, net, build_method(cfg, net), names, dev
 
 
+def config_note(config: str | os.PathLike | None) -> str:
+    """Where a command's settings came from, for its JSON output."""
+    from wsss.config import split_config_arg
+
+    named = split_config_arg(None if config is None else str(config), [])[0]
+    return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
+
+
 def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: str) -> None:
     """One-line error when the checkpoint's class count differs from the dataset's."""
     model_c, data_c = int(net.num_classes) + 1, int(dataset.num_classes)
@@ -106,7 +114,8 @@ def run_evaluate(
     config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
     split: str | None = None, out: str | os.PathLike | None = None, **opts: Any,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``split`` with the protocol of ``config``'s eval section.
+    """Evaluate ``checkpoint`` on ``split`` with the protocol of its run's eval section (or of
+    ``config``'s, when one is named; :func:`_setup`).
 
     opts: scales (list), flip (bool), crf (bool), sweep (bool), max_images (int), device (str),
     maps (names to keep), print_table (bool, default True). None = the config's value.
@@ -137,7 +146,7 @@ def run_evaluate(
             v["per_class"] = {n: (None if x != x else x) for n, x in zip(class_names, v["iou"])}
     res["_protocol"].update({
         "split": split, "checkpoint": str(Path(checkpoint).resolve()),
-        "config": "the run's config" + ("" if config is None else f" + {config} (all but data/model/method)"),
+        "config": config_note(config),
         "overrides": list(overrides), "bkg_score": float(ev.bkg_score),
         "aff_bkg_score": float(ev.aff_bkg_score),
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
@@ -291,7 +300,8 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
             print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
     summary = {
         "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
-        "checkpoint": str(Path(checkpoint).resolve()), "config": str(config), "overrides": list(overrides),
+        "checkpoint": str(Path(checkpoint).resolve()), "config": config_note(config),
+        "overrides": list(overrides),
         "scales": scales_l, "flip": flip_b, "image_labels": "ground truth", "ignore_value": 255,
         "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
         "logits": ({"stride": stride, "dtype": "float16",
