@@ -386,6 +386,13 @@ def test_second_stage_on_pseudo_pngs_any_backbone(tiny_synthetic: Path, tmp_path
     ds = build_dataset(cfg.data, "train", train=True)
     ds.transform = build_dataset(cfg.data, "val", train=False).transform  # no crop: compare whole masks
     np.testing.assert_array_equal(ds[0]["mask"].numpy(), load_mask(pl / f"{ds.names[0]}.png", 256))
+    # your own folder of images takes the pseudo labels the same way
+    labels = json.loads((tiny_synthetic / "cls_labels.json").read_text())
+    (tmp_path / "labels.json").write_text(json.dumps({n: labels[n] for n in train_names}))
+    folder = {"type": "folder", "image_dir": str(tiny_synthetic / "JPEGImages"), "pseudo_dir": str(pl),
+              "labels_file": str(tmp_path / "labels.json"), "class_names": list(ds.class_names)}
+    fds = build_dataset(folder, "train", train=True)
+    assert fds.mask_paths == {n: pl / f"{n}.png" for n in train_names}
     for backbone, kwargs in (("mit_tiny", None), ("vit_micro", {"img_size": 64, "patch_size": 8})):
         c = OmegaConf.merge(cfg, {"out_dir": str(tmp_path / backbone), "model": {"backbone": backbone}})
         if kwargs is not None:

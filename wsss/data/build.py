@@ -82,7 +82,17 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
     ``num_classes``, ``labels_file``, ``mask_dir``, ``class_names``, ``seed``, the transform keys of
     :func:`build_transform`; folder: ``image_dir``, ``labels_file`` (or ``<split>_labels_file``),
     ``mask_dir``; synthetic: ``num_train``, ``num_val``, ``size``, ``synthetic_seed`` (generated into
-    ``root`` when it has no split files yet, then read as VOC)."""
+    ``root`` when it has no split files yet, then read as VOC); ``pseudo_dir``: the training split
+    reads its masks from that folder of pseudo-label PNGs (:func:`use_pseudo_labels`)."""
+    dataset = _dataset(cfg_data, split, train)
+    pseudo_dir = _get(cfg_data, "pseudo_dir", None)
+    if train and pseudo_dir is not None:
+        use_pseudo_labels(dataset, pseudo_dir)
+    return dataset
+
+
+def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
+    """The dataset of :func:`build_dataset` before any pseudo-label folder replaces its masks."""
     kind = str(_get(cfg_data, "type", "voc")).lower()
     transform = build_transform(cfg_data, train)
     seed = int(_get(cfg_data, "seed", 0))
@@ -112,20 +122,13 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
                 seed=int(_get(cfg_data, "synthetic_seed", 0)),
                 num_classes=int(num_classes or SYNTHETIC_CLASSES),
             )
-        dataset: Dataset = VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names,
-                                      seed=seed)
-    elif kind == "voc":
+        return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
+    if kind == "voc":
         num_classes = _get(cfg_data, "num_classes", None)
-        dataset = VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names,
-                             seed=seed)
-    elif kind == "coco":
-        dataset = COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
-    else:
-        raise DataError(f"unknown dataset type {kind!r} (voc, coco, folder, synthetic)")
-    pseudo_dir = _get(cfg_data, "pseudo_dir", None)
-    if train and pseudo_dir is not None:
-        use_pseudo_labels(dataset, pseudo_dir)  # type: ignore[arg-type]
-    return dataset
+        return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
+    if kind == "coco":
+        return COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
+    raise DataError(f"unknown dataset type {kind!r} (voc, coco, folder, synthetic)")
 
 
 def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> SegmentationDataset:
