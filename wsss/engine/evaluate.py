@@ -32,6 +32,15 @@ def num_images(dataset: Any, max_images: int | None) -> int:
     return len(dataset) if max_images is None else min(len(dataset), int(max_images))
 
 
+def leave_out_uncertain(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A label map with 255 = uncertain scored with those pixels left out: (pred, target) of the same
+    shape with the uncertain pixels ignored in the target, and float64 (2,) counts (labelled valid
+    pixels, valid pixels) whose ratio is the coverage. pred, gt: integer (..., H, W)."""
+    uncertain, valid = pred == 255, gt != 255
+    counts = torch.stack([(valid & ~uncertain).sum(), valid.sum()]).double()
+    return pred.masked_fill(uncertain, 0), gt.masked_fill(uncertain, 255), counts
+
+
 def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
     """Zero-pad (the normalised mean colour) right/bottom to a multiple; returns the original size."""
     return pad_to_multiple(x, multiple)[0], (x.shape[-2], x.shape[-1])
@@ -153,10 +162,8 @@ def evaluate(
             if name == "pseudo":
                 # 255 is out of range for the confusion matrix: a miss of the ground-truth class
                 cms.setdefault("pseudo_strict", ConfusionMatrix(num_classes, device=device)).update(pred, gt)
-                valid = gt != 255
-                covered += torch.stack([(valid & (pred != 255)).sum(), valid.sum()]).double()
-                target = gt.masked_fill(pred == 255, 255)
-                pred = pred.masked_fill(pred == 255, 0)
+                pred, target, counts = leave_out_uncertain(pred, gt)
+                covered += counts
             cms.setdefault(name, ConfusionMatrix(num_classes, device=device)).update(pred, target)
     net.train(was)
     results: dict[str, Any] = {}

@@ -335,12 +335,13 @@ class LabelScorer:
 
     def update(self, label: torch.Tensor, gt: torch.Tensor) -> None:
         """label, gt: (H, W) integer maps."""
+        from wsss.engine.evaluate import leave_out_uncertain
+
         label, gt = label.long(), gt.long()
-        valid = gt != 255
-        self.labelled += int((valid & (label != 255)).sum())
-        self.valid += int(valid.sum())
         self.wrong.update(label, gt)
-        self.left_out.update(label.masked_fill(label == 255, 0), gt.masked_fill(label == 255, 255))
+        pred, target, counts = leave_out_uncertain(label, gt)
+        self.left_out.update(pred, target)
+        self.labelled, self.valid = self.labelled + int(counts[0]), self.valid + int(counts[1])
 
     def compute(self) -> dict[str, Any] | None:
         """None without ground truth, else miou_left_out, miou_wrong, coverage, per-class IoU lists."""
