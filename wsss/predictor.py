@@ -1,12 +1,15 @@
 """``Segmenter``: a trained model as a one-call image -> mask predictor.
 
     seg = Segmenter.from_pretrained("runs/afa/model")
-    pred = seg.predict(Image.open("cat.jpg"))          # or uint8 (H, W, 3) / float (3, H, W) in [0, 1]
+    pred = seg.predict("cat.jpg")      # or a PIL image, uint8 (H, W, 3) / float (3, H, W) in [0, 1]
     pred.mask, pred.present(), pred.overlay()
 
 The mask comes from the segmentation head when the model has one, else from the CAM thresholded with
-the eval background score, over the classes the classifier predicts (sigmoid(logit) > 0.5) or the
-``labels`` given.
+the eval background score; either way only over the classes the classifier predicts
+(sigmoid(logit) > 0.5) or the ``labels`` given, so ``present()`` agrees with the scores.
+Paths and PIL images are put in display orientation (EXIF), as ``wsss predict`` does. ``max_size``
+predicts on a copy whose long side is at most that many pixels and maps the scores back to the
+original size; no attention map is computed (memory grows linearly with the pixels).
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.data.io import load_image
 from wsss.data.transforms import denormalize, normalize
+from wsss.engine.distributed import resolve_device
 from wsss.engine.evaluate import crf_seg, multiscale_seg, pad_batch
 from wsss.methods import build_method
+from wsss.methods.base import resize, with_background
 from wsss.model import WSSSNet
 from wsss.refine.labels import cam_to_label
+
+MIN_SIDE = 64  # smaller inputs are padded: every backbone's strides and spatial reductions fit 64 px
 
 
 @dataclass
@@ -55,21 +64,52 @@ class Prediction:
                 "scores": {n: float(s) for n, s in zip(self.class_names[1:], self.scores.tolist())}}
 
 
+def _float_to_uint8(t: Tensor) -> Tensor:
+    """Float (3, H, W) in [0, 1] -> uint8; non-finite or out-of-range values are errors, not clamped."""
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"the image holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        hint = " (it looks like 0..255: divide by 255 or pass uint8)" if hi <= 255 and lo >= 0 else ""
+        raise ValueError(f"a float image must lie in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+    return (t.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_uint8_image(image: Any) -> np.ndarray:
-    """PIL image, uint8 numpy (H, W, 3) or tensor (3, H, W) (float in [0, 1] or uint8) -> uint8 (H, W, 3)."""
+    """Path, PIL image, uint8 numpy (H, W, 3) or tensor (3, H, W) (float in [0, 1] or uint8) ->
+    uint8 (H, W, 3). Paths and PIL images are EXIF-oriented (as ``wsss predict``)."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        from PIL import ImageOps
+
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
     if isinstance(image, Tensor):
         t = image.detach().cpu()
         if t.ndim != 3 or t.shape[0] != 3:
             raise ValueError(f"a tensor image must be (3, H, W), got {tuple(t.shape)}")
         if t.dtype != torch.uint8:
-            t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            t = _float_to_uint8(t)
         return t.permute(1, 2, 0).contiguous().numpy()
     arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype.kind == "f":
+        return _float_to_uint8(torch.from_numpy(arr).permute(2, 0, 1)).permute(1, 2, 0).numpy()
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"a numpy image must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+        raise ValueError(f"an image must be a path, a PIL image, a uint8 (H, W, 3) array or a (3, H, W) "
+                         f"tensor, got {type(image).__name__} {arr.dtype} {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def fit_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
+    """(H, W) scaled so that the long side is at most ``max_size`` (unchanged when it already fits)."""
+    h, w = size
+    if max_size is None or max(h, w) <= int(max_size):
+        return h, w
+    if int(max_size) < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    r = int(max_size) / max(h, w)
+    return max(1, round(h * r)), max(1, round(w * r))
 
 
 class Segmenter:
@@ -77,8 +117,7 @@ class Segmenter:
 
     def __init__(self, net: WSSSNet, cfg: Any, class_names: Sequence[str],
                  device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.cfg = cfg
         self.class_names = list(class_names)
@@ -114,55 +153,66 @@ class Segmenter:
     @torch.no_grad()
     def predict(self, image: Any, labels: Sequence[str] | str | None = None,
                 scales: Sequence[float] | None = None, flip: bool | None = None,
-                crf: bool = False) -> Prediction:
-        """Predict one image (PIL, uint8 (H, W, 3) numpy, or (3, H, W) tensor). Defaults: the config's
-        eval scales / flip."""
-        return self.predict_batch([image], labels, scales, flip, crf)[0]
+                crf: bool = False, max_size: int | None = None) -> Prediction:
+        """Predict one image (path, PIL, uint8 (H, W, 3) numpy, or (3, H, W) tensor). Defaults: the
+        config's eval scales / flip, full resolution (``max_size``: long side of the copy predicted)."""
+        return self.predict_batch([image], labels, scales, flip, crf, max_size)[0]
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[Any], labels: Sequence[str] | str | None = None,
                       scales: Sequence[float] | None = None, flip: bool | None = None,
-                      crf: bool = False) -> list[Prediction]:
+                      crf: bool = False, max_size: int | None = None) -> list[Prediction]:
         """Predict a list of same-size images in one batch (``labels`` apply to every image)."""
         arrs = [to_uint8_image(im) for im in images]
         if len({a.shape for a in arrs}) != 1:
             raise ValueError(f"predict_batch needs images of one size, got {sorted({a.shape for a in arrs})}")
         scales = [float(s) for s in (scales if scales is not None else self.cfg.eval.scales)]
         flip = bool(self.cfg.eval.flip) if flip is None else bool(flip)
-        x = torch.from_numpy(np.stack([normalize(a) for a in arrs])).to(self.device)
-        h, w = x.shape[-2:]
-        xp, _ = pad_batch(x)
-        net = self.net
-        logits = net(xp, with_seg=False).logits[0]  # (B, K)
-        scores = logits.sigmoid()
-        given = labels is not None
-        lab = (self.label_vector(labels).to(self.device).expand_as(scores) if given  # type: ignore[arg-type]
-               else (scores > 0.5).float())
-        saved, self.method.flip = self.method.flip, flip
-        try:
-            cams = self.method.multiscale_cam(net, xp, scales)[..., :h, :w]  # (B, K, H, W) in [0, 1]
-        finally:
-            self.method.flip = saved
-        seg = multiscale_seg(self.method, net, xp, scales, flip)
+        x = torch.from_numpy(np.stack([normalize(a) for a in arrs])).to(self.device)  # (B, 3, H, W)
+        size = (x.shape[-2], x.shape[-1])
+        small = fit_size(size, max_size)
+        xs = F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=True) \
+            if small != size else x
+        scores, lab, cams, seg = self._score_maps(xs, labels, scales, flip)
+        cams = resize(cams, size)  # back to the original size: (B, K, H, W)
         if seg is not None:
-            seg = seg[..., :h, :w]
-            if given:  # restrict the head to background + the named classes
-                keep = torch.cat([lab.new_ones(lab.shape[0], 1), lab], 1) > 0
-                seg = seg.masked_fill(~keep[..., None, None], float("-inf"))
-            mask = crf_seg(seg, denormalize(x)) if crf else seg.argmax(1)
-        else:
-            bkg = float(self.cfg.eval.bkg_score)
-            masked = cams * lab[..., None, None]
-            if crf:
-                from wsss.methods.base import with_background
-
-                probs = with_background(masked, bkg)  # scores normalised over the channels, as probabilities
-                probs = probs / probs.sum(1, keepdim=True)
-                mask = crf_seg(probs.clamp_min(1e-8).log(), denormalize(x))  # softmax(log p) = p
-            else:
-                mask = cam_to_label(masked, lab, bkg_score=bkg)
+            seg = resize(seg, size)
+        mask = self._mask(cams, seg, lab, denormalize(x) if crf else None)
         return [
             Prediction(mask[i].cpu().numpy().astype(np.int64), scores[i].cpu().numpy(),
                        cams[i].float().cpu().numpy(), self.class_names, arrs[i])
             for i in range(len(arrs))
         ]
+
+    def _score_maps(self, x: Tensor, labels: Sequence[str] | str | None, scales: list[float], flip: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Class scores (B, K), the classes kept (B, K) multi-hot, CAMs (B, K, h, w) in [0, 1] and seg
+        logits (B, K+1, h, w) (None without a seg head) of a normalised
+        batch (B, 3, h, w). No pass computes attention maps."""
+        h, w = x.shape[-2:]
+        xp, _ = pad_batch(x)
+        if min(xp.shape[-2:]) < MIN_SIDE:  # too small for the backbone's strides: pad with the mean colour
+            xp = F.pad(xp, (0, max(0, MIN_SIDE - xp.shape[-1]), 0, max(0, MIN_SIDE - xp.shape[-2])))
+        net = self.net
+        scores = net(xp, with_seg=False, with_aff=False).logits[0].sigmoid()  # (B, K)
+        lab = (self.label_vector(labels).to(self.device).expand_as(scores) if labels is not None
+               else (scores > 0.5).float())
+        with self.method.flipping(flip):
+            cams = self.method.multiscale_cam(net, xp, scales)[..., :h, :w]
+        seg = multiscale_seg(self.method, net, xp, scales, flip)
+        return scores, lab, cams, (seg[..., :h, :w] if seg is not None else None)
+
+    def _mask(self, cams: Tensor, seg: Tensor | None, lab: Tensor, image01: Tensor | None) -> Tensor:
+        """Label map (B, H, W): the seg head's argmax, else the CAM of the kept classes against the
+        background score; ``image01`` given: dense CRF on those scores."""
+        if seg is not None:  # restricted to background + the kept classes
+            keep = torch.cat([lab.new_ones(lab.shape[0], 1), lab], 1) > 0
+            seg = seg.masked_fill(~keep[..., None, None], float("-inf"))
+            return crf_seg(seg, image01) if image01 is not None else seg.argmax(1)
+        bkg = float(self.cfg.eval.bkg_score)
+        masked = cams * lab[..., None, None]
+        if image01 is None:
+            return cam_to_label(masked, lab, bkg_score=bkg)
+        probs = with_background(masked, bkg)  # scores normalised over the channels, as probabilities
+        probs = probs / probs.sum(1, keepdim=True)
+        return crf_seg(probs.clamp_min(1e-8).log(), image01)  # softmax(log p) = p

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.analysis.hellinger import layer_hellinger
+from wsss.engine.distributed import resolve_device
 from wsss.engine.evaluate import num_images, pad_batch
 from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
 from wsss.model import WSSSNet
@@ -476,15 +477,29 @@ def plot_layer_curves(summary: dict[str, Any], layers: list[int], out: Path) -> 
     return files
 
 
+DISPLAY_QUANTILE = 0.98  # affinity panels saturate here: a few bright (diagonal) values set no scale
+
+
+def display_normalize(maps: Tensor, q: float = DISPLAY_QUANTILE) -> Tensor:
+    """Maps (..., N, N) -> [0, 1] for display, each map on its own: from its minimum to its q-quantile
+    (clipped above). A softmax affinity has a bright diagonal; scaled by its maximum the rest of the map
+    would be nearly white."""
+    flat = maps.float().flatten(-2)
+    k = max(1, min(flat.shape[-1], int(math.ceil(q * flat.shape[-1]))))
+    lo = flat.amin(-1, keepdim=True)
+    hi = flat.kthvalue(k, dim=-1, keepdim=True).values
+    hi = torch.where(hi > lo, hi, flat.amax(-1, keepdim=True))  # a near-constant map: plain min-max
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1).reshape(maps.shape)
+
+
 def plot_affinity_grid(affinity: Tensor, layers: list[int], out: Path) -> str:
-    """Per-layer patch affinity (L, Np, Np), each min-max normalised, "Blues", one panel per layer."""
+    """Per-layer patch affinity (L, Np, Np), each normalised for display, "Blues", one panel per layer."""
     plt = _pyplot()
     num = len(layers)
     cols = min(num, 4)
     rows = -(-num // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    lo = affinity.amin(dim=(1, 2), keepdim=True)
-    norm = (affinity - lo) / (affinity.amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-12)
+    norm = display_normalize(affinity)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < num:
@@ -523,12 +538,11 @@ def plot_layer_cams(image: np.ndarray, cam: Tensor, refined: Tensor, labels: Ten
 
 def plot_head_affinity_grid(affinity: Tensor, layers: list[int], out: Path) -> str:
     """Per-layer, per-head patch affinity (L, heads, Np, Np): one row per layer, one column per head,
-    each panel min-max normalised ("Blues")."""
+    each panel normalised for display ("Blues")."""
     plt = _pyplot()
     num, heads = affinity.shape[:2]
     fig, axes = plt.subplots(num, heads, figsize=(1.6 * heads, 1.6 * num), squeeze=False)
-    lo = affinity.amin(dim=(2, 3), keepdim=True)
-    norm = (affinity - lo) / (affinity.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)
+    norm = display_normalize(affinity)
     for i in range(num):
         for h in range(heads):
             ax = axes[i][h]
@@ -706,7 +720,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from wsss.engine.infer import check_classes, run_dir_of
 
     config, overrides = split_config_arg(args.config, args.overrides)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # a bad device: before loading
     net, run_cfg, _ = load_model(args.checkpoint, None, device)
     cfg = run_config(run_cfg, config, overrides)
     set_threads(cfg.get("threads"))

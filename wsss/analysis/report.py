@@ -147,18 +147,22 @@ def loss_svg(history: list[dict[str, Any]], keys: list[str], title: str, width: 
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
-    """history.jsonl records (bad lines are skipped)."""
+    """history.jsonl records in iteration order, the last record of each iteration only: a resumed run
+    logs again the iterations after its checkpoint, and the curve must not draw a line back to them
+    (bad lines are skipped)."""
     if not path.is_file():
         return []
-    records = []
+    records: dict[Any, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict):
-            records.append(rec)
-    return records
+            records.pop(rec.get("iter"), None)  # re-inserted: the last one wins
+            records[rec.get("iter")] = rec
+    return sorted(records.values(), key=lambda r: r.get("iter") if isinstance(r.get("iter"), (int, float))
+                  else float("inf"))
 
 
 def curves_section(history: list[dict[str, Any]]) -> str:
@@ -275,9 +279,25 @@ def analysis_section(run_dir: Path) -> str | None:
     for name, fname in data.get("plots", {}).items():
         png = folder / fname
         if png.is_file():
-            parts.append(f"<figure>{_img(data_uri(png.read_bytes()), name)}<figcaption>{html.escape(name)}"
-                         "</figcaption></figure>")
+            caption = PLOT_CAPTIONS.get(name, name.replace("_", " ").capitalize())
+            parts.append(f"<figure>{_img(data_uri(png.read_bytes()), caption)}<figcaption>"
+                         f"{html.escape(caption)}</figcaption></figure>")
     return "\n".join(parts)
+
+
+# Captions of the analysis plots (keys of analysis.json "plots"), in words.
+PLOT_CAPTIONS = {
+    "hellinger": "Over-smoothing: how different the attention rows of each layer are (Hellinger distance)",
+    "entropy": "Entropy of the CAM refined by each layer",
+    "refinement": "mIoU of the CAM refined by each layer",
+    "affinity": "Patch affinity of one example image, per layer",
+    "affinity_heads": "Patch affinity of one example image, per layer and attention head",
+    "column_mass": "Attention each patch receives (column mass), per layer",
+    "layer_cams": "The example image's CAM, and the CAM refined by each layer",
+    "afa_query": "AFA: learned affinity of a few query points of the example image",
+    "afa_head_weights": "AFA: weight of each attention head in the affinity head",
+}
+RUN_MARKERS = ("config.yaml", "history.jsonl", "metrics.json", "model/config.json", "checkpoints")
 
 
 def _config_yaml(run_dir: Path) -> str:
@@ -323,16 +343,21 @@ def build_html(run_dir: str | Path, images: int = 6) -> str:
 
 
 def write_report(run_dir: str | Path, images: int = 6, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` (or ``out``) for a run directory and return its path."""
-    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    """Write ``report.html`` (or ``out``) for a run directory and return its path. A folder that is not
+    a run (none of config.yaml, history.jsonl, metrics.json, model/, checkpoints/) is a ValueError."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    if not any((run / m).exists() for m in RUN_MARKERS):
+        raise ValueError(f"{run} is not a wsss run folder (it holds none of {', '.join(RUN_MARKERS)}); "
+                         f"give the out_dir of a `wsss train` run")
+    path = Path(out) if out is not None else run / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_html(run_dir, images), encoding="utf-8")
     return path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if not Path(args.run_dir).is_dir():
-        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     print(f"wrote {write_report(args.run_dir, args.images, args.out)}")
     return 0
 

@@ -5,41 +5,43 @@
     FolderDataset("photos/", "labels.csv")                      # name,labels / img1,cat;dog
     FolderDataset("photos/", "labels.json", mask_dir="masks/")  # {"classes": [...], "labels": {...}}
 
-CSV rows give class names or ids (1..K) separated by ``;`` (or spaces); the class list comes from
-``class_names`` or, for JSON, the file's ``"classes"``; for a CSV with names only and no
-``class_names``, the sorted set of names in the file. Masks (optional, PNG with the same stem)
+CSV rows (comma- or tab-separated) give class names or ids (1..K) separated by ``;`` (or spaces); the
+class list comes from ``class_names`` (then a name outside it is an error naming the file and line)
+or, for JSON, the file's ``"classes"``; for a CSV with names only and no ``class_names``, the sorted
+set of names in the file (give ``class_names`` to catch typos). Masks (optional, PNG with the same stem)
 are used for evaluation only.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .io import DataError
-from .voc import SegmentationDataset, Transform, build_from_dirs, read_labels_file, with_background
+from .voc import (
+    SegmentationDataset,
+    Transform,
+    build_from_dirs,
+    read_csv_labels,
+    read_labels_file,
+    read_text,
+    with_background,
+)
 
 
 def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:
     """Class names from the labels file alone: JSON "classes", or the sorted names used in a CSV."""
     if labels_file.suffix.lower() == ".json":
         try:
-            data = json.loads(labels_file.read_text())
+            data = json.loads(read_text(labels_file))
         except (OSError, json.JSONDecodeError) as err:
             raise DataError(f"cannot parse labels file {labels_file}: {err}") from err
         if isinstance(data, dict) and data.get("classes"):
             return with_background(data["classes"])
         return None
-    names: set[str] = set()
-    with open(labels_file, newline="") as f:
-        for row in csv.reader(f):
-            if len(row) < 2 or row[0].strip().lower() in ("name", "image", "filename", "file"):
-                continue
-            tokens = " ".join(row[1:]).replace(";", " ").replace("|", " ").split()
-            names.update(t for t in tokens if not t.isdigit())
+    names = {t for _, _, tokens in read_csv_labels(labels_file) for t in tokens if not t.isdigit()}
     return with_background(sorted(names)) if names else None
 
 

@@ -22,7 +22,9 @@ missing ones are listed in one :class:`~wsss.data.io.DataError`.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -71,11 +73,64 @@ def with_background(names: Sequence[str]) -> tuple[str, ...]:
     return names if has_bg else ("background",) + names
 
 
-def _parse_label_list(items: Sequence, class_names: Sequence[str], path: Path, name: str) -> list[int]:
+def read_text(path: Path) -> str:
+    """A labels file as text (UTF-8, BOM allowed); undecodable bytes are a DataError naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"labels file {path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                        f"save it as UTF-8") from err
+
+
+_HEADER_NAMES = ("name", "image", "filename", "file")
+
+
+def read_csv_labels(path: Path) -> list[tuple[int, str, list[str]]]:
+    """Rows ``(line, image name without extension, label tokens)`` of a labels CSV: comma- or
+    tab-separated, labels split on ``;``, ``|`` or spaces, an optional header. A row without a labels
+    column, an empty name, a name listed twice or an unterminated quote is a DataError naming the line."""
+    text = read_text(path)
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    delimiter = "\t" if "\t" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[tuple[int, str, list[str]]] = []
+    seen: dict[str, int] = {}
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row or not any(c.strip() for c in row):
+                continue
+            if any("\n" in c or "\r" in c for c in row):
+                raise DataError(f"labels file {path}, line {line}: a quote opened here closes only at line "
+                                f"{reader.line_num}; close it on the same line")
+            if not rows and not seen and row[0].strip().lower() in _HEADER_NAMES:
+                seen[""] = line  # the header
+                continue
+            name = os.path.splitext(row[0].strip())[0]
+            if len(row) < 2 or not name:
+                raise DataError(f"labels file {path}, line {line}: expected 'name{delimiter}labels' "
+                                f"(write 'name{delimiter}' for an image without classes), got {row!r}")
+            if name in seen:
+                raise DataError(f"labels file {path}, line {line}: image {name!r} is already listed at line "
+                                f"{seen[name]}")
+            seen[name] = line
+            rows.append((line, name, " ".join(row[1:]).replace(";", " ").replace("|", " ").split()))
+    except csv.Error as err:
+        msg = f"labels file {path}, line {start}: a quote opened here is never closed ({err})"
+        raise DataError(msg) from err
+    return rows
+
+
+def _parse_label_list(items: Sequence, class_names: Sequence[str], path: Path, name: str,
+                      line: int | None = None) -> list[int]:
     """Class ids (1..K) or names -> sorted unique foreground ids; background (0) / 255 are dropped."""
     lookup = {n.lower(): i for i, n in enumerate(class_names)}
     num_classes = len(class_names)
     ids: set[int] = set()
+    where = f"labels file {path}" + (f", line {line}" if line is not None else "")
     for item in items:
         token = str(item).strip()
         if not token:
@@ -85,15 +140,16 @@ def _parse_label_list(items: Sequence, class_names: Sequence[str], path: Path, n
             if cid == IGNORE_INDEX or cid == 0:
                 continue
             if not 0 < cid < num_classes:
-                raise DataError(
-                    f"labels file {path}: image {name!r} has class id {cid} outside 1..{num_classes - 1}"
-                )
+                raise DataError(f"{where}: image {name!r} has class id {cid} outside 1..{num_classes - 1}")
         elif token.lower() in lookup:
             cid = lookup[token.lower()]
             if cid == 0:
                 continue
         else:
-            raise DataError(f"labels file {path}: image {name!r} has unknown class name {token!r}")
+            close = difflib.get_close_matches(token.lower(), list(lookup), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{where}: image {name!r} has unknown class name {token!r}{hint}; known: "
+                            f"{', '.join(class_names[1:])}")
         ids.add(cid)
     return sorted(ids)
 
@@ -114,30 +170,30 @@ def read_labels_file(path: str | os.PathLike, class_names: Sequence[str] | None)
             "convert it once with wsss.data.voc.convert_cls_labels_npy(path, out_json) and pass the JSON"
         )
     file_classes = None
+    lines: dict[str, int] = {}
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
             if isinstance(data, Mapping) and "labels" in data and isinstance(data["labels"], Mapping):
                 file_classes = with_background(data["classes"]) if data.get("classes") else None
                 data = data["labels"]
             raw = {str(k): (v if isinstance(v, list) else [v]) for k, v in data.items()}
-        elif suffix == ".csv":
-            with open(path, newline="") as f:
-                rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-            if rows and rows[0][0].strip().lower() in ("name", "image", "filename", "file"):
-                rows = rows[1:]
-            raw = {}
-            for r in rows:
-                text = " ".join(r[1:]).replace(";", " ").replace("|", " ")
-                raw[os.path.splitext(r[0].strip())[0]] = text.split()
+        elif suffix in (".csv", ".tsv", ".txt"):
+            rows = read_csv_labels(path)
+            raw = {name: tokens for _, name, tokens in rows}
+            lines = {name: line for line, name, _ in rows}
         else:
-            raise DataError(f"labels file {path}: unsupported format {suffix!r} (use .json or .csv)")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, AttributeError, TypeError) as err:
+            raise DataError(f"labels file {path}: unsupported format {suffix!r} (use .json, .csv or .tsv)")
+    except (json.JSONDecodeError, AttributeError, TypeError) as err:
         raise DataError(f"cannot parse labels file {path}: {err}") from err
+    if file_classes is not None and class_names is not None and [c.lower() for c in file_classes] != [
+            c.lower() for c in with_background(class_names)]:
+        raise DataError(f"labels file {path} lists the classes {list(file_classes[1:])} but data.class_names "
+                        f"is {list(with_background(class_names)[1:])}: make them agree or drop one")
     names = file_classes or class_names
     if names is None:
         raise DataError(f"labels file {path}: class names are needed to read it")
-    return {k: _parse_label_list(v, names, path, k) for k, v in raw.items()}, file_classes
+    return {k: _parse_label_list(v, names, path, k, lines.get(k)) for k, v in raw.items()}, file_classes
 
 
 def convert_cls_labels_npy(path_npy: str | os.PathLike, out_json: str | os.PathLike) -> dict[str, list[int]]:

@@ -11,12 +11,13 @@ The release format is a directory with ``model.safetensors`` + ``config.json``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -82,23 +83,63 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_files(items: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
+    """Write every ``(path, write)`` all or nothing: ``write(tmp)`` fills a temp file beside ``path``
+    (with ``path``'s suffix, so writers that pick the format from the name work), it is fsynced, and
+    only when every file is written are they all renamed onto their paths. A failure (a full disk, an
+    interrupt) removes the temp files and leaves every earlier file as it was. New files get the
+    permissions of an ordinary file under the umask (``mkstemp`` alone makes them 0600)."""
+    paths = [Path(p) for p, _ in items]
+    tmps: list[str] = []
+    try:
+        for path, (_, write) in zip(paths, items):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            tmps.append(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for path, tmp in zip(paths, tmps):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for directory in dict.fromkeys(p.parent for p in paths):
+        _fsync_dir(directory)
+    return paths
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise an ``OSError`` naming the folder when ``directory`` (or, when it does not exist yet, the
+    nearest folder above it) cannot be written: read-only, no permission, or a file in the way."""
+    p = Path(directory).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the output folder", str(p))
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot write to the folder (read-only or permission denied)",
+                              str(p))
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write through ``write(file)`` to a temp file next to ``path``, fsync, then ``os.replace`` it
     onto ``path``: a crash leaves either the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return atomic_write_files([(path, fill)])[0]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -232,9 +273,19 @@ def export_model(model: nn.Module, config: Mapping[str, Any], out_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     meta = {"format": "pt", "wsss_format_version": str(FORMAT_VERSION)}
-    _atomic_write_bytes(save(sd, metadata=meta), out / "model.safetensors")
+    _atomic_write_bytes(sorted_header(save(sd, metadata=meta)), out / "model.safetensors")
     _atomic_write_bytes(json.dumps(dict(config), indent=2, sort_keys=True).encode(), out / "config.json")
     return out
+
+
+def sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header re-written with sorted keys: the library writes the
+    metadata in hash order, so identical weights could give different bytes (and checksums). The data
+    section is untouched (its offsets do not depend on the header's key order)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def import_model_state(out_dir: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -3,7 +3,7 @@
 1. generate the synthetic VOC-layout dataset (once);
 2. train the CAM baseline, AFA, AReAM and the fully supervised upper bound with the small configs;
    after AFA, the second stage of the multi-stage recipe: AFA's pseudo labels (``aff_par``) on the
-   train split, then a segmentation network trained on them (``second_stage_mit_tiny_synthetic``);
+   train split, then a segmentation network trained on them (``second_stage_<backbone>_synthetic``);
 3. evaluate each (CAM, refined CAM, pseudo label, segmentation head) on the validation split;
 4. for AFA and AReAM, ``wsss analyze`` on part of the validation split: attention statistics and the
    refinement with the model's own affinity against a perfect one from the ground truth
@@ -21,13 +21,20 @@ from typing import Any
 from wsss.analysis.analyze import oracle_summary
 from wsss.config import load_config
 
-DEMO_CONFIGS = {
-    "cam": "cam_mit_tiny_synthetic",
-    "afa": "afa_mit_tiny_synthetic",
-    "second_stage": "second_stage_mit_tiny_synthetic",  # on AFA's pseudo labels: runs after "afa"
-    "aream": "aream_mit_tiny_synthetic",
-    "supervised": "supervised_mit_tiny_synthetic",
-}
+# The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
+# blocks, needs the `pretrained` extra) and "scratch" (a MiT trained from scratch, no download).
+DEMO_BACKBONES = {"hybrid": "hybrid_lite0", "scratch": "mit_tiny"}
+# "second_stage" trains on AFA's pseudo labels, so it runs after "afa".
+DEMO_METHODS = ("cam", "afa", "second_stage", "aream", "supervised")
+
+
+def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
+    """method -> shipped config name of the demo on ``backbone`` ("hybrid" or "scratch")."""
+    if backbone not in DEMO_BACKBONES:
+        raise ValueError(f"demo backbone must be one of {sorted(DEMO_BACKBONES)}, got {backbone!r}")
+    return {m: f"{m}_{DEMO_BACKBONES[backbone]}_synthetic" for m in DEMO_METHODS}
+
+
 # The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
 PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None,
               "second_stage": None}
@@ -48,9 +55,10 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
                         plots=plots_available() is None)
 
 
-def write_stage_labels(out: Path, method: str) -> dict[str, Any]:
+def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[str, Any]:
     """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (its PSEUDO_MAP)
-    into ``<run>/pseudo_train``; returns the folder, the map, the minutes and the scores."""
+    into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
+    again); returns the folder, the map, the minutes and the scores."""
     from wsss.engine.infer import run_pseudo_labels
 
     run_dir = out / method
@@ -59,24 +67,60 @@ def write_stage_labels(out: Path, method: str) -> dict[str, Any]:
     t0 = time.time()
     map_name = PSEUDO_MAP[method] or "pseudo"
     s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
-                          verbose=False)
+                          verbose=False, overwrite=overwrite)
     return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": method,
             "minutes": (time.time() - t0) / 60, "scores": s["scores"]}
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its released ``model/`` and ``metrics.json``)."""
+    return (run_dir / "metrics.json").is_file() and (run_dir / "model").is_dir()
+
+
+def check_demo_methods(out: Path, methods: list[str], known: list[str], reuse: bool) -> None:
+    """Errors before any method trains: unknown methods, runs already in ``out`` without ``reuse``
+    (--resume / --overwrite), a second stage without the run its pseudo labels come from."""
+    from wsss.engine.train import RUN_FILES
+
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(known)}")
+    used = [m for m in methods if any((out / m / n).exists() for n in RUN_FILES)]
+    if used and not reuse:
+        raise ValueError(f"{out} already holds demo runs ({', '.join(used)}): pass --resume to keep them "
+                         f"and continue, --overwrite to train them again, or choose another --out")
+    if "second_stage" in methods:
+        before = methods[:methods.index("second_stage")]
+        if SECOND_STAGE_FROM not in before and not finished(out / SECOND_STAGE_FROM):
+            src = SECOND_STAGE_FROM
+            raise ValueError(f"the demo's second_stage learns {src}'s pseudo labels: list {src} before it, "
+                             f"or train it first into {out / src}")
+
+
 def run_demo(
-    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None
+    out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
+    backbone: str = "hybrid", resume: bool = False, overwrite: bool = False,
 ) -> dict[str, Any]:
+    """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
+    are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
+    is trained again. Without either, an ``out`` that holds a method's run is an error."""
     from wsss.engine.train import train
 
+    configs = demo_configs(backbone)
+    if backbone == "hybrid":
+        from wsss.backbones.efficientnet import weights_path
+
+        weights_path()  # fails before any training when the weights package is missing
     out = Path(out)
     data_root = out / "data"
     summary: dict[str, Any] = {}
-    for method in methods or list(DEMO_CONFIGS):
+    methods = list(methods or configs)
+    check_demo_methods(out, methods, list(configs), resume or overwrite)
+    for method in methods:
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
         labels = None
         if method == "second_stage":
-            labels = write_stage_labels(out, SECOND_STAGE_FROM)
+            labels = write_stage_labels(out, SECOND_STAGE_FROM, overwrite=overwrite)
             overrides.append(f"data.pseudo_dir={labels['dir']}")
         if quick:
             overrides += [
@@ -89,12 +133,16 @@ def run_demo(
                 "afa.switch_iter=2",
                 "aream.warmup_iters=1",
             ]
-        cfg = load_config(DEMO_CONFIGS[method], overrides)
+        cfg = load_config(configs[method], overrides)
         t0 = time.time()
-        results = train(cfg)
+        if resume and finished(out / method):
+            results = json.loads((out / method / "metrics.json").read_text())["eval"]  # finished: keep it
+            print(f"demo: {method} already trained in {out / method} (--resume)")
+        else:
+            results = train(cfg, resume=resume, overwrite=overwrite)
         pseudo_key = PSEUDO_MAP[method]
         summary[method] = {
-            "config": DEMO_CONFIGS[method],
+            "config": configs[method],
             "minutes": (time.time() - t0) / 60,
             "pseudo_miou": results[pseudo_key]["miou"] if pseudo_key in results else None,
             "seg_miou": results["seg"]["miou"] if "seg" in results else None,

@@ -72,6 +72,27 @@ def init_distributed(device: str | None = None, backend: str | None = None,
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device of a ``--device`` value (default: CUDA when available, else the CPU), checked now:
+    a misspelt name or a device this torch build or machine lacks is a ``ValueError`` saying so."""
+    if name is None or name == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device '{name}' is not available: {build} (torch {torch.__version__}); "
+                             f"use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}' is not available: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu" and dev.type not in ("mps", "xpu"):
+        raise ValueError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
+    return dev
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

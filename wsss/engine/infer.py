@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-from wsss.data.io import DataError, load_image, load_mask, save_mask
+from wsss.data.io import load_image, load_mask, save_mask
+from wsss.engine.checkpoint import atomic_write_files, check_writable
+from wsss.engine.distributed import resolve_device
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+PREDICT_MAX_SIZE = 2048  # `wsss predict` default long side: a 24 MP photo is predicted as 3 MP
 PSEUDO_MAPS = ("pseudo", "aff_par", "refined_par", "cam_par", "cam", "aff", "refined", "seg")
-
-
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_dir_of(checkpoint: str | os.PathLike) -> Path:
@@ -59,10 +57,10 @@ def _setup(config: str | os.PathLike | None, checkpoint: str | os.PathLike, over
     from wsss.methods import build_method
 
     config, overrides = split_config_arg(None if config is None else str(config), overrides)
+    dev = resolve_device(device)  # a bad device: before loading
     net, run_cfg, names = load_run(checkpoint)
     cfg = run_config(run_cfg, config, overrides)
     set_threads(cfg.get("threads"))
-    dev = _device(device)
     net = net.to(dev).eval()
     return cfg, net, build_method(cfg, net), names, dev
 
@@ -87,22 +85,14 @@ def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: 
         )
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    """``write(tmp)`` to a temp file beside ``path`` (keeping the suffix for format detection), then
-    rename onto ``path``: an interrupted run never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file beside ``path`` (same suffix, for format detection), then rename it
+    onto ``path``: an interrupted run never leaves a half-written file under the final name."""
+    atomic_write_files([(path, write)])
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)), ".json")
+    _atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,17 +234,59 @@ def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.
     return maps[map_name][0], scores
 
 
+MANIFEST = "manifest.json"
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and values; the file format does not matter)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def claim_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out_dir`` the folder of the pseudo labels that ``manifest`` describes (model weights, map,
+    settings). Label files already there are reused only when its manifest is the same; files of another
+    model, map or setting (or of unknown origin) are an error naming what differs, unless ``overwrite``
+    (then every label is written again). The manifest is written before any label."""
+    path = out_dir / MANIFEST
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file, not a folder")
+    old: dict[str, Any] | None = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+    check_writable(out_dir)
+    labels_there = out_dir.is_dir() and any(out_dir.glob("*.png"))
+    if not overwrite and (old is not None or labels_there) and old != manifest:
+        if old is None:
+            why = "label PNGs without a manifest (written by something else)"
+        else:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            why = f"pseudo labels of other settings (differing: {', '.join(diff)})"
+        raise ValueError(f"--out {out_dir} holds {why}: choose another folder, or pass --overwrite to "
+                         f"write every label again")
+    _write_json(path, manifest)
+
+
 def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.PathLike,
                       overrides: Sequence[str], split: str, out: str | os.PathLike, map_name: str = "pseudo",
                       logits: bool = False, logit_stride: int = 4, scales: Sequence[float] | None = None,
                       flip: bool | None = None, max_images: int | None = None, device: str | None = None,
-                      verbose: bool = True) -> dict[str, Any]:
-    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable); returns the summary.
+                      verbose: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``<out>/<name>.png`` for every image of ``split`` (resumable: labels of the same model and
+    settings, per ``<out>/manifest.json``, are kept); returns the summary. ``overwrite``: write every
+    label again, whatever the folder holds.
 
     Only ``map_name`` is computed. Where the split has ground-truth masks, the written labels (and
     those already present) are scored against them: uncertain pixels (255) left out, with the
     coverage, and counted as wrong (``summary["scores"]``).
     """
+    from wsss.config import to_dict
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import num_images
 
@@ -270,7 +302,12 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    c = to_dict(cfg)
+    manifest = {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales_l, "flip": flip_b,
+                "logit_stride": stride if logits else None, "method": c["method"],
+                "settings": {k: c[k] for k in ("cam", "par", "afa", "aream")},
+                "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+    claim_out_dir(out_dir, manifest, overwrite)
     n = num_images(dataset, max_images)
     written, skipped, counts = 0, 0, np.zeros(256, dtype=np.int64)
     scorer = LabelScorer(int(dataset.num_classes))
@@ -279,20 +316,20 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
         name = dataset.names[idx]
         png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
         sample = dataset[idx]
-        if _readable(png) and (not logits or _readable(npz)):
+        if not overwrite and _readable(png) and (not logits or _readable(npz)):
             skipped += 1
             scorer.update(torch.from_numpy(load_mask(png, int(dataset.num_classes))), sample["mask"])
             continue
         label, scores = _label_and_scores(method, net, sample["image"][None].to(dev),
                                           sample["labels"][None].to(dev), map_name, scales_l, flip_b, logits)
         lab = label.cpu().numpy().astype(np.uint8)
-        _atomic_write(png, lambda t, lab=lab: save_mask(t, lab), ".png")
+        _atomic_write(png, lambda t, lab=lab: save_mask(t, lab))
         if logits:
             small = downscale(scores, stride).half().cpu().numpy()
             kind = "seg_logits" if map_name == "seg" else "cam"
             arrays = {"logits": small, "size": np.asarray(lab.shape), "stride": np.asarray(stride),
                       "kind": np.asarray(kind)}
-            _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a), ".npz")
+            _atomic_write(npz, lambda t, a=arrays: np.savez_compressed(t, **a))
         counts += np.bincount(lab.reshape(-1), minlength=256)
         scorer.update(label.cpu(), sample["mask"])
         written += 1
@@ -368,46 +405,161 @@ def format_label_scores(scores: dict[str, Any], split: str) -> str:
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files given directly, plus the image files (by extension) of the directories given, sorted."""
-    files: list[Path] = []
-    for item in inputs:
+    return [f for f, _ in _listed(inputs)]
+
+
+def _listed(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, int]]:
+    """(file, index of the input argument it came from), directories listed by extension, sorted; a
+    file given twice is listed once."""
+    files: dict[Path, tuple[Path, int]] = {}
+    for i, item in enumerate(inputs):
         p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-        else:
-            files.append(p)
-    return files
+        found = ([f for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+                 if p.is_dir() else [p])
+        for f in found:
+            files.setdefault(f.resolve(), (f, i))
+    return list(files.values())
+
+
+PREDICT_SUFFIXES = (".png", "_overlay.png", ".json")  # the files written per image, after its stem
+
+
+def output_stems(inputs: Sequence[str | os.PathLike], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(image file, output stem) for every image: ``out/<stem>``; where two images share a stem (two
+    folders holding ``a.jpg``, or ``a.jpg`` and ``a.png``) the input folder structure is mirrored,
+    ``out/<folder name>/<stem>``, and the extension kept where that still collides. No two images get
+    one output."""
+    listed = _listed(inputs)
+    labels: dict[int, str] = {}
+    for i, item in enumerate(inputs):  # one sub-folder name per input argument, unique
+        p = Path(item)
+        base = (p if p.is_dir() else p.resolve().parent).name or "input"
+        name, k = base, 2
+        while name in labels.values():
+            name, k = f"{base}_{k}", k + 1
+        labels[i] = name
+
+    def collisions(keys: list[str]) -> set[str]:
+        low = [k.lower() for k in keys]  # case-insensitive file systems
+        return {k for k, lk in zip(keys, low) if low.count(lk) > 1}
+
+    keys = [f.stem for f, _ in listed]
+    clash = collisions(keys)
+    keys = [f"{labels[i]}/{f.stem}" if k in clash else k for (f, i), k in zip(listed, keys)]
+    clash = collisions(keys)
+    keys = [f"{k}_{f.suffix.lstrip('.').lower()}" if k in clash else k for (f, _), k in zip(listed, keys)]
+    return [(f, out_dir / k) for (f, _), k in zip(listed, keys)]
+
+
+def check_predict_out(inputs: Sequence[str | os.PathLike], pairs: Sequence[tuple[Path, Path]],
+                      out_dir: Path) -> None:
+    """Refuse an ``--out`` that is an existing file, an input folder, a folder that cannot be written, or
+    where an output would replace an input image (nothing is created here)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file, not a folder")
+    out_res = out_dir.resolve()
+    for item in inputs:
+        if Path(item).is_dir() and Path(item).resolve() == out_res:
+            raise ValueError(f"--out {out_dir} is the input folder {item}: the masks would be written among "
+                             f"(and could replace) your images; choose another folder")
+    sources = {f.resolve() for f, _ in pairs}
+    for _, stem in pairs:
+        for suffix in PREDICT_SUFFIXES:
+            target = Path(f"{stem}{suffix}")
+            if target.resolve() in sources:
+                raise ValueError(f"--out {out_dir}: an output would replace the input image {target}; "
+                                 f"choose another folder")
+    check_writable(out_dir)
+
+
+def _save_prediction(f: Path, stem: Path, pred: Any) -> None:
+    """Mask PNG, overlay PNG and JSON of one image, all or nothing (a full disk leaves none)."""
+    mask, overlay = pred.mask.astype(np.uint8), pred.overlay()
+    text = json.dumps({"image": str(f), **pred.to_json()}, indent=2)
+    atomic_write_files([
+        (Path(f"{stem}.png"), lambda t: save_mask(t, mask)),
+        (Path(f"{stem}_overlay.png"), lambda t: Image.fromarray(overlay).save(t)),
+        (Path(f"{stem}.json"), lambda t: Path(t).write_text(text)),
+    ])
+
+
+def _size_groups(pairs: Sequence[tuple[Path, Path]], batch_size: int
+                 ) -> Iterator[list[tuple[Path, Path, np.ndarray | Exception]]]:
+    """Consecutive images of one size, at most ``batch_size`` at a time, as ``(file, stem, uint8 image)``;
+    an unreadable file comes alone with its error in place of the image."""
+    group: list[tuple[Path, Path, np.ndarray | Exception]] = []
+    for f, stem in pairs:
+        try:
+            item: np.ndarray | Exception = load_image(f)
+        except (ValueError, OSError) as err:
+            item = err
+        if group and (isinstance(item, Exception) or len(group) >= batch_size
+                      or group[0][2].shape != item.shape):  # type: ignore[union-attr]
+            yield group
+            group = []
+        group.append((f, stem, item))
+        if isinstance(item, Exception):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _predict_group(seg: Any, group: list[tuple[Path, Path, Any]], opts: dict[str, Any]) -> list[Any]:
+    """Predictions (or the error of each image that failed) of one size group: one batch, and image by
+    image when the batch fails, so that the error names its file."""
+    if not isinstance(group[0][2], Exception):
+        try:
+            return seg.predict_batch([im for _, _, im in group], **opts)
+        except (ValueError, RuntimeError) as err:
+            if len(group) == 1:
+                return [err]
+    out: list[Any] = []
+    for _, _, im in group:
+        try:
+            out.append(im if isinstance(im, Exception) else seg.predict(im, **opts))
+        except (ValueError, RuntimeError) as err:  # too small, out of memory, ...: the next one
+            out.append(err)
+    return out
 
 
 def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 labels: str | None = None, crf: bool = False, device: str | None = None,
-                scales: Sequence[float] | None = None, flip: bool | None = None) -> int:
-    """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed."""
+                scales: Sequence[float] | None = None, flip: bool | None = None,
+                max_size: int | None = None, progress: bool | None = None, batch_size: int = 1) -> int:
+    """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed (each named
+    on stderr; the others are still predicted). ``max_size``: long side of the copy predicted (the
+    results are mapped back to the original size); None = full resolution. ``batch_size``: consecutive
+    images of one size are predicted together, up to this many."""
     from wsss.predictor import Segmenter
 
-    seg = Segmenter.from_pretrained(checkpoint, device=device)
+    if int(batch_size) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    out_dir = Path(out)
+    pairs = output_stems(inputs, out_dir)
+    if not pairs:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    check_predict_out(inputs, pairs, out_dir)
+    seg = Segmenter.from_pretrained(checkpoint, device=resolve_device(device))  # a bad device: before loading
     if labels:
         seg.label_vector(labels)  # unknown names fail before any image
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    opts = {"labels": labels, "scales": scales, "flip": flip, "crf": crf, "max_size": max_size}
     failed = 0
-    files = list_images(inputs)
-    if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
-    for f in files:
-        try:
-            image = load_image(f)
-        except DataError as err:
-            print(f"wsss predict: error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        pred = seg.predict(image, labels=labels, scales=scales, flip=flip, crf=crf)
-        stem = out_dir / f.stem
-        mask, overlay = pred.mask.astype(np.uint8), pred.overlay()
-        _atomic_write(stem.with_suffix(".png"), lambda t, m=mask: save_mask(t, m), ".png")
-        _atomic_write(Path(f"{stem}_overlay.png"), lambda t, o=overlay: Image.fromarray(o).save(t), ".png")
-        _write_json(stem.with_suffix(".json"), {"image": str(f), **pred.to_json()})
-    print(f"predict: {len(files) - failed} of {len(files)} images -> {out_dir}"
-          + (f" ({failed} unreadable)" if failed else ""))
+    bar = tqdm(total=len(pairs), desc="predict", unit="image",
+               disable=(not progress) if progress is not None else None)
+    for group in _size_groups(pairs, int(batch_size)):
+        for (f, stem, _), pred in zip(group, _predict_group(seg, group, opts)):
+            if isinstance(pred, Exception):
+                msg = str(pred).splitlines()[0] if str(pred) else type(pred).__name__
+                bar.write(f"wsss predict: error: {msg if str(f) in msg else f'{f}: {msg}'}", file=sys.stderr)
+                failed += 1
+            else:
+                _save_prediction(f, stem, pred)
+            bar.update(1)
+    bar.close()
+    print(f"predict: {len(pairs) - failed} of {len(pairs)} images -> {out_dir}"
+          + (f" ({failed} failed)" if failed else ""))
     return failed
 
 
@@ -437,13 +589,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     run_pseudo_labels(args.config, args.checkpoint, args.overrides, args.split, args.out, map_name=args.map,
                       logits=args.logits, logit_stride=args.logit_stride, scales=args.scales, flip=args.flip,
-                      max_images=args.max_images, device=args.device)
+                      max_images=args.max_images, device=args.device, overwrite=args.overwrite)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     failed = run_predict(args.checkpoint, args.images, args.out, labels=args.labels, crf=args.crf,
-                         device=args.device, scales=args.scales, flip=args.flip)
+                         device=args.device, scales=args.scales, flip=args.flip,
+                         max_size=args.max_size or None, batch_size=args.batch_size)
     return 1 if failed else 0
 
 
@@ -483,6 +636,8 @@ def add_parsers(sub: Any) -> None:
                         "cam_par, seg, ...")
     p.add_argument("--logits", action="store_true", help="also write <name>.npz with float16 scores")
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write every label again (--out holds labels of another model, map or setting)")
     p.add_argument("--max-images", type=int, default=None)
     p.set_defaults(fn=_crf_guard(cmd_pseudo_labels))
 
@@ -492,4 +647,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--labels", default=None, help="comma-separated class names (default: the classifier's)")
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    p.add_argument("--max-size", type=int, default=PREDICT_MAX_SIZE,
+                   help="predict on a copy whose long side is at most this many pixels; the masks are mapped "
+                        f"back to the original size (default {PREDICT_MAX_SIZE}; 0 = full resolution)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="predict consecutive images of one size together, up to this many (default 1)")
     p.set_defaults(fn=_crf_guard(cmd_predict))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,13 @@ from tqdm import tqdm
 
 from wsss.config import to_dict
 from wsss.data.build import build_dataset, build_loader
-from wsss.engine.checkpoint import export_model, find_latest, load_training_state, save_training_state
+from wsss.engine.checkpoint import (
+    check_writable,
+    export_model,
+    find_latest,
+    load_training_state,
+    save_training_state,
+)  # fmt: skip
 from wsss.engine.distributed import (
     DistInfo,
     cleanup,
@@ -90,9 +98,35 @@ def _writer(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tb"))
 
 
-def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+RUN_FILES = ("checkpoints", "model", "history.jsonl", "metrics.json", "train.log", "tb", "config.yaml")
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: an ``out_dir`` holding a run is continued (``resume``),
+    started again (``overwrite``: its run files are removed) or an error, before anything is written.
+    ``resume`` without a checkpoint says so (and starts from iteration 0)."""
+    found = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is an existing file, not a folder")
+    check_writable(out_dir)
+    if resume:
+        if find_latest(out_dir / "checkpoints") is None:
+            print(f"wsss train: --resume: no checkpoint in {out_dir / 'checkpoints'}; starting from "
+                  f"iteration 0", file=sys.stderr)
+        return
+    if found and not overwrite:
+        raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(found)}): pass --resume to "
+                         f"continue it, --overwrite to start it again, or choose another out_dir")
+    for name in found:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+          ) -> dict[str, Any]:
     """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
-    many iterations of this call (used to test kill-and-resume)."""
+    many iterations of this call (used to test kill-and-resume). An ``out_dir`` that holds a run
+    needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`)."""
     set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
@@ -101,6 +135,7 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None) -> dict
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if main:
+        prepare_out_dir(out_dir, resume, overwrite)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
     _setup_logging(out_dir, main)

@@ -1,0 +1,125 @@
+"""Bad input caught before work starts: labels files (unknown names, malformed rows, quotes, encodings,
+tabs) and config values (type and range of every key, method options included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss import cli
+from wsss.config import DEFAULTS, load_config
+from wsss.data.folder import FolderDataset
+from wsss.data.io import DataError
+from wsss.data.voc import read_labels_file
+
+CLASSES = ["cat", "dog", "person"]
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(d / f"im{i}.jpg")
+    return d
+
+
+def _csv(tmp_path: Path, text: str | bytes, name: str = "labels.csv") -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def test_unknown_class_name_names_file_and_line(images: Path, tmp_path: Path) -> None:
+    f = _csv(tmp_path, "name,labels\nim0,cat\nim1,dgo;person\nim2,dog\n")
+    with pytest.raises(DataError, match=r"labels\.csv, line 3: image 'im1' has unknown class name 'dgo' "
+                                        r"\(did you mean 'dog'\?\)"):
+        FolderDataset(images, f, class_names=CLASSES)
+    ok = FolderDataset(images, _csv(tmp_path, "im0,cat\nim1,dog\nim2,\n", "ok.csv"), class_names=CLASSES)
+    assert list(ok.class_names) == ["background", *CLASSES]  # fixed by class_names, not by the file
+
+
+def test_malformed_rows_and_quotes(images: Path, tmp_path: Path) -> None:
+    cases = {
+        'im0,cat\nim1,"dog;person\nim2,dog\n': r"line 2: .*quote",
+        "im0,cat\nim1\nim2,dog\n": r"line 2: expected 'name,labels'",
+        "im0,cat\nim1,dog\nim0,person\n": r"line 3: image 'im0' is already listed at line 1",
+        "im0,cat\n,dog\n": r"line 2: expected",
+    }
+    for i, (text, err) in enumerate(cases.items()):
+        f = _csv(tmp_path, text, f"bad{i}.csv")
+        with pytest.raises(DataError, match=rf"bad{i}\.csv, {err}"):
+            FolderDataset(images, f, class_names=CLASSES)
+        with pytest.raises(DataError, match=rf"bad{i}\.csv"):  # the inferred class list too
+            FolderDataset(images, f)
+
+
+def test_undecodable_file_and_tabs(images: Path, tmp_path: Path) -> None:
+    f = _csv(tmp_path, "im0,cat\nim1,d\xf6g\n".encode("latin-1"))
+    for names in (CLASSES, None):
+        with pytest.raises(DataError, match=r"labels\.csv, line 2: not UTF-8"):
+            FolderDataset(images, f, class_names=names)
+    tsv = _csv(tmp_path, "name\tlabels\nim0\tcat;dog\nim1\tperson\nim2\t\n", "labels.tsv")
+    ds = FolderDataset(images, tsv)
+    assert list(ds.class_names) == ["background", *CLASSES]
+    labels, _ = read_labels_file(tsv, ds.class_names)
+    assert labels == {"im0": [1, 2], "im1": [3], "im2": []}
+
+
+def test_json_classes_must_agree_with_class_names(images: Path, tmp_path: Path) -> None:
+    f = _csv(tmp_path, '{"classes": ["cat", "dgo"], "labels": {"im0": ["cat"]}}', "l.json")
+    with pytest.raises(DataError, match="lists the classes.*data.class_names"):
+        read_labels_file(f, ["background", *CLASSES])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_iters=abc", "train.max_iters"),
+    ("eval.bkg_score=abc", "eval.bkg_score"),
+    ("eval.bkg_score=1.5", "eval.bkg_score"),
+    ("afa.radius=0", "afa.radius"),
+    ("afa.window=circel", "afa.window"),
+    ("afa.sampling=middle", "afa.sampling"),
+    ("cam.scales=[]", "cam.scales"),
+    ("data.batch_size=0.5", "data.batch_size"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.amp=fp16", "train.amp"),
+    ("aream.weighting=entropy", "aream.weighting"),
+    ("par.dilations=[1,x]", "par.dilations"),
+    ("eval.flip=maybe", "eval.flip"),
+    ("threads=0", "threads"),
+    ("data.num_classes=1", "data.num_classes"),
+    ("data.pseudo_dir=[a]", "data.pseudo_dir"),
+])
+def test_every_value_is_checked_when_loaded(override: str, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be"):
+        load_config("afa_mit_tiny_synthetic", [override])
+
+
+def test_bad_value_fails_before_the_run_folder_exists(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["train", "cam_mit_tiny_synthetic", f"out_dir={out}", "train.max_iters=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_iters" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_every_default_key_has_a_checked_type() -> None:
+    cfg = load_config(None)
+    assert cfg.train.max_iters == DEFAULTS["train"]["max_iters"]
+    for dotted in ("optim.lr=1e-3", "data.crop_size=null", "afa.aff_target_switch_iter=15000",
+                   "aream.entropy=[0.5,0.4]", "eval.max_images=3", "data.class_names=[a,b]",
+                   "data.num_classes=null", "data.num_classes=5", "threads=2", "data.pseudo_dir=pl"):
+        load_config("afa_mit_tiny_synthetic", [dotted])
+    assert cfg.data.num_classes is None and cfg.threads is None  # null: from the dataset / torch's default
+
+
+def test_overrides_of_a_run_config_are_checked() -> None:
+    from wsss.config import run_config
+
+    run_cfg = load_config("afa_mit_tiny_synthetic")
+    assert run_config(run_cfg, None, ["eval.max_images=3"]).eval.max_images == 3
+    with pytest.raises(ValueError, match="config key 'eval.bkg_score' must be"):
+        run_config(run_cfg, None, ["eval.bkg_score=2"])
