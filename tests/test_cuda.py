@@ -44,7 +44,7 @@ def _full_precision():
 def _setup(config: str = "afa_mit_tiny_synthetic", size: int = 64):
     cfg = load_config(config, DETERMINISTIC)
     torch.manual_seed(0)
-    k = int(cfg.data.num_classes) - 1
+    k = int(cfg.data.num_classes or 6) - 1  # null (from the dataset): the synthetic 5 classes + background
     net = build_model(cfg.model, k, str(cfg.method)).train()
     g = torch.Generator().manual_seed(1)
     labels = torch.zeros(2, k)

@@ -12,12 +12,16 @@ from wsss.engine.demo import demo_configs, run_demo, summary_table
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
-    summary = run_demo(out, quick=True, methods=["cam", "afa", "aream"])
-    assert set(summary) == {"cam", "afa", "aream"}
+    summary = run_demo(out, quick=True, methods=["cam", "afa", "second_stage", "aream"])
+    assert set(summary) == {"cam", "afa", "second_stage", "aream"}
     for method in summary:
         assert (out / method / "report.html").is_file()
-        assert 0 <= summary[method]["maps"]["cam"] <= 1
+        assert 0 <= summary[method]["maps"]["cam" if method != "second_stage" else "seg"] <= 1
     assert "oracle" not in summary["cam"]
+    # the second stage learned AFA's aff_par labels of all 16 train images, written into the AFA run
+    labels = summary["second_stage"]["train_labels"]
+    assert labels["map"] == "aff_par" and len(list((out / "afa" / "pseudo_train").glob("*.png"))) == 16
+    assert set(summary["second_stage"]["maps"]) == {"seg"}
     assert set(summary["afa"]["oracle"]["miou"]) == {"cam_par", "learned_par", "oracle_par"}
     assert "refined_par" in summary["aream"]["oracle"]["miou"]
     for method in ("afa", "aream"):
@@ -27,6 +31,7 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     table = (out / "summary.md").read_text()
     assert table == summary_table(summary) + "\n"
     assert "- afa: AFA affinity" in table and "- aream: mIoU" in table
+    assert "second_stage: a segmentation network trained on afa's aff_par pseudo labels" in table
 
 
 def test_demo_backbones_name_shipped_configs():
@@ -36,6 +41,9 @@ def test_demo_backbones_name_shipped_configs():
         for name in demo_configs(backbone).values():
             assert resolve_config_path(name).is_file()
     assert demo_configs("hybrid")["afa"] == "afa_hybrid_lite0_synthetic"
+    # the second stage is trained on the demo's backbone too
+    assert demo_configs("hybrid")["second_stage"] == "second_stage_hybrid_lite0_synthetic"
+    assert demo_configs("scratch")["second_stage"] == "second_stage_mit_tiny_synthetic"
     with pytest.raises(ValueError, match="demo backbone"):
         demo_configs("resnet")
 
@@ -47,3 +55,9 @@ def test_hybrid_demo_without_the_weights_package_fails_before_training(tmp_path,
     with pytest.raises(ImportError, match="wsss\\[pretrained\\]"):
         run_demo(tmp_path / "demo", quick=True)
     assert not (tmp_path / "demo").exists()
+
+
+def test_second_stage_without_its_source_run_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="second_stage learns afa's pseudo labels"):
+        run_demo(tmp_path / "demo", quick=True, methods=["cam", "second_stage"], backbone="scratch")
+    assert not (tmp_path / "demo" / "cam").exists()

@@ -32,7 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = root / "data"
     generate_synthetic(data, num_train=4, num_val=3, size=64, num_classes=6)
     over = [f"data.root={data}", f"out_dir={root / 'run'}", "data.num_train=4", "data.num_val=3",
-            "data.size=64", "cam.scales=[1.0]", "par.num_iter=2"]
+            "data.size=64", "data.num_classes=6", "cam.scales=[1.0]", "par.num_iter=2"]
     cfg = load_config(CFG, over)
     torch.manual_seed(0)
     net = build_model(cfg.model, int(cfg.data.num_classes) - 1, str(cfg.method))
@@ -250,3 +250,24 @@ def test_same_size_batches_groups_by_size() -> None:
     assert all(b["image"].shape[-2:] == b["mask"].shape[-2:] for b in batches)
     with pytest.raises(ValueError, match="batch_size"):
         next(same_size_batches(data, [0], batch_size=0))
+
+
+def test_batched_pseudo_labels_scored_with_skipped_ones(setup: dict) -> None:
+    """With batches of several images, the summary's scores (labels written in batches plus those kept
+    from a previous run) equal the IoU recomputed from the PNGs by loops, uncertain pixels counted wrong."""
+    out = setup["root"] / "pl_scored"
+    kw = {"map_name": "pseudo", "verbose": False, "batch_size": 3, "num_workers": 0}
+    run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, **kw)
+    for png in sorted(out.glob("*.png"))[:2]:
+        png.unlink()
+    s = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, **kw)
+    assert (s["written"], s["skipped_existing"], s["batch_size"]) == (2, 2, 3)
+    names = sorted(p.stem for p in out.glob("*.png"))
+    iou = _recompute_miou(out, setup["data"], names, int(setup["cfg"].data.num_classes))
+    np.testing.assert_allclose(np.array(s["scores"]["iou_uncertain_wrong"], dtype=float), np.array(iou),
+                               rtol=1e-9)
+    assert 0 < s["scores"]["coverage"] <= 1
+    bad = setup["root"] / "pl_bad"
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        run_pseudo_labels(CFG, setup["release"], setup["over"], "train", bad, map_name="pseudo", batch_size=0)
+    assert not bad.exists()  # refused before the folder and its manifest were written

@@ -89,6 +89,11 @@ def test_json_classes_must_agree_with_class_names(images: Path, tmp_path: Path) 
     ("aream.weighting=entropy", "aream.weighting"),
     ("par.dilations=[1,x]", "par.dilations"),
     ("eval.flip=maybe", "eval.flip"),
+    ("threads=0", "threads"),
+    ("data.num_classes=1", "data.num_classes"),
+    ("data.pseudo_dir=[a]", "data.pseudo_dir"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.num_workers=-1", "eval.num_workers"),
 ])
 def test_every_value_is_checked_when_loaded(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=rf"config key '{key}' must be"):
@@ -107,5 +112,17 @@ def test_every_default_key_has_a_checked_type() -> None:
     cfg = load_config(None)
     assert cfg.train.max_iters == DEFAULTS["train"]["max_iters"]
     for dotted in ("optim.lr=1e-3", "data.crop_size=null", "afa.aff_target_switch_iter=15000",
-                   "aream.entropy=[0.5,0.4]", "eval.max_images=3", "data.class_names=[a,b]"):
+                   "aream.entropy=[0.5,0.4]", "eval.max_images=3", "data.class_names=[a,b]",
+                   "data.num_classes=null", "data.num_classes=5", "threads=2", "data.pseudo_dir=pl",
+                   "eval.batch_size=1", "eval.num_workers=2"):
         load_config("afa_mit_tiny_synthetic", [dotted])
+    assert cfg.data.num_classes is None and cfg.threads is None  # null: from the dataset / torch's default
+
+
+def test_overrides_of_a_run_config_are_checked() -> None:
+    from wsss.config import run_config
+
+    run_cfg = load_config("afa_mit_tiny_synthetic")
+    assert run_config(run_cfg, None, ["eval.max_images=3"]).eval.max_images == 3
+    with pytest.raises(ValueError, match="config key 'eval.bkg_score' must be"):
+        run_config(run_cfg, None, ["eval.bkg_score=2"])

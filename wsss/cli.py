@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze(sub)
     add_report(sub)
 
-    p = sub.add_parser("demo", help="synthetic data -> train cam/afa/aream/supervised -> evaluate -> report")
+    p = sub.add_parser("demo", help="synthetic data -> train cam/afa/aream/supervised and a second stage on "
+                                    "AFA's pseudo labels -> evaluate -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)
@@ -64,7 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
     p.set_defaults(fn=cmd_demo)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--threads", type=int, default=None, metavar="N",
+            help="CPU threads for torch (default: the config's 'threads', else torch's default of one per "
+                 "core); on a machine where other processes are busy, 1 or 2 is much faster",
+        )
     return parser
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: set it now and pass it on as the ``threads=N`` override of a config command."""
+    from wsss.engine.distributed import set_threads
+
+    if args.threads is None:
+        return
+    set_threads(args.threads)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, f"threads={args.threads}"]
 
 
 def os_error_message(err: OSError) -> str:
@@ -84,6 +102,7 @@ def os_error_message(err: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(args)
         return int(args.fn(args) or 0)
     except (FileNotFoundError, KeyError, ValueError, ImportError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

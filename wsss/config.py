@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "method": "afa",  # cam | afa | aream | supervised
     "seed": 1,
     "out_dir": "runs/${name}",
+    "threads": None,  # torch CPU threads; null: torch's default (one per core). Busy machine: 1
+
     "model": {
         "backbone": "mit_b1",
         "backbone_kwargs": {},
@@ -37,8 +39,9 @@ DEFAULTS: dict[str, Any] = {
         "root": "data/VOC2012",
         "train_split": "train_aug",
         "val_split": "val",
-        "num_classes": 21,  # including background
+        "num_classes": None,  # including background; null: from the dataset (VOC 21, COCO 81, names file)
         "class_names": None,
+        "pseudo_dir": None,  # second stage: train on these pseudo-label PNGs (255 = ignore) instead of masks
         "labels_file": None,
         "train_labels_file": None,
         "val_labels_file": None,
@@ -176,6 +179,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         file_cfg = _load_yaml_chain(resolve_config_path(path))
         _check_keys(cfg, file_cfg, str(path))
         cfg = OmegaConf.merge(cfg, file_cfg)
+    return _apply_overrides(cfg, overrides)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Merge dotted ``key=value`` overrides (known keys only) and resolve interpolations."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like key=value")
@@ -185,6 +193,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     OmegaConf.resolve(cfg)
     validate_config(cfg)
     return cfg
+
+
+# What a trained run fixes: the data it learned from, its architecture and its method.
+RUN_SECTIONS = ("data", "model", "method")
+
+
+def run_config(run_cfg: Any, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+               ) -> DictConfig:
+    """The config a command uses on a trained run (``wsss evaluate / pseudo-labels / analyze``).
+
+    The run's own config (``run_cfg``, as stored with the checkpoint); a config file named on the
+    command line (``path``) replaces its settings except the run's ``data``, ``model`` and ``method``;
+    dotted ``overrides`` replace anything (e.g. ``data.root=...`` to evaluate on other data).
+    """
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), run_cfg)
+    if path is not None:
+        named = load_config(path)
+        for key in RUN_SECTIONS:
+            named[key] = cfg[key]
+        cfg = named
+    return _apply_overrides(cfg, overrides)
+
+
+def split_config_arg(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``(config, overrides)`` of an optional positional config: a first word with ``=`` that is not a
+    file is an override (``wsss evaluate data.root=... --checkpoint run/model``)."""
+    if config is not None and "=" in config and not Path(config).is_file():
+        return None, [config, *overrides]
+    return config, list(overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +288,9 @@ RULES: dict[str, Rule] = {
     "model.token_head": _r("str", choices=("mean", "linear"), null=True),
     "model.aff_layers": _r("list", item="int"),
     "data.type": _r("str", choices=("voc", "coco", "folder", "synthetic")),
-    "data.num_classes": _r("int", 2),
+    "threads": _r("int", 1, null=True),
+    "data.num_classes": _r("int", 2, null=True),  # null: from the dataset
+    "data.pseudo_dir": _r("str", null=True),
     "data.class_names": _r("list", item="str", null=True, min_len=1),
     "data.labels_file": _r("str", null=True),
     "data.train_labels_file": _r("str", null=True),
@@ -304,6 +343,8 @@ RULES: dict[str, Rule] = {
     "eval.bkg_score": _r("float", 0.0, 1.0),
     "eval.aff_bkg_score": _r("float", 0.0, 1.0),
     "eval.max_images": _r("int", 1, null=True),
+    "eval.batch_size": _r("int", 1),
+    "eval.num_workers": _r("int", 0),
 }
 
 

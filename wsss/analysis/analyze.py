@@ -45,6 +45,11 @@ from wsss.ops.cam import normalize_cam
 
 PAD = 16
 NORM_EPS = 1e-6  # AReAM inference min-max epsilon (aream.md 5.2)
+# The mIoU rules (wsss.engine.metrics protocols), as the printed output names them.
+IOU_RULES = {
+    "aream": "AReAM rule: mean over all classes, a class absent from the ground truth counts as 0",
+    "voc": "evaluate's rule: mean over the classes present in the ground truth",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +139,7 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
     """
     t = net.backbone.num_prefix_tokens
     num = net.backbone.num_layers
+    eps = entropy_eps(net)
     first = net.forward_cam(
         x, list(range(num)) if class_attention else [],
         (lambda layer, z: attention_probs(z)[:, :t, t:]) if class_attention else None,
@@ -157,7 +163,7 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
             "refined": refine_by_affinity(c, aff),
             "hellinger": layer_hellinger(probs, t),
             "hellinger_heads": layer_hellinger(_upcast(logits).softmax(-1), t),
-            "entropy": layer_entropy(_resize(ent_cam, grid), aff.unsqueeze(0), lab)[0],
+            "entropy": layer_entropy(_resize(ent_cam, grid), aff.unsqueeze(0), lab, eps=eps)[0],
             "col_mass": aff.sum(1),
         }
         if keep_example:
@@ -179,6 +185,14 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
         grid=grid, example=stack("example") if keep_example else None,
         example_heads=stack("example_heads") if keep_example else None,
     )
+
+
+def entropy_eps(net: WSSSNet) -> float:
+    """The epsilon inside log2(p + eps) of the official offline entropy script of the net's family
+    (``aream.md`` 6.2): 1e-6 for Conformer (``ent_voc_conformer.py``), none for MCTformer / the others."""
+    from wsss.backbones.conformer import Conformer
+
+    return 1e-6 if isinstance(net.backbone, Conformer) else 0.0
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -270,10 +284,11 @@ class AnalysisResult:
 @torch.no_grad()
 def analyze_dataset(net: WSSSNet, dataset: Any, num_classes: int, cfg: Any | None = None,
                     max_images: int | None = None, batch_size: int = 4,
-                    thresholds: Sequence[float] = AREAM_THRESHOLDS) -> AnalysisResult:
+                    thresholds: Sequence[float] = AREAM_THRESHOLDS, iou: str = "aream") -> AnalysisResult:
     """One pass over ``dataset`` (samples with ``image``, ``labels``, ``mask``): every layer-wise number.
 
-    num_classes: C (background included). The net is put in eval mode for the pass.
+    num_classes: C (background included). iou: the rule of the refinement mIoUs (:data:`IOU_RULES`).
+    The net is put in eval mode for the pass.
     """
     was = net.training
     net.eval()
@@ -297,7 +312,8 @@ def analyze_dataset(net: WSSSNet, dataset: Any, num_classes: int, cfg: Any | Non
         names = ["cam"] + [f"layer_{i}" for i in layers] + ["fused"]
         maps = normalize_variants(variants, tuple(x.shape[-2:]), size, labels)
         for name, m in zip(names, maps):
-            sweeps.setdefault(name, SweepAccumulator(num_classes, thresholds)).update(m, labels, gt)
+            acc = sweeps.setdefault(name, SweepAccumulator(num_classes, thresholds, protocol=iou))
+            acc.update(m, labels, gt)
         hell.append(st.hellinger.cpu())
         hell_heads.append(st.hellinger_heads.cpu())
         ent.append(st.entropy.cpu())
@@ -600,16 +616,19 @@ def entropy_override(values: Sequence[float]) -> str:
 
 def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, split: str = "val",
                  max_images: int | None = None, batch_size: int = 4, entropy: bool = False,
-                 plots: bool = True) -> dict[str, Any]:
+                 plots: bool = True, iou: str = "aream") -> dict[str, Any]:
     """Analyse ``net`` on ``dataset``; write ``analysis.json`` (+ PNG plots) into ``out_dir``.
 
     entropy: also write ``aream_entropy.yaml`` (``aream.entropy`` for ``entropy_offline``); needs every
-    layer to be analysed. Returns the JSON dict.
+    layer to be analysed. iou: the rule of the refinement mIoUs (``aream`` or evaluate's ``voc``); the
+    oracle numbers always use evaluate's rule. Returns the JSON dict.
     """
+    if iou not in IOU_RULES:
+        raise ValueError(f"iou rule must be one of {sorted(IOU_RULES)}, got {iou!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    num_classes = int(getattr(dataset, "num_classes", int(cfg.data.num_classes)))
-    res = analyze_dataset(net, dataset, num_classes, cfg, max_images, batch_size)
+    num_classes = int(dataset.num_classes)
+    res = analyze_dataset(net, dataset, num_classes, cfg, max_images, batch_size, iou=iou)
     bb = net.backbone
     data: dict[str, Any] = {
         "model": {"backbone": str(cfg.model.backbone), "method": str(cfg.method), "num_layers": bb.num_layers,
@@ -618,7 +637,9 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
                      "pad_multiple": PAD, "attention": "head-mean softmax over all keys; patch rows",
                      "class_attention": uses_class_attention(net, cfg),
                      "cam_postprocess": "bilinear, crop, ReLU, min-max (eps 1e-6), GT classes",
-                     "resize": dataset.size if isinstance(dataset, SquareResized) else None},
+                     "resize": dataset.size if isinstance(dataset, SquareResized) else None,
+                     "refinement_iou": IOU_RULES[iou], "oracle_iou": IOU_RULES["voc"],
+                     "entropy_log": f"log2(p + {entropy_eps(net):g})"},
         "layers": res.layers,
         "layers_note": res.layers_note,
         **res.summary,
@@ -693,40 +714,87 @@ def oracle_summary(q: dict[str, Any]) -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from wsss.config import load_config
+    from wsss.config import run_config, split_config_arg
     from wsss.data.build import build_dataset
+    from wsss.engine.distributed import set_threads
+    from wsss.engine.infer import check_classes, run_dir_of
 
-    cfg = load_config(args.config, args.overrides)
-    device = resolve_device(args.device)
-    net, cfg, _ = load_model(args.checkpoint, cfg, device)
+    config, overrides = split_config_arg(args.config, args.overrides)
+    device = resolve_device(args.device)  # a bad device: before loading
+    net, run_cfg, _ = load_model(args.checkpoint, None, device)
+    cfg = run_config(run_cfg, config, overrides)
+    set_threads(cfg.get("threads"))
     split = args.split or str(cfg.eval.get("split") or cfg.data.val_split)
     dataset = build_dataset(cfg.data, split=split, train=False)
+    check_classes(net, dataset, args.checkpoint, split)
     if args.resize:
         dataset = SquareResized(dataset, args.resize)
     missing = plots_available()
     if missing:
         print(f"wsss analyze: {missing}; writing analysis.json only")
-    data = run_analysis(net, cfg, dataset, args.out, split, args.max_images, args.batch_size, args.entropy,
-                        missing is None)
-    ref = data["refinement"]["_summary"]
-    print(f"analysed {data['protocol']['images']} images, {data['layers_note']}")
-    print(f"mIoU: raw CAM {100 * ref['cam_miou']:.2f}, fused {100 * ref['fused_miou']:.2f}, "
-          f"best layer {ref['best_layer']} {100 * ref['best_layer_miou']:.2f}")
-    if "oracle" in data:
-        print(oracle_summary(data["oracle"]))
+    run_dir = run_dir_of(args.checkpoint)
+    out = Path(args.out) if args.out else run_dir / "analysis"
+    data = run_analysis(net, cfg, dataset, out, split, args.max_images, args.batch_size, args.entropy,
+                        missing is None, iou=args.iou)
+    record_analysis(run_dir, out)
+    print(analysis_lines(data))
     if args.entropy:
         print("paste into the AReAM training command:\n  " + data["entropy"]["override"])
-    print(f"wrote {Path(args.out) / 'analysis.json'}")
+    print(f"wrote {out / 'analysis.json'}")
     return 0
+
+
+def analysis_lines(data: dict[str, Any]) -> str:
+    """The printed summary of ``analysis.json``, each mIoU labelled with its scoring rule."""
+    ref = data["refinement"]["_summary"]
+    lines = [f"analysed {data['protocol']['images']} images, {data['layers_note']}",
+             f"refinement mIoU at the best background threshold ({data['protocol']['refinement_iou']}): "
+             f"raw CAM {100 * ref['cam_miou']:.2f}, fused {100 * ref['fused_miou']:.2f}, "
+             f"best layer {ref['best_layer']} {100 * ref['best_layer_miou']:.2f}"]
+    if "oracle" in data:
+        lines.append(f"affinity ceiling ({data['protocol']['oracle_iou']}):")
+        lines.append(oracle_summary(data["oracle"]))
+    return "\n".join(lines)
+
+
+ANALYSIS_RECORD = "analysis_location.txt"  # in the run folder: where `wsss analyze` last wrote
+
+
+def record_analysis(run_dir: Path, out: Path) -> None:
+    """Note ``out`` in the run folder so that ``wsss report`` finds an analysis written elsewhere."""
+    if out.resolve() == (run_dir / "analysis").resolve():
+        return
+    try:
+        (run_dir / ANALYSIS_RECORD).write_text(str(out.resolve()) + "\n")
+    except OSError as err:  # a read-only run folder: the report then takes --analysis
+        print(f"wsss analyze: could not record the analysis folder in {run_dir}: {err}")
+
+
+def find_analysis(run_dir: Path) -> Path | None:
+    """The run's analysis folder: ``<run>/analysis``, else the one ``wsss analyze`` recorded."""
+    if (run_dir / "analysis" / "analysis.json").is_file():
+        return run_dir / "analysis"
+    record = run_dir / ANALYSIS_RECORD
+    if record.is_file():
+        folder = Path(record.read_text().strip())
+        if (folder / "analysis.json").is_file():
+            return folder
+    return None
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``wsss analyze``."""
     p = sub.add_parser("analyze", help="layer-wise attention analyses (Hellinger, entropy, refinement mIoU)")
-    p.add_argument("config", help="config file or shipped config name (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/VOC2012")
+    p.add_argument("config", nargs="?", default=None,
+                   help="optional: a config whose settings replace the run's, except its data, model and "
+                        "method (default: the checkpoint's run config alone)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. data.root=...")
     p.add_argument("--checkpoint", required=True, help="model/ release dir, run dir or checkpoint file")
-    p.add_argument("--out", required=True, help="output directory (analysis.json + PNG plots)")
+    p.add_argument("--out", default=None,
+                   help="output directory (analysis.json + PNG plots; default: the run's analysis/)")
+    p.add_argument("--iou", choices=sorted(IOU_RULES), default="aream",
+                   help="rule of the refinement mIoUs: aream (AReAM's evaluate.py, absent classes count as "
+                        "0; default) or voc (wsss evaluate's rule); the oracle rows always use voc")
     p.add_argument("--split", default=None, help="dataset split (default: eval.split)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")

@@ -2,8 +2,9 @@
 
 Sections: config (YAML), metrics (mIoU per map, per-class IoU, protocol), loss curves (inline SVG drawn
 here, no matplotlib), an image grid for a few validation images (image, ground truth, CAM heat map,
-the method's refined map, pseudo label, prediction) and, when ``analysis/analysis.json`` exists, its
-plots. Images are base64 PNG data URIs; CSS is inline; nothing is fetched from elsewhere.
+the method's refined map, pseudo label, prediction) and, when the run has an analysis (``analysis/``
+or the folder ``wsss analyze`` recorded), its plots. Images are base64 PNG data URIs; CSS is inline;
+nothing is fetched from elsewhere.
 """
 
 from __future__ import annotations
@@ -239,13 +240,20 @@ def images_section(run_dir: Path, images: int) -> str:
 
 
 def analysis_section(run_dir: Path) -> str | None:
-    """Plots and key numbers of ``analysis/analysis.json``, or None when there is none."""
-    path = run_dir / "analysis" / "analysis.json"
-    if not path.is_file():
+    """Plots and key numbers of the run's ``analysis.json`` (``<run>/analysis``, or wherever ``wsss
+    analyze`` recorded that it wrote), or None when there is none."""
+    from wsss.analysis.analyze import find_analysis
+
+    folder = find_analysis(run_dir)
+    if folder is None:
         return None
-    data = json.loads(path.read_text())
+    data = json.loads((folder / "analysis.json").read_text())
+    proto = data.get("protocol", {})
     parts = [f'<p class="note">{html.escape(str(data.get("layers_note", "")))}; '
-             f'{data.get("protocol", {}).get("images", "?")} images</p>']
+             f'{proto.get("images", "?")} images; read from {html.escape(str(folder))}</p>']
+    if "refinement_iou" in proto:
+        parts.append(f'<p class="note">refinement mIoU: {html.escape(proto["refinement_iou"])}; '
+                     f'oracle mIoU: {html.escape(proto["oracle_iou"])}</p>')
     ref = data.get("refinement", {})
     layers = data.get("layers", [])
     hell = data.get("hellinger", {}).get("mean", [])
@@ -269,7 +277,7 @@ def analysis_section(run_dir: Path) -> str | None:
         parts.append(_table(["map", "mIoU (%)"], [[k, _pct(v)] for k, v in oracle.get("miou", {}).items()],
                             "oracle"))
     for name, fname in data.get("plots", {}).items():
-        png = run_dir / "analysis" / fname
+        png = folder / fname
         if png.is_file():
             caption = PLOT_CAPTIONS.get(name, name.replace("_", " ").capitalize())
             parts.append(f"<figure>{_img(data_uri(png.read_bytes()), caption)}<figcaption>"

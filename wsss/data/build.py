@@ -10,6 +10,7 @@ not on the number of workers or their scheduling. Workers are also seeded by a `
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,8 +26,9 @@ from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError
 from .randaugment import build_rand_augment
 from .transforms import EvalTransform, TrainTransform
-from .voc import VOCDataset
+from .voc import SegmentationDataset, VOCDataset, _missing_error, list_stems
 
+SYNTHETIC_CLASSES = 6  # the built-in set: background + 5 classes (when data.num_classes is not pinned)
 _DEFAULT_SPLITS = {"voc": {"train": "train_aug", "val": "val"}, "coco": {"train": "train", "val": "val"}}
 
 
@@ -80,7 +82,17 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
     ``num_classes``, ``labels_file``, ``mask_dir``, ``class_names``, ``seed``, the transform keys of
     :func:`build_transform`; folder: ``image_dir``, ``labels_file`` (or ``<split>_labels_file``),
     ``mask_dir``; synthetic: ``num_train``, ``num_val``, ``size``, ``synthetic_seed`` (generated into
-    ``root`` when it has no split files yet, then read as VOC)."""
+    ``root`` when it has no split files yet, then read as VOC); ``pseudo_dir``: the training split
+    reads its masks from that folder of pseudo-label PNGs (:func:`use_pseudo_labels`)."""
+    dataset = _dataset(cfg_data, split, train)
+    pseudo_dir = _get(cfg_data, "pseudo_dir", None)
+    if train and pseudo_dir is not None:
+        use_pseudo_labels(dataset, pseudo_dir)
+    return dataset
+
+
+def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
+    """The dataset of :func:`build_dataset` before any pseudo-label folder replaces its masks."""
     kind = str(_get(cfg_data, "type", "voc")).lower()
     transform = build_transform(cfg_data, train)
     seed = int(_get(cfg_data, "seed", 0))
@@ -99,7 +111,7 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
         raise DataError(f"data config of type {kind!r} needs a root")
     name = _split_name(cfg_data, kind, split)
     if kind == "synthetic":
-        num_classes = int(_get(cfg_data, "num_classes", 5))
+        num_classes = _get(cfg_data, "num_classes", None)
         if not (Path(root) / "ImageSets" / "Segmentation" / "val.txt").is_file():
             from .synthetic import generate_synthetic  # lazy: keeps `python -m wsss.data.synthetic` clean
             generate_synthetic(
@@ -108,7 +120,7 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
                 num_val=int(_get(cfg_data, "num_val", 50)),
                 size=int(_get(cfg_data, "size", 128)),
                 seed=int(_get(cfg_data, "synthetic_seed", 0)),
-                num_classes=num_classes,
+                num_classes=int(num_classes or SYNTHETIC_CLASSES),
             )
         return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
     if kind == "voc":
@@ -117,6 +129,30 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
     if kind == "coco":
         return COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
     raise DataError(f"unknown dataset type {kind!r} (voc, coco, folder, synthetic)")
+
+
+def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> SegmentationDataset:
+    """Second stage: read each image's mask from ``<pseudo_dir>/<name>.png`` (255 = ignore), in place.
+
+    Every image must have its PNG (the missing ones are listed); a ``summary.json`` written by
+    ``wsss pseudo-labels`` must name the dataset's classes. The image-level labels stay the dataset's.
+    """
+    folder = Path(pseudo_dir)
+    if not folder.is_dir():
+        raise DataError(f"data.pseudo_dir: pseudo-label folder not found: {folder}")
+    summary = folder / "summary.json"
+    if summary.is_file():
+        names = json.loads(summary.read_text()).get("class_names")
+        if names and list(names) != list(dataset.class_names):
+            raise DataError(f"{summary}: pseudo labels of {len(names)} classes {names[:4]}... but the "
+                            f"dataset has {dataset.num_classes} {list(dataset.class_names)[:4]}...")
+    pngs = list_stems(folder, (".png",))
+    missing = [n for n in dataset.names if n not in pngs]
+    if missing:
+        raise _missing_error("pseudo-label PNGs", missing, folder)
+    dataset.mask_paths = {n: pngs[n] for n in dataset.names}
+    dataset.pseudo_dir = folder
+    return dataset
 
 
 def collate(batch: Sequence[dict]) -> dict:

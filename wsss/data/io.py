@@ -123,8 +123,14 @@ def check_mask_values(mask: np.ndarray, num_classes: int, path: str | os.PathLik
     if bad.size:
         raise DataError(
             f"mask {path} has values {bad.tolist()[:16]} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
-            f"(num_classes={num_classes})"
+            f"(num_classes={num_classes}): {num_classes_hint(int(bad.max()))}"
         )
+
+
+def num_classes_hint(value: int) -> str:
+    """The fix for a mask value at or above the class count (the configured count is too small)."""
+    return (f"set data.num_classes to the dataset's class count, at least {value + 1} (background "
+            f"included; PASCAL VOC: 21, COCO: 81), or give data.class_names")
 
 
 def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: object, mask_path: object) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import IGNORE_INDEX, DataError, check_same_size, load_image, load_mask
+from .io import IGNORE_INDEX, DataError, check_mask_values, check_same_size, load_image, load_mask
 from .transforms import EvalTransform
 
 VOC_CLASSES = (
@@ -237,7 +237,9 @@ def labels_from_masks(
     todo = [n for n in names if n not in cache]
     for n in todo:
         values = np.unique(load_mask(mask_paths[n], num_classes))
-        cache[n] = [int(v) for v in values if 0 < v < num_classes]
+        cache[n] = [int(v) for v in values if 0 < v != IGNORE_INDEX]
+    for n in names:  # ids cached by an earlier run with more classes must not be dropped silently
+        check_mask_values(np.asarray(cache[n], dtype=np.int64), num_classes, mask_paths[n])
     if todo and cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 1. generate the synthetic VOC-layout dataset (once);
 2. train the CAM baseline, AFA, AReAM and the fully supervised upper bound with the small configs;
+   after AFA, the second stage of the multi-stage recipe: AFA's pseudo labels (``aff_par``) on the
+   train split, then a segmentation network trained on them (``second_stage_<backbone>_synthetic``);
 3. evaluate each (CAM, refined CAM, pseudo label, segmentation head) on the validation split;
 4. for AFA and AReAM, ``wsss analyze`` on part of the validation split: attention statistics and the
    refinement with the model's own affinity against a perfect one from the ground truth
@@ -22,7 +24,8 @@ from wsss.config import load_config
 # The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
 # blocks, needs the `pretrained` extra) and "scratch" (a MiT trained from scratch, no download).
 DEMO_BACKBONES = {"hybrid": "hybrid_lite0", "scratch": "mit_tiny"}
-DEMO_METHODS = ("cam", "afa", "aream", "supervised")
+# "second_stage" trains on AFA's pseudo labels, so it runs after "afa".
+DEMO_METHODS = ("cam", "afa", "second_stage", "aream", "supervised")
 
 
 def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
@@ -33,7 +36,9 @@ def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
 
 
 # The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
-PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None}
+PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None,
+              "second_stage": None}
+SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
 
@@ -50,6 +55,48 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
                         plots=plots_available() is None)
 
 
+def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[str, Any]:
+    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (its PSEUDO_MAP)
+    into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
+    again); returns the folder, the map, the minutes and the scores."""
+    from wsss.engine.infer import run_pseudo_labels
+
+    run_dir = out / method
+    if not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"the second stage needs the trained {method} run first ({run_dir})")
+    t0 = time.time()
+    map_name = PSEUDO_MAP[method] or "pseudo"
+    s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
+                          verbose=False, overwrite=overwrite)
+    return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": method,
+            "minutes": (time.time() - t0) / 60, "scores": s["scores"]}
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its released ``model/`` and ``metrics.json``)."""
+    return (run_dir / "metrics.json").is_file() and (run_dir / "model").is_dir()
+
+
+def check_demo_methods(out: Path, methods: list[str], known: list[str], reuse: bool) -> None:
+    """Errors before any method trains: unknown methods, runs already in ``out`` without ``reuse``
+    (--resume / --overwrite), a second stage without the run its pseudo labels come from."""
+    from wsss.engine.train import RUN_FILES
+
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(known)}")
+    used = [m for m in methods if any((out / m / n).exists() for n in RUN_FILES)]
+    if used and not reuse:
+        raise ValueError(f"{out} already holds demo runs ({', '.join(used)}): pass --resume to keep them "
+                         f"and continue, --overwrite to train them again, or choose another --out")
+    if "second_stage" in methods:
+        before = methods[:methods.index("second_stage")]
+        if SECOND_STAGE_FROM not in before and not finished(out / SECOND_STAGE_FROM):
+            src = SECOND_STAGE_FROM
+            raise ValueError(f"the demo's second_stage learns {src}'s pseudo labels: list {src} before it, "
+                             f"or train it first into {out / src}")
+
+
 def run_demo(
     out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
     backbone: str = "hybrid", resume: bool = False, overwrite: bool = False,
@@ -57,7 +104,7 @@ def run_demo(
     """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
     are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
     is trained again. Without either, an ``out`` that holds a method's run is an error."""
-    from wsss.engine.train import RUN_FILES, train
+    from wsss.engine.train import train
 
     configs = demo_configs(backbone)
     if backbone == "hybrid":
@@ -68,19 +115,19 @@ def run_demo(
     data_root = out / "data"
     summary: dict[str, Any] = {}
     methods = list(methods or configs)
-    unknown = [m for m in methods if m not in configs]
-    if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(configs)}")
-    used = [m for m in methods if any((out / m / n).exists() for n in RUN_FILES)]
-    if used and not (resume or overwrite):  # checked before any method trains
-        raise ValueError(f"{out} already holds demo runs ({', '.join(used)}): pass --resume to keep them "
-                         f"and continue, --overwrite to train them again, or choose another --out")
+    check_demo_methods(out, methods, list(configs), resume or overwrite)
     for method in methods:
         overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
+        labels = None
+        if method == "second_stage":
+            labels = write_stage_labels(out, SECOND_STAGE_FROM, overwrite=overwrite)
+            overrides.append(f"data.pseudo_dir={labels['dir']}")
         if quick:
             overrides += [
                 "train.max_iters=4",
                 "train.log_every=2",
+                "data.num_train=16",  # the second stage needs pseudo labels of every train image
+                "data.num_val=8",
                 "eval.max_images=4",
                 "afa.warmup_iters=1",
                 "afa.switch_iter=2",
@@ -88,9 +135,8 @@ def run_demo(
             ]
         cfg = load_config(configs[method], overrides)
         t0 = time.time()
-        done = out / method / "metrics.json"
-        if resume and done.is_file() and (out / method / "model").is_dir():
-            results = json.loads(done.read_text())["eval"]  # finished before: keep it
+        if resume and finished(out / method):
+            results = json.loads((out / method / "metrics.json").read_text())["eval"]  # finished: keep it
             print(f"demo: {method} already trained in {out / method} (--resume)")
         else:
             results = train(cfg, resume=resume, overwrite=overwrite)
@@ -102,6 +148,8 @@ def run_demo(
             "seg_miou": results["seg"]["miou"] if "seg" in results else None,
             "maps": {k: v["miou"] for k, v in results.items() if isinstance(v, dict) and "miou" in v},
         }
+        if labels is not None:
+            summary[method]["train_labels"] = labels
         if method in ANALYZED:
             data = analyze_run(cfg, out / method, 4 if quick else ANALYSIS_IMAGES)
             summary[method]["oracle"] = data.get("oracle")
@@ -132,6 +180,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{pct(s['maps'].get('cam'))} | {s['minutes']:.1f} |"
         )
     notes = [f"- {m}: {oracle_summary(s['oracle'])}" for m, s in summary.items() if s.get("oracle")]
+    for m, s in summary.items():
+        lab = s.get("train_labels")
+        if lab:
+            sc = lab["scores"]
+            rows.append(f"\n{m}: a segmentation network trained on {lab['from']}'s {lab['map']} pseudo "
+                        f"labels of the train split (their train mIoU {pct(sc['miou_uncertain_left_out'])}, "
+                        f"written in {lab['minutes']:.1f} min)")
     if notes:
         head = f"Refinement with the model's affinity vs a perfect one (<= {ANALYSIS_IMAGES} val images):"
         rows += ["", head, *[n.replace("\n", "; ") for n in notes]]

@@ -139,6 +139,20 @@ def seed_everything(seed: int, rank: int | None = None) -> int:
     return s
 
 
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch's operators (None: leave torch's default, one per core).
+
+    On a machine where other processes keep the cores busy, fewer threads than cores (often 1) run
+    much faster than the default, which makes every thread wait for the slowest core.
+    """
+    if threads is None:
+        return
+    n = int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(n)
+
+
 def worker_init_fn(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive numpy / random seeds from the worker's torch seed, which
     differs per worker, epoch and (after :func:`seed_everything`) rank."""

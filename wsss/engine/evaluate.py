@@ -4,13 +4,14 @@ Images are evaluated at full resolution, padded to a multiple of 16 for the back
 back; images of the same size go through the network together (up to ``batch_size``, loaded by a
 DataLoader with ``num_workers``), images of different sizes never (padding them to a common size
 would change the CAM normalisation and PAR). Confusion matrices accumulate on the device and are
-all-reduced under DDP. Ignored pixels of a pseudo label (255) are left out of its confusion
-matrix, and the share of ground-truth pixels it covers is reported next to its mIoU.
+all-reduced under DDP. A pseudo label's uncertain pixels (255) are scored both ways: left out
+('pseudo', with the share of ground-truth pixels it covers) and counted as wrong ('pseudo_strict',
+the rule of a scorer that knows no ignore value in predictions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +24,10 @@ from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
 from wsss.methods.base import Method, resize, scale_size
 from wsss.model import WSSSNet
+
+# How a map's mIoU treats its uncertain pixels (printed in the tables).
+MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
+             "pseudo_strict": "the pseudo label with its uncertain (255) pixels counted as wrong"}
 
 
 def num_images(dataset: Any, max_images: int | None) -> int:
@@ -44,6 +49,13 @@ def same_size_batches(
         for sample in samples:
             groups.setdefault(tuple(sample["image"].shape), []).append(sample)
         yield from (collate(group) for group in groups.values())
+def leave_out_uncertain(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A label map with 255 = uncertain scored with those pixels left out: (pred, target) of the same
+    shape with the uncertain pixels ignored in the target, and float64 (2,) counts (labelled valid
+    pixels, valid pixels) whose ratio is the coverage. pred, gt: integer (..., H, W)."""
+    uncertain, valid = pred == 255, gt != 255
+    counts = torch.stack([(valid & ~uncertain).sum(), valid.sum()]).double()
+    return pred.masked_fill(uncertain, 0), gt.masked_fill(uncertain, 255), counts
 
 
 def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
@@ -53,12 +65,14 @@ def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
 
 @torch.no_grad()
 def predict_maps(
-    method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool
+    method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool,
+    maps: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size."""
+    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size; only the named
+    ``maps`` are computed (None: every map of the method)."""
     x, (h, w) = pad_batch(image)
-    maps = method.predict(net, x, denormalize(x), labels, scales, flip)
-    return {k: v[:, :h, :w] for k, v in maps.items()}
+    out = method.predict(net, x, denormalize(x), labels, scales, flip, maps=maps)
+    return {k: v[:, :h, :w] for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -129,10 +143,12 @@ def evaluate(
     sweep_thresholds: list[float] | None = None,
     batch_size: int = 1,
     num_workers: int = 0,
+    maps: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """mIoU per label map over ``dataset`` (sharded by rank). num_classes includes background.
 
     batch_size: images of one size evaluated together; num_workers: DataLoader workers reading them.
+    maps: only these label maps are computed ('pseudo_strict' comes with 'pseudo'; None: all).
 
     With several scales or flip, the 'seg' map is the multi-scale seg prediction (:func:`multiscale_seg`);
     ``crf``: the 'seg' map is post-processed with the dense CRF (AFA test preset);
@@ -150,24 +166,25 @@ def evaluate(
         if not crf_available():  # fail before the first image
             raise CRFUnavailableError(f"--crf needs the pydensecrf2 package: {INSTALL_HINT}")
     msc_seg = crf or flip or scales != [1.0]
+    want = None if maps is None else {"pseudo" if m == "pseudo_strict" else m for m in maps}
     sweeper = None
     if sweep:
         thr = {"thresholds": sweep_thresholds} if sweep_thresholds else {}
         sweeper = SweepAccumulator(num_classes, **thr)
     for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
         image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
-        maps = predict_maps(method, net, image, labels, scales, flip)
-        if msc_seg and "seg" in maps:
-            maps["seg"] = predict_seg(method, net, image, scales, flip, crf)
+        preds = predict_maps(method, net, image, labels, scales, flip, maps=want)
+        if msc_seg and "seg" in preds:
+            preds["seg"] = predict_seg(method, net, image, scales, flip, crf)
         if sweeper is not None:
             sweeper.update(sweep_cam(method, net, image, labels, scales, flip), labels, gt)
-        for name, pred in maps.items():
+        for name, pred in preds.items():
             target = gt
             if name == "pseudo":
-                valid = gt != 255
-                covered += torch.stack([(valid & (pred != 255)).sum(), valid.sum()]).double()
-                target = gt.masked_fill(pred == 255, 255)
-                pred = pred.masked_fill(pred == 255, 0)
+                # 255 is out of range for the confusion matrix: a miss of the ground-truth class
+                cms.setdefault("pseudo_strict", ConfusionMatrix(num_classes, device=device)).update(pred, gt)
+                pred, target, counts = leave_out_uncertain(pred, gt)
+                covered += counts
             cms.setdefault(name, ConfusionMatrix(num_classes, device=device)).update(pred, target)
     net.train(was)
     results: dict[str, Any] = {}
@@ -208,6 +225,8 @@ def miou_table(results: dict[str, Any]) -> str:
     for name, res in results.items():
         if name.startswith("_"):
             continue
-        note = f"coverage {res['coverage']:.1%}" if "coverage" in res else ""
+        note = MAP_NOTES.get(name, "")
+        if "coverage" in res:
+            note = f"coverage {res['coverage']:.1%}; {note}"
         rows.append(f"| {name} | {100 * res['miou']:.2f} | {100 * res['pixel_acc']:.2f} | {note} |")
     return "\n".join(rows)

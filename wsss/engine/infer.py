@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from wsss.data.io import load_image, save_mask
+from wsss.data.io import load_image, load_mask, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.distributed import resolve_device
 from wsss.refine.crf import CRFUnavailableError
@@ -46,23 +46,58 @@ def run_dir_of(checkpoint: str | os.PathLike) -> Path:
     return p
 
 
-def _setup(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
+def _setup(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str],
            device: str | None) -> tuple[Any, Any, Any, list[str], torch.device]:
-    """(cfg, net on device, method, class names, device): the config of the command line, the weights
-    (and architecture) of the checkpoint."""
-    from wsss.config import load_config
+    """(cfg, net on device, method, class names, device): the checkpoint's weights and its run's config
+    (data, classes, method, model), with ``config``'s other settings and the overrides on top
+    (:func:`wsss.config.run_config`)."""
+    from wsss.config import run_config, split_config_arg
+    from wsss.engine.distributed import set_threads
     from wsss.hub import load_run
     from wsss.methods import build_method
 
-    cfg = load_config(config, overrides)
-    net, _, names = load_run(checkpoint)
-    dev = resolve_device(device)
+    config, overrides = split_config_arg(None if config is None else str(config), overrides)
+    dev = resolve_device(device)  # a bad device: before loading
+    net, run_cfg, names = load_run(checkpoint)
+    cfg = run_config(run_cfg, config, overrides)
+    set_threads(cfg.get("threads"))
     if dev.type == "cpu":
         from wsss.engine.hardware import keep_freed_memory
 
         keep_freed_memory()  # large per-image temporaries: no fresh page faults for each
     net = net.to(dev).eval()
     return cfg, net, build_method(cfg, net), names, dev
+
+
+def config_note(config: str | os.PathLike | None) -> str:
+    """Where a command's settings came from, for its JSON output."""
+    from wsss.config import split_config_arg
+
+    named = split_config_arg(None if config is None else str(config), [])[0]
+    return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
+
+
+def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: str) -> None:
+    """One-line error when the checkpoint's class count differs from the dataset's."""
+    model_c, data_c = int(net.num_classes) + 1, int(dataset.num_classes)
+    if model_c != data_c:
+        where = getattr(dataset, "root", None) or getattr(dataset, "image_dir", "the dataset")
+        raise ValueError(
+            f"checkpoint {checkpoint} predicts {model_c} classes (background included) but the dataset "
+            f"{where} (split {split}) has {data_c}: use the data the model was trained on "
+            f"(its run's config, without data overrides) or a model trained for {data_c} classes"
+        )
+
+
+def loading_options(ev: Any, batch_size: int | None, num_workers: int | None) -> dict[str, int]:
+    """{batch_size, num_workers} of evaluate / pseudo-labels: the given values, else the config's eval
+    section's; a bad value is an error before anything is read or written."""
+    given = {"batch_size": batch_size, "num_workers": num_workers}
+    out = {k: int(ev[k] if v is None else v) for k, v in given.items()}
+    if out["batch_size"] < 1 or out["num_workers"] < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {out['batch_size']} and "
+                         f"{out['num_workers']}")
+    return out
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -81,14 +116,15 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_evaluate(
-    config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
+    config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
     split: str | None = None, out: str | os.PathLike | None = None, **opts: Any,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``split`` with the protocol of ``config``'s eval section.
+    """Evaluate ``checkpoint`` on ``split`` with the protocol of its run's eval section (or of
+    ``config``'s, when one is named; :func:`_setup`).
 
     opts: scales (list), flip (bool), crf (bool), sweep (bool), max_images (int), device (str),
-    maps (names to keep), batch_size, num_workers (int), print_table (bool, default True). None = the
-    config's value.
+    maps (the only names computed and kept), batch_size, num_workers (int), print_table (bool, default
+    True). None = the config's value.
     Writes the results to ``out`` (default ``<run>/eval_<split>.json``) and returns them.
     """
     from wsss.data.build import build_dataset
@@ -103,10 +139,11 @@ def run_evaluate(
     sweep = bool(ev.sweep if opts.get("sweep") is None else opts["sweep"])
     max_images = opts.get("max_images") if opts.get("max_images") is not None else ev.max_images
     dataset = build_dataset(cfg.data, split=split, train=False)
+    check_classes(net, dataset, checkpoint, split)
     t0 = time.time()
-    loading = {k: int(ev[k] if opts.get(k) is None else opts[k]) for k in ("batch_size", "num_workers")}
+    loading = loading_options(ev, opts.get("batch_size"), opts.get("num_workers"))
     res = evaluate(method, net, dataset, int(dataset.num_classes), dev, scales=scales, flip=flip,
-                   max_images=max_images, crf=crf, sweep=sweep, **loading)
+                   max_images=max_images, crf=crf, sweep=sweep, maps=opts.get("maps") or None, **loading)
     keep = opts.get("maps")
     if keep:
         res = {k: v for k, v in res.items() if k.startswith("_") or k in keep}
@@ -115,7 +152,8 @@ def run_evaluate(
         if not k.startswith("_") and "iou" in v:
             v["per_class"] = {n: (None if x != x else x) for n, x in zip(class_names, v["iou"])}
     res["_protocol"].update({
-        "split": split, "checkpoint": str(Path(checkpoint).resolve()), "config": str(config),
+        "split": split, "checkpoint": str(Path(checkpoint).resolve()),
+        "config": config_note(config),
         "overrides": list(overrides), "bkg_score": float(ev.bkg_score),
         "aff_bkg_score": float(ev.aff_bkg_score),
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
@@ -209,11 +247,7 @@ def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.
             return label, None
         x, (h, w) = pad_batch(image)
         return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
-    maps = predict_maps(method, net, image, labels, scales, flip)
-    if map_name not in maps:
-        raise ValueError(
-            f"map '{map_name}' is not produced by method {method.name}; available: {sorted(maps)}"
-        )
+    maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
     scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
     return maps[map_name], scores
 
@@ -257,6 +291,11 @@ def claim_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> N
     _write_json(path, manifest)
 
 
+def _label_done(out_dir: Path, name: str, logits: bool) -> bool:
+    """Whether ``<name>.png`` (and, with ``logits``, ``<name>.npz``) is in ``out_dir`` and readable."""
+    return _readable(out_dir / f"{name}.png") and (not logits or _readable(out_dir / f"{name}.npz"))
+
+
 def _write_label(out_dir: Path, name: str, label: torch.Tensor, scores: torch.Tensor | None, stride: int,
                  map_name: str) -> np.ndarray:
     """Write ``<name>.png`` (and ``<name>.npz`` with the stride-``stride`` float16 scores when given)
@@ -272,29 +311,37 @@ def _write_label(out_dir: Path, name: str, label: torch.Tensor, scores: torch.Te
     return lab
 
 
-def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: Sequence[str],
-                      split: str, out: str | os.PathLike, map_name: str = "pseudo", logits: bool = False,
-                      logit_stride: int = 4, scales: Sequence[float] | None = None, flip: bool | None = None,
-                      max_images: int | None = None, device: str | None = None, verbose: bool = True,
-                      overwrite: bool = False, batch_size: int | None = None,
+def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.PathLike,
+                      overrides: Sequence[str], split: str, out: str | os.PathLike, map_name: str = "pseudo",
+                      logits: bool = False, logit_stride: int = 4, scales: Sequence[float] | None = None,
+                      flip: bool | None = None, max_images: int | None = None, device: str | None = None,
+                      verbose: bool = True, overwrite: bool = False, batch_size: int | None = None,
                       num_workers: int | None = None) -> dict[str, Any]:
     """Write ``<out>/<name>.png`` for every image of ``split`` (resumable: labels of the same model and
     settings, per ``<out>/manifest.json``, are kept); returns the summary. ``overwrite``: write every
     label again, whatever the folder holds. batch_size / num_workers: images of one size per forward
-    and DataLoader workers (default: the config's eval.batch_size / eval.num_workers)."""
+    and DataLoader workers (default: the config's eval.batch_size / eval.num_workers).
+
+    Only ``map_name`` is computed. Where the split has ground-truth masks, the written labels (and
+    those already present) are scored against them: uncertain pixels (255) left out, with the
+    coverage, and counted as wrong (``summary["scores"]``).
+    """
     from wsss.config import to_dict
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import num_images, same_size_batches
 
     cfg, net, method, names, dev = _setup(config, checkpoint, overrides, device)
-    if map_name == "seg" and net.seg_head is None:
-        raise ValueError("--map seg needs a model with a segmentation head")
+    if map_name not in method.map_names(net):
+        raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
+                         f"{', '.join(method.map_names(net))}")
     scales_l = [float(s) for s in (scales or cfg.eval.scales)]
     flip_b = bool(cfg.eval.flip if flip is None else flip)
     stride = int(logit_stride)
     if stride < 1:
         raise ValueError(f"--logit-stride must be >= 1, got {stride}")
+    loading = loading_options(cfg.eval, batch_size, num_workers)
     dataset = build_dataset(cfg.data, split=split, train=False)
+    check_classes(net, dataset, checkpoint, split)
     out_dir = Path(out)
     c = to_dict(cfg)
     manifest = {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales_l, "flip": flip_b,
@@ -304,18 +351,15 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
     claim_out_dir(out_dir, manifest, overwrite)
     n = num_images(dataset, max_images)
     written, counts = 0, np.zeros(256, dtype=np.int64)
+    scorer = LabelScorer(int(dataset.num_classes))
     t0 = time.time()
-
-    def done(name: str) -> bool:
-        return _readable(out_dir / f"{name}.png") and (not logits or _readable(out_dir / f"{name}.npz"))
-
-    pending = [idx for idx in range(n) if overwrite or not done(dataset.names[idx])]
+    pending = [idx for idx in range(n) if overwrite or not _label_done(out_dir, dataset.names[idx], logits)]
     skipped = n - len(pending)
-    bs = int(cfg.eval.batch_size if batch_size is None else batch_size)
-    workers = int(cfg.eval.num_workers if num_workers is None else num_workers)
-    for batch in same_size_batches(dataset, pending, bs, workers):
+    scorer.update_existing(dataset, sorted(set(range(n)) - set(pending)), out_dir)
+    for batch in same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"]):
         label_b, scores_b = _label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
                                               map_name, scales_l, flip_b, logits)
+        scorer.update(label_b.cpu(), batch["mask"])
         for i, name in enumerate(batch["name"]):
             lab = _write_label(out_dir, name, label_b[i], scores_b[i] if logits else None, stride, map_name)
             counts += np.bincount(lab.reshape(-1), minlength=256)
@@ -324,22 +368,73 @@ def run_pseudo_labels(config: str | os.PathLike, checkpoint: str | os.PathLike, 
                 print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
     summary = {
         "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
-        "checkpoint": str(Path(checkpoint).resolve()), "config": str(config), "overrides": list(overrides),
-        "scales": scales_l, "flip": flip_b, "image_labels": "ground truth",
+        "checkpoint": str(Path(checkpoint).resolve()), "config": config_note(config),
+        "overrides": list(overrides),
+        "scales": scales_l, "flip": flip_b, "image_labels": "ground truth", "ignore_value": 255,
         "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
         "logits": ({"stride": stride, "dtype": "float16",
                     "kind": "seg_logits" if map_name == "seg" else "cam (K, h, w) in [0, 1], masked"}
                    if logits else None),
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
+        "scores": scorer.compute(),
         "seconds": time.time() - t0, "images_per_s": written / max(time.time() - t0, 1e-9),
-        "batch_size": bs, "num_workers": workers,
+        **loading,
     }
     _write_json(out_dir / "summary.json", summary)
     if verbose:
         print(f"pseudo-labels ({map_name}, {split}): {written} written, {skipped} already present "
               f"-> {out_dir}")
+        if summary["scores"] is not None:
+            print(format_label_scores(summary["scores"], split))
     return summary
+
+
+class LabelScorer:
+    """mIoU (evaluate's rule) of label maps with 255 = uncertain against ground-truth masks, both ways:
+    uncertain pixels left out (with the coverage: the labelled share of valid ground-truth pixels)
+    and counted as wrong. Images without a mask (all 255) add nothing."""
+
+    def __init__(self, num_classes: int) -> None:
+        from wsss.engine.metrics import ConfusionMatrix
+
+        self.left_out = ConfusionMatrix(num_classes)
+        self.wrong = ConfusionMatrix(num_classes)
+        self.labelled, self.valid = 0, 0
+
+    def update(self, label: torch.Tensor, gt: torch.Tensor) -> None:
+        """label, gt: (H, W) or (B, H, W) integer maps of one shape."""
+        from wsss.engine.evaluate import leave_out_uncertain
+
+        label, gt = label.long(), gt.long()
+        self.wrong.update(label, gt)
+        pred, target, counts = leave_out_uncertain(label, gt)
+        self.left_out.update(pred, target)
+        self.labelled, self.valid = self.labelled + int(counts[0]), self.valid + int(counts[1])
+
+    def update_existing(self, dataset: Any, indices: Sequence[int], out_dir: Path) -> None:
+        """Score the labels ``<out_dir>/<name>.png`` already written for the samples at ``indices``."""
+        k = int(dataset.num_classes)
+        for idx in indices:
+            png = out_dir / f"{dataset.names[idx]}.png"
+            self.update(torch.from_numpy(load_mask(png, k)), dataset[idx]["mask"])
+
+    def compute(self) -> dict[str, Any] | None:
+        """None without ground truth, else miou_left_out, miou_wrong, coverage, per-class IoU lists."""
+        if self.valid == 0:
+            return None
+        a, b = self.left_out.compute(), self.wrong.compute()
+        return {"miou_uncertain_left_out": a["miou"], "miou_uncertain_wrong": b["miou"],
+                "coverage": self.labelled / self.valid, "iou_uncertain_left_out": a["iou"],
+                "iou_uncertain_wrong": b["iou"],
+                "rule": "voc (mean over classes present in the ground truth)"}
+
+
+def format_label_scores(scores: dict[str, Any], split: str) -> str:
+    """One line: both mIoUs and the coverage of written labels."""
+    return (f"scored against the {split} ground truth: mIoU {100 * scores['miou_uncertain_left_out']:.2f} "
+            f"with uncertain (255) pixels left out (coverage {100 * scores['coverage']:.2f}%), "
+            f"{100 * scores['miou_uncertain_wrong']:.2f} with them counted as wrong")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,8 +643,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
-        p.add_argument("config", help="config file or shipped config name (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/VOC2012")
+        p.add_argument("config", nargs="?", default=None,
+                       help="optional: a config whose settings replace the run's, except its data, model "
+                            "and method (default: the checkpoint's run config alone)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. "
+                                                    "eval.max_images=50 or data.root=/other/VOC2012")
     p.add_argument("--checkpoint", required=True,
                    help="release dir (model/), run dir or training checkpoint ckpt_*.pt")
     p.add_argument("--scales", type=float, nargs="+", default=None, help="default: the config's eval.scales")
@@ -573,7 +671,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--crf", action="store_true", help="dense CRF on the segmentation map (AFA test preset)")
     p.add_argument("--sweep", action="store_true", help="AReAM background-threshold sweep on the refined CAM")
     p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--maps", nargs="+", default=None, help="report only these maps (default: all)")
+    p.add_argument("--maps", nargs="+", default=None,
+                   help="compute and report only these maps (default: all)")
     p.add_argument("--out", default=None, help="results JSON (default: <run>/eval_<split>.json)")
     _loading(p)
     p.set_defaults(fn=_crf_guard(cmd_evaluate))

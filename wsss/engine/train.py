@@ -30,7 +30,14 @@ from wsss.engine.checkpoint import (
     load_training_state,
     save_training_state,
 )  # fmt: skip
-from wsss.engine.distributed import DistInfo, cleanup, convert_sync_bn, init_distributed, seed_everything
+from wsss.engine.distributed import (
+    DistInfo,
+    cleanup,
+    convert_sync_bn,
+    init_distributed,
+    seed_everything,
+    set_threads,
+)
 from wsss.engine.evaluate import evaluate, miou_table
 from wsss.engine.hardware import keep_freed_memory, resolve_amp
 from wsss.engine.optim import build_optimizer, build_scheduler
@@ -121,8 +128,11 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
     """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
     many iterations of this call (used to test kill-and-resume). An ``out_dir`` that holds a run
     needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`)."""
+    set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
+    cfg, train_set, val_set = _datasets(cfg)  # before the run folder is written
+    num_classes = int(train_set.num_classes)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if main:
@@ -134,10 +144,6 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
     device = dist.device
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on every large temporary (see engine/hardware.py)
-
-    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
-    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
-    num_classes = int(train_set.num_classes)
     loader = build_loader(
         train_set,
         batch_size=int(cfg.data.batch_size),
@@ -162,6 +168,8 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
         it = int(state["iteration"])
         epoch, pos = int(state["epoch"]), int(state["pos"])
         log.info(f"resumed from {latest} at iteration {it}")
+    if main:  # the history of this run only: up to the checkpoint resumed from, empty for a fresh start
+        truncate_history(out_dir / "history.jsonl", it)
     if main:
         log.info(
             f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
@@ -218,23 +226,17 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
         if it % int(cfg.train.eval_every) == 0 and it < max_iters:
             res = _evaluate(cfg, method, net, val_set, num_classes, dist)
             if main:
-                log.info(
-                    f"iter {it} eval: " + json.dumps({k: v["miou"] for k, v in res.items() if "miou" in v})
-                )
+                line = f"iter {it} eval: " + json.dumps({k: round(v["miou"], 4) for k, v in res.items()
+                                                         if "miou" in v})
+                log.info(line)
+                bar.write(line)
         if stop_after is not None and steps >= stop_after:
             bar.close()
             return {"stopped_at": it}
     bar.close()
     results = _evaluate(cfg, method, net, val_set, num_classes, dist)
     if main:
-        export_model(
-            net,
-            {"config": to_dict(cfg), "num_classes": num_classes, "class_names": list(train_set.class_names)},
-            out_dir / "model",
-        )
-        summary = {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1), "eval": results}
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info("final evaluation\n" + miou_table(results))
+        _save_results(cfg, net, results, {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
         if writer is not None:
             for name, res in results.items():
                 if "miou" in res:
@@ -242,6 +244,51 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
             writer.close()
     cleanup()
     return results
+
+
+def _save_results(cfg: Any, net: torch.nn.Module, results: dict[str, Any], stats: dict[str, Any]) -> None:
+    """The release ``model/``, ``metrics.json``, and the final table and the model's path on stdout
+    (and in train.log)."""
+    out_dir = Path(cfg.out_dir)
+    meta = {"config": to_dict(cfg), "num_classes": int(cfg.data.num_classes),
+            "class_names": list(cfg.data.class_names)}
+    export_model(net, meta, out_dir / "model")
+    (out_dir / "metrics.json").write_text(json.dumps({**stats, "eval": results}, indent=2))
+    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n"
+             + miou_table(results))
+    log.info(table)
+    print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
+
+
+def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
+    """(cfg, train set, val set): both splits read (every mask value checked) and the config extended
+    with the classes the dataset gave, so that commands on the run need no overrides."""
+    train_set = build_dataset(cfg.data, split=str(cfg.data.train_split), train=True)
+    val_set = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    c = int(train_set.num_classes)
+    if int(val_set.num_classes) != c:
+        raise ValueError(f"the train split has {c} classes but the val split {val_set.num_classes}")
+    cfg = OmegaConf.merge(cfg, {"data": {"num_classes": c, "class_names": list(train_set.class_names)}})
+    return cfg, train_set, val_set
+
+
+def truncate_history(path: Path, iteration: int) -> None:
+    """Drop the records after ``iteration`` (logged by a killed run past its last checkpoint, or by an
+    earlier run in the same folder when training starts afresh at 0), so that no iteration is written
+    twice. Atomic: the file is replaced, never half-written."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if isinstance(rec, dict) and int(rec.get("iter", 0)) <= iteration:
+            keep.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _checkpoint(

@@ -14,6 +14,7 @@ Loss: L_cls + 0.1 L_seg + 0.1 L_aff (+ lambda_reg L_reg).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from wsss.refine.propagation import propagate_affinity, window_mask
 
 class AFAMethod(Method):
     name = "afa"
+    EXTRA_MAPS = ("aff", "aff_par")
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
@@ -121,11 +123,14 @@ class AFAMethod(Method):
 
     @torch.no_grad()
     def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float]
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
+        want: Collection[str],
     ) -> dict[str, Tensor]:
         """'aff': the CAM propagated with the single-scale affinity of the full image (official
         validation); 'aff_par': the same after PAR."""
-        maps = {}
+        maps: dict[str, Tensor] = {}
+        if not {"aff", "aff_par"} & set(want):
+            return maps
         out = net.forward_cam(x, net.aff_layers)
         grid = out.grids[net.aff_layers[-1]]
         scores = resize(
@@ -133,6 +138,8 @@ class AFAMethod(Method):
             tuple(x.shape[-2:]),
         )
         present = present_mask(labels)[..., None, None]
-        maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
-        maps["aff_par"] = self.par_argmax(image01, scores, labels)
+        if "aff" in want:
+            maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
+        if "aff_par" in want:
+            maps["aff_par"] = self.par_argmax(image01, scores, labels)
         return maps

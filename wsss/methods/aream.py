@@ -13,7 +13,7 @@ Per iteration, after a classification-only warm-up:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -44,6 +44,8 @@ def _attention_probs(layer: int, logits: Tensor) -> Tensor:
 
 class AReAMMethod(Method):
     name = "aream"
+    EXTRA_MAPS = ("refined", "refined_par")
+    OWN_PSEUDO = True
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
@@ -185,17 +187,22 @@ class AReAMMethod(Method):
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
     def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float]
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
+        want: Collection[str],
     ) -> dict[str, Tensor]:
         """'refined': CAM refined by the uniform mean of all layers (the official inference);
         'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
         (shallow fusion, high/low scores)."""
         bkg = float(self.cfg.eval.bkg_score)
-        refined = self.aream_cam(net, x, labels, self.layers, None, scales)
-        fw = None if self.weighting == "entropy_online" else self.fusion_w
-        shallow = self.aream_cam(net, x, labels, self.shallow_layers(), fw, scales)
-        return {
-            "refined": cam_to_label(refined, labels, bkg_score=bkg),
-            "refined_par": self.par_argmax(image01, with_background(refined, bkg), labels),
-            "pseudo": self.pseudo_label(image01, shallow, labels, None),
-        }
+        maps: dict[str, Tensor] = {}
+        if {"refined", "refined_par"} & set(want):
+            refined = self.aream_cam(net, x, labels, self.layers, None, scales)
+            if "refined" in want:
+                maps["refined"] = cam_to_label(refined, labels, bkg_score=bkg)
+            if "refined_par" in want:
+                maps["refined_par"] = self.par_argmax(image01, with_background(refined, bkg), labels)
+        if "pseudo" in want:
+            fw = None if self.weighting == "entropy_online" else self.fusion_w
+            shallow = self.aream_cam(net, x, labels, self.shallow_layers(), fw, scales)
+            maps["pseudo"] = self.pseudo_label(image01, shallow, labels, None)
+        return maps

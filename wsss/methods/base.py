@@ -6,7 +6,7 @@ A method turns a batch into losses (``training_step``) and an image into label m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +53,9 @@ class Method:
 
     name = "base"
     uses_seg = True
+    MAPS: tuple[str, ...] = ("cam", "cam_par", "pseudo")  # from the multi-scale CAM
+    EXTRA_MAPS: tuple[str, ...] = ()  # a method's own maps (:meth:`extra_maps`)
+    OWN_PSEUDO = False  # extra_maps makes the 'pseudo' map itself
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         self.cfg = cfg
@@ -134,30 +137,45 @@ class Method:
         finally:
             self.flip = saved
 
+    def map_names(self, net: WSSSNet) -> tuple[str, ...]:
+        """The label maps :meth:`predict` produces for ``net``."""
+        return (*self.MAPS, *self.EXTRA_MAPS, *(("seg",) if net.seg_head is not None else ()))
+
     def predict(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool,
+        maps: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
-        """Label maps (B, H, W) for evaluation: CAM, CAM+PAR, pseudo label, segmentation head.
+        """Label maps (B, H, W) for evaluation: CAM, CAM+PAR, pseudo label, segmentation head; only
+        those named in ``maps`` are computed (None: all of :meth:`map_names`).
 
         labels are the ground-truth image labels (the standard protocol for CAM / pseudo-label
         evaluation); the segmentation head does not use them.
         """
-        with self.flipping(flip):
-            cam = self.multiscale_cam(net, x, scales) * labels[..., None, None]
-            bkg = float(self.cfg.eval.bkg_score)
-            maps = {"cam": cam_to_label(cam, labels, bkg_score=bkg)}
-            maps["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
-            maps["pseudo"] = self.pseudo_label(image01, cam, labels, None)
-            maps.update(self.extra_maps(net, x, image01, labels, cam, scales))
-        seg = self.segment(net, x)
-        if seg is not None:
-            maps["seg"] = seg.argmax(1)
-        return maps
+        want = set(self.map_names(net) if maps is None else maps)
+        out: dict[str, Tensor] = {}
+        if want & {*self.MAPS, *self.EXTRA_MAPS}:
+            with self.flipping(flip):
+                cam = self.multiscale_cam(net, x, scales) * labels[..., None, None]
+                bkg = float(self.cfg.eval.bkg_score)
+                if "cam" in want:
+                    out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
+                if "cam_par" in want:
+                    out["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
+                if "pseudo" in want and not self.OWN_PSEUDO:
+                    out["pseudo"] = self.pseudo_label(image01, cam, labels, None)
+                out.update(self.extra_maps(net, x, image01, labels, cam, scales, want))
+        if "seg" in want:
+            seg = self.segment(net, x)
+            if seg is not None:
+                out["seg"] = seg.argmax(1)
+        return out
 
     def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float]
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
+        want: Collection[str],
     ) -> dict[str, Tensor]:
-        """A method's own evaluation maps, given the normalised multi-scale CAM (B, K, H, W)."""
+        """A method's own evaluation maps named in ``want``, given the normalised multi-scale CAM
+        (B, K, H, W)."""
         return {}
 
     @torch.no_grad()

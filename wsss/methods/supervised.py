@@ -5,6 +5,8 @@ The classification loss is kept so the CAM head is trained too (its CAMs can the
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -28,8 +30,13 @@ class SupervisedMethod(Method):
         l_seg = F.cross_entropy(logits, mask, ignore_index=255) if valid else logits.sum() * 0.0
         return l_cls + l_seg, {"cls": l_cls.item(), "seg": l_seg.item()}
 
+    MAPS = ()  # the segmentation head only
+
     def predict(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales, flip
+        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool,
+        maps: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
+        if maps is not None and "seg" not in maps:
+            return {}
         seg = self.segment(net, x)
         return {"seg": seg.argmax(1)}  # type: ignore[union-attr]
