@@ -64,6 +64,9 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     ),
     "aream_mctformer_224": ("aream_mctformer_deit_s_voc", ["data.batch_size=64"], "train"),
     "aream_conformer_384": ("aream_conformer_s_voc", ["data.batch_size=8"], "train"),
+    # the demo's hybrid backbone (EfficientNet-Lite0 + 4 blocks, 16x16 tokens), batch 8 at 128 px
+    "afa_hybrid_demo": ("afa_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
+    "aream_hybrid_demo": ("aream_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
 }
 
 
