@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsss.engine.demo import demo_configs, run_demo, summary_table
+from wsss.demo import demo_configs, run_demo, summary_table
 
 
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):

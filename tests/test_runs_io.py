@@ -45,7 +45,7 @@ def test_out_dir_reuse_needs_resume_or_overwrite(tiny_synthetic: Path, tmp_path:
 
 
 def test_demo_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
-    from wsss.engine import demo
+    from wsss import demo
 
     calls: list[tuple[str, bool]] = []
 

@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from wsss.engine.demo import run_demo
+    from wsss.demo import run_demo
 
     run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone, resume=args.resume,
              overwrite=args.overwrite)
