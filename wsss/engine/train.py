@@ -144,65 +144,28 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
     device = dist.device
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on every large temporary (see engine/hardware.py)
-    loader = build_loader(
-        train_set,
-        batch_size=int(cfg.data.batch_size),
-        train=True,
-        num_workers=int(cfg.data.num_workers),
-        seed=int(cfg.seed),
-        distributed=dist.world_size > 1,
-        drop_last=True,
-    )
-    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device)
-    method = build_method(cfg, net)
+    loader, net, method, optimizer, scheduler = _build_training(cfg, train_set, num_classes, dist)
     max_iters = int(cfg.train.max_iters)
-    optimizer = build_optimizer(net, cfg.optim)
     iters_per_epoch = len(loader) // int(cfg.train.grad_accum)
-    scheduler = build_scheduler(optimizer, cfg.optim, iters_per_epoch=iters_per_epoch)
     per_epoch = str(cfg.optim.schedule) == "epoch_cosine"
-
-    it, epoch, pos = 0, 0, 0
-    latest = find_latest(ckpt_dir) if resume else None
-    if latest is not None:
-        state = load_training_state(latest, net, optimizer, scheduler)
-        it = int(state["iteration"])
-        epoch, pos = int(state["epoch"]), int(state["pos"])
-        log.info(f"resumed from {latest} at iteration {it}")
+    it, epoch, pos = _resume_position(ckpt_dir if resume else None, net, optimizer, scheduler)
     if main:  # the history of this run only: up to the checkpoint resumed from, empty for a fresh start
         truncate_history(out_dir / "history.jsonl", it)
-    if main:
         log.info(
             f"wsss train: method={cfg.method} backbone={cfg.model.backbone} params={count_parameters(net)} "
             f"torch={torch.__version__} device={device} world={dist.world_size} "
             f"python={platform.python_version()} "
             f"batch/proc={cfg.data.batch_size} accum={cfg.train.grad_accum} iters={max_iters}"
         )
-    model: torch.nn.Module = net
-    if dist.world_size > 1:
-        net = convert_sync_bn(net, device)
-        # Warm-up iterations leave the seg/AFA heads out of the loss.
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-        )
+    net, model = _wrap_ddp(net, device, dist)
     batches = _Batches(loader, epoch, pos)
     amp = resolve_amp(cfg.train.amp, device) is not None  # fp32 (with a warning) where bf16 is emulated
-    accum = int(cfg.train.grad_accum)
     writer = _writer(out_dir) if main else None
-    history_path = out_dir / "history.jsonl"
     bar = tqdm(total=max_iters, initial=it, disable=not main, desc=f"{cfg.method}", dynamic_ncols=True)
     model.train()
     t0, steps = time.time(), 0
     while it < max_iters:
-        logs_acc: dict[str, float] = {}
-        for _ in range(accum):
-            batch = _to(batches.next(), device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logs = method.training_step(model, batch, it)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {it}: {logs}")
-            (loss / accum).backward()
-            for k, v in logs.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
+        logs_acc = _accumulate(model, method, batches, device, amp, int(cfg.train.grad_accum), it)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         it += 1
@@ -211,25 +174,14 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
         steps += 1
         bar.update(1)
         if main and (it % int(cfg.train.log_every) == 0 or it == max_iters):
-            lr = optimizer.param_groups[0]["lr"]
-            rec = {"iter": it, "lr": lr, **logs_acc, "s_per_iter": (time.time() - t0) / steps}
+            rec = {"iter": it, "lr": optimizer.param_groups[0]["lr"], **logs_acc,
+                   "s_per_iter": (time.time() - t0) / steps}
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs_acc.items()})
-            log.info(json.dumps(rec))
-            with history_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if writer is not None:
-                for k, v in rec.items():
-                    if k != "iter":
-                        writer.add_scalar(f"train/{k}", v, it)
+            _log_record(rec, out_dir / "history.jsonl", writer)
         if it % int(cfg.train.ckpt_every) == 0 or it == max_iters:
             _checkpoint(ckpt_dir, net, optimizer, scheduler, it, batches, cfg, dist)
         if it % int(cfg.train.eval_every) == 0 and it < max_iters:
-            res = _evaluate(cfg, method, net, val_set, num_classes, dist)
-            if main:
-                line = f"iter {it} eval: " + json.dumps({k: round(v["miou"], 4) for k, v in res.items()
-                                                         if "miou" in v})
-                log.info(line)
-                bar.write(line)
+            _evaluate_during(cfg, method, net, val_set, num_classes, dist, it, bar)
         if stop_after is not None and steps >= stop_after:
             bar.close()
             return {"stopped_at": it}
@@ -244,6 +196,86 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
             writer.close()
     cleanup()
     return results
+
+
+def _build_training(cfg: Any, train_set: Any, num_classes: int, dist: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(loader, net on the device, method, optimizer, scheduler) of a run."""
+    loader = build_loader(
+        train_set,
+        batch_size=int(cfg.data.batch_size),
+        train=True,
+        num_workers=int(cfg.data.num_workers),
+        seed=int(cfg.seed),
+        distributed=dist.world_size > 1,
+        drop_last=True,
+    )
+    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(dist.device)
+    method = build_method(cfg, net)
+    optimizer = build_optimizer(net, cfg.optim)
+    iters_per_epoch = len(loader) // int(cfg.train.grad_accum)
+    scheduler = build_scheduler(optimizer, cfg.optim, iters_per_epoch=iters_per_epoch)
+    return loader, net, method, optimizer, scheduler
+
+
+def _resume_position(ckpt_dir: Path | None, net: Any, optimizer: Any, scheduler: Any) -> tuple[int, int, int]:
+    """(iteration, epoch, position in the epoch) of the newest checkpoint in ``ckpt_dir`` (its states
+    loaded into net, optimizer and scheduler), or zeros without one / without ``ckpt_dir``."""
+    latest = find_latest(ckpt_dir) if ckpt_dir is not None else None
+    if latest is None:
+        return 0, 0, 0
+    state = load_training_state(latest, net, optimizer, scheduler)
+    log.info(f"resumed from {latest} at iteration {int(state['iteration'])}")
+    return int(state["iteration"]), int(state["epoch"]), int(state["pos"])
+
+
+def _wrap_ddp(net: Any, device: torch.device, dist: Any) -> tuple[Any, torch.nn.Module]:
+    """(net, the module the training step calls): DDP with SyncBN on CUDA when several processes run."""
+    if dist.world_size <= 1:
+        return net, net
+    net = convert_sync_bn(net, device)
+    # Warm-up iterations leave the seg/AFA heads out of the loss.
+    model = torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+    return net, model
+
+
+def _accumulate(model: torch.nn.Module, method: Any, batches: Any, device: torch.device, amp: bool,
+                accum: int, it: int) -> dict[str, float]:
+    """Forward and backward of ``accum`` batches (gradients summed, each loss / accum); their mean logs."""
+    logs_acc: dict[str, float] = {}
+    for _ in range(accum):
+        batch = _to(batches.next(), device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, logs = method.training_step(model, batch, it)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {it}: {logs}")
+        (loss / accum).backward()
+        for k, v in logs.items():
+            logs_acc[k] = logs_acc.get(k, 0.0) + v / accum
+    return logs_acc
+
+
+def _log_record(rec: dict[str, float], history_path: Path, writer: Any) -> None:
+    """One training record to the log, ``history.jsonl`` and TensorBoard."""
+    log.info(json.dumps(rec))
+    with history_path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if writer is not None:
+        for k, v in rec.items():
+            if k != "iter":
+                writer.add_scalar(f"train/{k}", v, int(rec["iter"]))
+
+
+def _evaluate_during(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: Any, it: int,
+                     bar: Any) -> None:
+    """The periodic evaluation: every rank evaluates (DDP), the main one logs and prints the mIoUs."""
+    res = _evaluate(cfg, method, net, val_set, num_classes, dist)
+    if dist.rank == 0:
+        mious = {k: round(v["miou"], 4) for k, v in res.items() if "miou" in v}
+        line = f"iter {it} eval: " + json.dumps(mious)
+        log.info(line)
+        bar.write(line)
 
 
 def _save_results(cfg: Any, net: torch.nn.Module, results: dict[str, Any], stats: dict[str, Any]) -> None:
