@@ -15,9 +15,10 @@ from wsss.checkpoint import CheckpointError
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.engine.checkpoint import export_model
-from wsss.engine.infer import add_parsers, run_evaluate, run_predict, run_pseudo_labels
+from wsss.engine.infer import run_evaluate, run_pseudo_labels
 from wsss.hub import detect_backbone, from_pretrained, load_run
 from wsss.model import WSSSNet, build_model
+from wsss.predict_cmd import run_predict
 from wsss.predictor import Segmenter
 from wsss.registry import BACKBONES
 
@@ -125,8 +126,10 @@ def test_predict_cli_with_corrupt_file(setup: dict, tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(imgs / "a.jpg")
     Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(imgs / "b.png")
     (imgs / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    from wsss.predict_cmd import add_parser
+
     parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["predict", "--checkpoint", str(setup["release"]), str(imgs), "--out",
                               str(tmp_path / "out"), "--device", "cpu"])
     assert args.fn(args) == 1

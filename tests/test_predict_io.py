@@ -19,8 +19,8 @@ from wsss.data.synthetic import class_names_for
 from wsss.engine import infer
 from wsss.engine.checkpoint import export_model
 from wsss.engine.distributed import resolve_device
-from wsss.engine.infer import output_stems, run_predict
 from wsss.model import build_model
+from wsss.predict_cmd import output_stems, run_predict
 from wsss.predictor import Segmenter
 
 

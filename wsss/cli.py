@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     from wsss.analysis.analyze import add_parser as add_analyze
     from wsss.analysis.report import add_parser as add_report
     from wsss.engine.infer import add_parsers as add_infer
+    from wsss.predict_cmd import add_parser as add_predict
 
     add_infer(sub)
+    add_predict(sub)
     add_analyze(sub)
     add_report(sub)
 

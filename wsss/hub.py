@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -21,146 +20,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from wsss.checkpoint import CheckpointError, load_into, read_state_dict, resolve_weights
-from wsss.config import DEFAULTS
-from wsss.model import WSSSNet, build_model, import_backbones
+from wsss.checkpoint import CheckpointError, read_state_dict, resolve_weights
+from wsss.engine.runs import (  # noqa: F401 - re-exported: wsss.hub is where users look for loaders
+    config_from_dict,
+    default_class_names,
+    is_release_dir,
+    is_wsss_artifact,
+    load_run,
+)
+from wsss.model import import_backbones
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.yaml", "*.safetensors", "*.bin", "*.pth", "*.pt"]
 NETWORK_PROBE_S = 3.0  # how long a hub download waits for the network before giving up
 ETAG_TIMEOUT_S = 10.0
-
-
-# ---------------------------------------------------------------------------------------------
-# wsss artefacts
-# ---------------------------------------------------------------------------------------------
-
-
-def config_from_dict(d: Mapping[str, Any]) -> DictConfig:
-    """A full config from a stored config dict (merged over the defaults; ``model.pretrained`` cleared,
-    since the stored weights replace the ImageNet ones and that file need not exist here)."""
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(dict(d)))
-    cfg.model.pretrained = None
-    return cfg  # type: ignore[return-value]
-
-
-def default_class_names(cfg: Any, num_classes: int) -> list[str]:
-    """Class names (background first) of a config without stored names."""
-    names = cfg.data.get("class_names")
-    if names:
-        names = list(names)
-        return names if len(names) == num_classes else ["background", *names]
-    kind = str(cfg.data.get("type", "voc"))
-    if kind == "synthetic":
-        from wsss.data.synthetic import class_names_for
-
-        return class_names_for(num_classes)
-    from wsss.data.coco import COCO_CLASSES
-    from wsss.data.voc import VOC_CLASSES
-
-    for known in (VOC_CLASSES, COCO_CLASSES):
-        if len(known) == num_classes:
-            return list(known)
-    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
-
-
-def is_release_dir(path: Path) -> bool:
-    """A wsss release directory: model.safetensors + a config.json written by ``export_model``."""
-    if not (path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.json").is_file()):
-        return False
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "config" in meta and "num_classes" in meta
-
-
-def _build_and_load(cfg: DictConfig, num_classes: int, sd: Mapping[str, Tensor], source: str) -> WSSSNet:
-    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": None})  # the trained weights replace them
-    net = build_model(model_cfg, num_classes - 1, str(cfg.method))
-    load_into(net, sd, source=source)  # strict: another architecture names its keys
-    return net.eval()
-
-
-def _training_state(path: Path) -> Mapping[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-        raise CheckpointError(f"{path} is not a wsss training checkpoint (no 'model' state)")
-    return state
-
-
-def _load_checkpoint_file(path: Path, cfg_file: Path | None = None) -> tuple[WSSSNet, DictConfig, list[str]]:
-    from wsss.checkpoint import strip_prefix
-
-    state = _training_state(path)
-    stored = (state.get("extra") or {}).get("config")
-    if stored is not None:
-        cfg = config_from_dict(stored)
-    else:
-        cand = cfg_file or path.parent.parent / "config.yaml"
-        if not cand.is_file():
-            raise CheckpointError(
-                f"{path} holds no config (extra['config']) and no config.yaml was found at {cand}"
-            )
-        cfg = config_from_dict(OmegaConf.to_container(OmegaConf.load(cand), resolve=True))  # type: ignore[arg-type]
-    c = int(cfg.data.num_classes)
-    net = _build_and_load(cfg, c, strip_prefix(state["model"], "module."), str(path))
-    return net, cfg, default_class_names(cfg, c)
-
-
-def load_run(path: str | os.PathLike) -> tuple[WSSSNet, DictConfig, list[str]]:
-    """Load a trained model: a release dir, a run dir or a training checkpoint file.
-
-    Returns ``(net in eval mode on the CPU, full config, class names with background first)``.
-    Raises :class:`CheckpointError` when the weights do not fit the architecture of the config.
-    """
-    from wsss.engine.checkpoint import find_latest, import_model_state
-
-    p = Path(path)
-    if p.is_file() and p.name == "model.safetensors":
-        p = p.parent
-    if is_release_dir(p):
-        sd, meta = import_model_state(p)
-        cfg = config_from_dict(meta["config"])
-        c = int(meta["num_classes"])
-        names = list(meta.get("class_names") or default_class_names(cfg, c))
-        return _build_and_load(cfg, c, sd, str(p / "model.safetensors")), cfg, names
-    if p.is_dir():
-        if is_release_dir(p / "model"):
-            return load_run(p / "model")
-        latest = find_latest(p / "checkpoints") or find_latest(p)
-        if latest is None:
-            raise FileNotFoundError(
-                f"{p} is neither a wsss release directory (model.safetensors + config.json) nor a run "
-                f"directory with model/ or checkpoints/ckpt_*.pt"
-            )
-        run_cfg = p / "config.yaml"
-        return _load_checkpoint_file(latest, run_cfg if run_cfg.is_file() else None)
-    if p.is_file():
-        return _load_checkpoint_file(p)
-    raise FileNotFoundError(f"no such file or directory: {p}")
-
-
-def is_wsss_artifact(path: Path) -> bool:
-    """A release dir, a run dir or a wsss training checkpoint (a dict with 'model' and 'extra')."""
-    if path.is_dir():
-        return is_release_dir(path) or is_release_dir(path / "model") or (path / "checkpoints").is_dir()
-    if path.name == "model.safetensors" and is_release_dir(path.parent):
-        return True
-    if path.suffix in (".pt", ".pth") and path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            return False
-        return isinstance(state, Mapping) and "model" in state and "extra" in state and "iteration" in state
-    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def load_model(source: str | Path, cfg: Any | None = None, device: str | torch.d
     cfg: a config to use for everything but the weights (data, method); by default the stored one.
     Returns ``(net in eval mode on device, cfg, class names with background first)``.
     """
-    from wsss.hub import load_run
+    from wsss.engine.runs import load_run
 
     net, run_cfg, names = load_run(source)
     return net.to(device).eval(), (run_cfg if cfg is None else cfg), list(names)
