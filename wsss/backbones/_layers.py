@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -120,3 +123,16 @@ class Block(nn.Module):
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, logits
+
+
+def run_blocks(blocks: Iterable[nn.Module], tokens: Tensor, capture: set[int],
+               attn_reduce: Callable[[int, Tensor], Tensor] | None, grid: tuple[int, int],
+               out: Any) -> Tensor:
+    """Run ``Block``s over (B, N, D) tokens; for the layers in ``capture`` store their logits (or
+    ``attn_reduce(layer, logits)``) in ``out.attn`` and ``grid`` in ``out.grids``. Returns the tokens."""
+    for i, blk in enumerate(blocks):
+        tokens, logits = blk(tokens, i in capture)
+        if logits is not None:
+            out.attn[i] = attn_reduce(i, logits) if attn_reduce is not None else logits
+            out.grids[i] = grid
+    return tokens

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from wsss.backbones._layers import Block, dpr, init_vit_weights
+from wsss.backbones._layers import Block, dpr, init_vit_weights, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input, renormalize
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
 from wsss.registry import BACKBONES
@@ -128,11 +128,7 @@ class HybridTransformer(Backbone):
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         out = BackboneOutput(features=[])
-        for i, blk in enumerate(self.blocks):
-            tokens, logits = blk(tokens, i in capture)
-            if logits is not None:
-                out.attn[i] = attn_reduce(i, logits) if attn_reduce is not None else logits
-                out.grids[i] = (h, w)
+        tokens = run_blocks(self.blocks, tokens, capture, attn_reduce, (h, w), out)
         tokens = self.norm(tokens)
         out.prefix = tokens[:, :t] if t else None
         out.features = [*feats[:2], tokens[:, t:].transpose(1, 2).reshape(b, self.embed_dim, h, w)]

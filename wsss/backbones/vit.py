@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import Block, dpr, init_vit_weights
+from wsss.backbones._layers import Block, dpr, init_vit_weights, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import load_into, read_state_dict
 from wsss.registry import BACKBONES
@@ -170,11 +170,7 @@ class VisionTransformer(Backbone):
         tokens = tokens + self.interpolate_pos_embed(h, w)
 
         out = BackboneOutput(features=[])
-        for i, blk in enumerate(self.blocks):
-            tokens, logits = blk(tokens, i in capture)
-            if logits is not None:
-                out.attn[i] = attn_reduce(i, logits) if attn_reduce is not None else logits
-                out.grids[i] = (h, w)
+        tokens = run_blocks(self.blocks, tokens, capture, attn_reduce, (h, w), out)
         if self.final_norm:
             tokens = self.norm(tokens)
         out.prefix = tokens[:, :t]
