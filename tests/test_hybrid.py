@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ref_blocks
 
 from wsss.backbones.base import PIPELINE_MEAN, PIPELINE_STD, renormalize
 from wsss.backbones.hybrid import HybridTransformer, hybrid_lite0_tiny
@@ -15,41 +16,16 @@ from wsss.methods import build_method
 from wsss.model import build_model
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-
 def tiny(**kw) -> HybridTransformer:
     kw = {"embed_dim": 32, "depth": 3, "num_heads": 2, **kw}
     return HybridTransformer(**kw)
 
 
 def ref_tokens_forward(m: HybridTransformer, tokens: torch.Tensor):
-    """Plain transformer over (B, N, D) tokens (prefix first): logits by a loop over heads and pairs."""
+    """Plain transformer over (B, N, D) tokens (prefix first), then the final norm."""
     sd = {k: v.detach() for k, v in m.state_dict().items()}
-    b, n, d = tokens.shape
-    heads = m.num_heads[0]
-    hd = d // heads
-    z, logits_all = tokens, {}
-    for layer in range(m.num_layers):
-        pre = f"blocks.{layer}."
-        y = F.layer_norm(z, (d,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], 1e-6)
-        qkv = y @ sd[pre + "attn.qkv.weight"].T + sd[pre + "attn.qkv.bias"]
-        q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
-        logits = torch.zeros(b, heads, n, n)
-        for h in range(heads):
-            sl = slice(h * hd, (h + 1) * hd)
-            for i in range(n):
-                for j in range(n):
-                    logits[:, h, i, j] = (q[:, i, sl] * k[:, j, sl]).sum(-1) / math.sqrt(hd)
-        logits_all[layer] = logits
-        att = logits.softmax(-1)
-        o = torch.cat([att[:, h] @ v[..., h * hd : (h + 1) * hd] for h in range(heads)], dim=-1)
-        z = z + o @ sd[pre + "attn.proj.weight"].T + sd[pre + "attn.proj.bias"]
-        y = F.layer_norm(z, (d,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], 1e-6)
-        y = gelu(y @ sd[pre + "mlp.fc1.weight"].T + sd[pre + "mlp.fc1.bias"])
-        z = z + y @ sd[pre + "mlp.fc2.weight"].T + sd[pre + "mlp.fc2.bias"]
-    return F.layer_norm(z, (d,), sd["norm.weight"], sd["norm.bias"], 1e-6), logits_all
+    z, logits = ref_blocks(sd, tokens, m.num_layers, m.num_heads[0])
+    return F.layer_norm(z, (z.shape[-1],), sd["norm.weight"], sd["norm.bias"], 1e-6), logits
 
 
 def test_renormalize_matches_two_step_reference():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ref_blocks
 from safetensors.torch import save_file
 
 import wsss.backbones.vit as vit_module
@@ -75,10 +76,6 @@ def ref_pos_embed(model: VisionTransformer, h: int, w: int, mode: str = "dino") 
     return torch.cat([pos[:, :t], patch], dim=1)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-
 def ref_forward(model: VisionTransformer, x: torch.Tensor):
     """Plain re-implementation: patchify by loops, attention logits by a loop over (head, i, j).
     Returns (patch map (B, D, h, w), prefix (B, T, D), {layer: logits (B, heads, N, N)})."""
@@ -98,28 +95,7 @@ def ref_forward(model: VisionTransformer, x: torch.Tensor):
         rows.append(torch.stack(toks) + sd["patch_embed.proj.bias"])
     z = torch.cat([sd["cls_token"].expand(b, -1, -1), torch.stack(rows)], dim=1)
     z = z + ref_pos_embed(model, h, w, model.pos_interp)
-    n, heads = z.shape[1], model.num_heads[0]
-    hd = d // heads
-    logits_all = {}
-    for layer in range(model.num_layers):
-        pre = f"blocks.{layer}."
-        y = F.layer_norm(z, (d,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], 1e-6)
-        qkv = y @ sd[pre + "attn.qkv.weight"].T + sd[pre + "attn.qkv.bias"]
-        q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
-        logits = torch.zeros(b, heads, n, n)
-        for bi in range(b):
-            for m in range(heads):
-                sl = slice(m * hd, (m + 1) * hd)
-                for i in range(n):
-                    for j in range(n):
-                        logits[bi, m, i, j] = (q[bi, i, sl] * k[bi, j, sl]).sum() / math.sqrt(hd)
-        logits_all[layer] = logits
-        att = logits.softmax(-1)
-        o = torch.cat([att[:, m] @ v[..., m * hd : (m + 1) * hd] for m in range(heads)], dim=-1)
-        z = z + o @ sd[pre + "attn.proj.weight"].T + sd[pre + "attn.proj.bias"]
-        y = F.layer_norm(z, (d,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], 1e-6)
-        y = gelu(y @ sd[pre + "mlp.fc1.weight"].T + sd[pre + "mlp.fc1.bias"])
-        z = z + y @ sd[pre + "mlp.fc2.weight"].T + sd[pre + "mlp.fc2.bias"]
+    z, logits_all = ref_blocks(sd, z, model.num_layers, model.num_heads[0])
     if model.final_norm:
         z = F.layer_norm(z, (d,), sd["norm.weight"], sd["norm.bias"], 1e-6)
     fmap = z[:, t:].reshape(b, h, w, d).permute(0, 3, 1, 2)

@@ -18,12 +18,12 @@ the CAM's map (stride ``output_stride``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from wsss.backbones._layers import Block, dpr, init_vit_weights, run_blocks
+from wsss.backbones._layers import Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input, renormalize
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
 from wsss.registry import BACKBONES
@@ -100,14 +100,10 @@ class HybridTransformer(Backbone):
         return {"pos_embed", "cls_token"}
 
     def tokens_pos(self, h: int, w: int) -> Tensor | None:
-        """Positional embedding (1, h*w, D) for an (h, w) grid, or None."""
+        """Positional embedding (1, h*w, D) for an (h, w) grid (bicubic, exact size), or None."""
         if self.pos_embed is None:
             return None
-        if (h, w) == self.grid:
-            return self.pos_embed
-        img = self.pos_embed.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-        img = nn.functional.interpolate(img, size=(h, w), mode="bicubic", align_corners=False)
-        return img.flatten(2).transpose(1, 2)
+        return resize_pos_grid(self.pos_embed, self.grid, (h, w), mode="size")
 
     def forward_features(self, x: Tensor, attn_layers: Sequence[int] = (),
                          attn_reduce: AttnReduce | None = None) -> BackboneOutput:
@@ -138,7 +134,7 @@ class HybridTransformer(Backbone):
 _SIZES = {"tiny": (192, 4, 6), "small": (384, 6, 6)}  # embed_dim, depth, heads
 
 
-def _hybrid(size: str):  # noqa: ANN202 - returns a registered builder
+def _hybrid(size: str) -> Callable[..., HybridTransformer]:
     dim, depth, heads = _SIZES[size]
 
     def builder(pretrained: str | os.PathLike | None = None, **kw) -> HybridTransformer:

@@ -18,15 +18,12 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import Block, dpr, init_vit_weights, run_blocks
+from wsss.backbones._layers import POS_INTERP_MODES, Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import load_into, read_state_dict
 from wsss.registry import BACKBONES
-
-POS_INTERP_MODES = ("dino", "size")
 
 
 class PatchEmbed(nn.Module):
@@ -43,34 +40,6 @@ class PatchEmbed(nn.Module):
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def resize_pos_grid(
-    patch_pos: Tensor, grid: tuple[int, int], out: tuple[int, int], mode: str = "dino"
-) -> Tensor:
-    """Bicubically resize patch positional embeddings laid out on ``grid``.
-
-    patch_pos: (1, gh*gw, D) row-major. Returns (1, h*w, D) for ``out`` = (h, w).
-    mode "dino": the DINO / MCTformer / AReAM rule, ``scale_factor = ((h + 0.1)/gh, (w + 0.1)/gw)``
-        (the +0.1 keeps floor(g * scale) == h under float error; the kernel then samples with that
-        scale, not with h/gh), and the result is checked to be (h, w).
-    mode "size": ``size=(h, w)`` (ToCo, DeiT fine-tuning).
-    Both use align_corners=False.
-    """
-    (gh, gw), (h, w) = grid, out
-    d = patch_pos.shape[-1]
-    img = patch_pos.reshape(1, gh, gw, d).permute(0, 3, 1, 2)
-    if mode == "dino":
-        img = F.interpolate(
-            img, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic", align_corners=False
-        )
-        if tuple(img.shape[-2:]) != (h, w):
-            raise RuntimeError(f"pos-embed interpolation gave {tuple(img.shape[-2:])}, wanted {out}")
-    elif mode == "size":
-        img = F.interpolate(img, size=(h, w), mode="bicubic", align_corners=False)
-    else:
-        raise ValueError(f"pos_interp must be one of {POS_INTERP_MODES}, got {mode!r}")
-    return img.permute(0, 2, 3, 1).reshape(1, h * w, d)
 
 
 class VisionTransformer(Backbone):
