@@ -12,7 +12,8 @@ from wsss.demo import demo_configs, run_demo, summary_table
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
-    summary = run_demo(out, quick=True, methods=["cam", "afa", "second_stage", "aream"])
+    # two trainings at a time in worker processes; the second stage waits for AFA's labels
+    summary = run_demo(out, quick=True, methods=["cam", "afa", "second_stage", "aream"], jobs=2)
     assert set(summary) == {"cam", "afa", "second_stage", "aream"}
     for method in summary:
         assert (out / method / "report.html").is_file()
@@ -32,6 +33,24 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     assert table == summary_table(summary) + "\n"
     assert "- afa: AFA affinity" in table and "- aream: mIoU" in table
     assert "second_stage: a segmentation network trained on afa's aff_par pseudo labels" in table
+    assert "final evaluation" in (out / "afa" / "console.log").read_text()  # the worker's console
+
+
+def test_demo_jobs_and_threads(monkeypatch):
+    from wsss import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    assert demo.demo_jobs(None, None) == (2, 4)
+    assert demo.demo_jobs(4, None) == (4, 2) and demo.demo_jobs(3, 1) == (3, 1)
+    assert demo.demo_jobs(1, None) == (1, None)  # in-process: torch's own default
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
+    assert demo.demo_jobs(None, None) == (1, None)
+    with pytest.raises(ValueError, match="--jobs must be at least 1, got 0"):
+        demo.demo_jobs(0, None)
+    # the second stage starts only once the listed AFA run is done
+    assert not demo._ready("second_stage", {"cam"}, ["cam", "afa", "second_stage"])
+    assert demo._ready("second_stage", {"afa"}, ["cam", "afa", "second_stage"])
+    assert demo._ready("second_stage", set(), ["second_stage"])  # AFA trained before, on disk
 
 
 def test_demo_backbones_name_shipped_configs():

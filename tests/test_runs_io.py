@@ -60,15 +60,15 @@ def test_demo_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr("wsss.engine.train.train", fake_train)
     monkeypatch.setattr(demo, "analyze_run", lambda *a, **k: {})
     monkeypatch.setattr("wsss.analysis.report.write_report", lambda *a, **k: None)
-    demo.run_demo(tmp_path / "d", quick=True, methods=["cam"], backbone="scratch")
+    demo.run_demo(tmp_path / "d", quick=True, methods=["cam"], backbone="scratch", jobs=1)
     (tmp_path / "d" / "cam" / "metrics.json").unlink()  # interrupted: no metrics yet
     with pytest.raises(ValueError, match="already holds demo runs"):
-        demo.run_demo(tmp_path / "d", quick=True, methods=["cam", "supervised"], backbone="scratch")
+        demo.run_demo(tmp_path / "d", quick=True, methods=["cam", "supervised"], backbone="scratch", jobs=1)
     summary = demo.run_demo(tmp_path / "d", quick=True, methods=["cam", "supervised"], backbone="scratch",
-                                  resume=True)
+                                  resume=True, jobs=1)
     assert calls == [("cam", False), ("cam", True), ("supervised", True)]
     summary = demo.run_demo(tmp_path / "d", quick=True, methods=["cam", "supervised"], backbone="scratch",
-                                  resume=True)
+                                  resume=True, jobs=1)
     assert len(calls) == 3 and summary["cam"]["pseudo_miou"] == 0.6  # finished runs are kept
 
 

@@ -28,7 +28,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from wsss.demo import run_demo
 
     run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone, resume=args.resume,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, jobs=args.jobs, threads=args.threads)
     return 0
 
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="trainings run at the same time, each in its own process with cores/N threads "
+                        "(default: 2 on a machine with two or more cores, else 1)")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
         command.add_argument(

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +99,123 @@ def check_demo_methods(out: Path, methods: list[str], known: list[str], reuse: b
                              f"or train it first into {out / src}")
 
 
+def demo_jobs(jobs: int | None, threads: int | None) -> tuple[int, int | None]:
+    """(parallel trainings, torch threads of each). Default: two trainings at a time on a machine with
+    two or more cores, each with half the cores: the demo's small networks use one core better than
+    two, so two one-thread trainings finish sooner than the same two in turn with two threads."""
+    cores = os.cpu_count() or 1
+    if jobs is None:
+        jobs = 2 if cores >= 2 else 1
+    if jobs < 1:
+        raise ValueError(f"demo --jobs must be at least 1, got {jobs}")
+    if jobs > 1 and threads is None:
+        threads = max(1, cores // jobs)
+    return jobs, threads
+
+
+def _method_overrides(method: str, out: Path, quick: bool, threads: int | None) -> list[str]:
+    overrides = [f"data.root={out / 'data'}", f"out_dir={out / method}", f"name={method}"]
+    if threads is not None:
+        overrides.append(f"threads={threads}")
+    if quick:
+        overrides += [
+            "train.max_iters=4",
+            "train.log_every=2",
+            "data.num_train=16",  # the second stage needs pseudo labels of every train image
+            "data.num_val=8",
+            "eval.max_images=4",
+            "afa.warmup_iters=1",
+            "afa.switch_iter=2",
+            "aream.warmup_iters=1",
+        ]
+    return overrides
+
+
+def run_method(task: dict[str, Any]) -> dict[str, Any]:
+    """One demo method (trained, or kept with --resume), evaluated and analysed: its summary row.
+
+    ``task``: method, config, out, quick, threads, resume, overwrite, and ``log`` (a file that takes
+    the console output, for a training that runs next to others in a worker process)."""
+    if not task.get("log"):
+        return _run_method(task)
+    with open(task["log"], "a", buffering=1) as log, redirect_stdout(log), redirect_stderr(log):
+        return _run_method(task)
+
+
+def _run_method(task: dict[str, Any]) -> dict[str, Any]:
+    from wsss.engine.distributed import set_threads
+    from wsss.engine.train import train
+
+    set_threads(task["threads"])
+    method, out = task["method"], Path(task["out"])
+    overrides = _method_overrides(method, out, task["quick"], task["threads"])
+    labels = None
+    if method == "second_stage":
+        labels = write_stage_labels(out, SECOND_STAGE_FROM, overwrite=task["overwrite"])
+        overrides.append(f"data.pseudo_dir={labels['dir']}")
+    cfg = load_config(task["config"], overrides)
+    t0 = time.time()
+    if task["resume"] and finished(out / method):
+        results = json.loads((out / method / "metrics.json").read_text())["eval"]  # finished: keep it
+        print(f"demo: {method} already trained in {out / method} (--resume)")
+    else:
+        results = train(cfg, resume=task["resume"], overwrite=task["overwrite"])
+    pseudo_key = PSEUDO_MAP[method]
+    row: dict[str, Any] = {
+        "config": task["config"],
+        "minutes": (time.time() - t0) / 60,
+        "pseudo_miou": results[pseudo_key]["miou"] if pseudo_key in results else None,
+        "seg_miou": results["seg"]["miou"] if "seg" in results else None,
+        "maps": {k: v["miou"] for k, v in results.items() if isinstance(v, dict) and "miou" in v},
+    }
+    if labels is not None:
+        row["train_labels"] = labels
+    if method in ANALYZED:
+        row["oracle"] = analyze_run(cfg, out / method, 4 if task["quick"] else ANALYSIS_IMAGES).get("oracle")
+    return row
+
+
+def _ready(method: str, done: set[str], methods: list[str]) -> bool:
+    """The second stage waits for the run whose pseudo labels it learns (when that run is listed)."""
+    return method != "second_stage" or SECOND_STAGE_FROM not in methods or SECOND_STAGE_FROM in done
+
+
+def _run_parallel(tasks: dict[str, dict[str, Any]], jobs: int) -> dict[str, dict[str, Any]]:
+    """Run the tasks in ``jobs`` worker processes (second stage after its source); rows by method."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    methods, rows, running = list(tasks), {}, {}
+    pending = list(methods)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        while pending or running:
+            for m in [m for m in pending if _ready(m, set(rows), methods)][: jobs - len(running)]:
+                pending.remove(m)
+                running[pool.submit(run_method, tasks[m])] = m
+                print(f"demo: {m} started (console output: {tasks[m]['log']})", flush=True)
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished_now:
+                m = running.pop(fut)
+                try:
+                    rows[m] = fut.result()
+                except Exception as err:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    log = tasks[m]["log"]
+                    raise RuntimeError(f"demo: {m} failed ({err}); its console output: {log}") from err
+                print(f"demo: {m} finished in {rows[m]['minutes']:.1f} min", flush=True)
+    return {m: rows[m] for m in methods}
+
+
 def run_demo(
     out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
     backbone: str = "hybrid", resume: bool = False, overwrite: bool = False,
+    jobs: int | None = None, threads: int | None = None,
 ) -> dict[str, Any]:
     """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
     are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
-    is trained again. Without either, an ``out`` that holds a method's run is an error."""
-    from wsss.engine.train import train
+    is trained again. Without either, an ``out`` that holds a method's run is an error. ``jobs``
+    trainings run at a time, each with ``threads`` torch threads (:func:`demo_jobs`)."""
+    from wsss.data.build import build_dataset
 
     configs = demo_configs(backbone)
     if backbone == "hybrid":
@@ -112,47 +223,21 @@ def run_demo(
 
         weights_path()  # fails before any training when the weights package is missing
     out = Path(out)
-    data_root = out / "data"
-    summary: dict[str, Any] = {}
     methods = list(methods or configs)
     check_demo_methods(out, methods, list(configs), resume or overwrite)
-    for method in methods:
-        overrides = [f"data.root={data_root}", f"out_dir={out / method}", f"name={method}"]
-        labels = None
-        if method == "second_stage":
-            labels = write_stage_labels(out, SECOND_STAGE_FROM, overwrite=overwrite)
-            overrides.append(f"data.pseudo_dir={labels['dir']}")
-        if quick:
-            overrides += [
-                "train.max_iters=4",
-                "train.log_every=2",
-                "data.num_train=16",  # the second stage needs pseudo labels of every train image
-                "data.num_val=8",
-                "eval.max_images=4",
-                "afa.warmup_iters=1",
-                "afa.switch_iter=2",
-                "aream.warmup_iters=1",
-            ]
-        cfg = load_config(configs[method], overrides)
-        t0 = time.time()
-        if resume and finished(out / method):
-            results = json.loads((out / method / "metrics.json").read_text())["eval"]  # finished: keep it
-            print(f"demo: {method} already trained in {out / method} (--resume)")
-        else:
-            results = train(cfg, resume=resume, overwrite=overwrite)
-        pseudo_key = PSEUDO_MAP[method]
-        summary[method] = {
-            "config": configs[method],
-            "minutes": (time.time() - t0) / 60,
-            "pseudo_miou": results[pseudo_key]["miou"] if pseudo_key in results else None,
-            "seg_miou": results["seg"]["miou"] if "seg" in results else None,
-            "maps": {k: v["miou"] for k, v in results.items() if isinstance(v, dict) and "miou" in v},
-        }
-        if labels is not None:
-            summary[method]["train_labels"] = labels
-        if method in ANALYZED:
-            data = analyze_run(cfg, out / method, 4 if quick else ANALYSIS_IMAGES)
-            summary[method]["oracle"] = data.get("oracle")
+    jobs, threads = demo_jobs(jobs, threads)
+    tasks = {m: {"method": m, "config": configs[m], "out": str(out), "quick": quick, "threads": threads,
+                 "resume": resume, "overwrite": overwrite} for m in methods}
+    if jobs > 1 and len(methods) > 1:
+        # the synthetic set is written once here, not by two workers at the same time
+        build_dataset(load_config(configs[methods[0]], _method_overrides(methods[0], out, quick, None)).data,
+                      split="train", train=False)
+        for m, task in tasks.items():
+            (out / m).mkdir(parents=True, exist_ok=True)
+            task["log"] = str(out / m / "console.log")
+        summary = _run_parallel(tasks, jobs)
+    else:
+        summary = {m: run_method(tasks[m]) for m in methods}
     table = summary_table(summary)
     print(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
