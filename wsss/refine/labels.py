@@ -317,3 +317,22 @@ def affinity_labels(
     if window is not None:
         ign = ign | ~window.to(device=aff.device, dtype=torch.bool)
     return aff.masked_fill_(ign, ignore_index)
+
+
+def pair_agreement(aff: Tensor, target: Tensor) -> Tensor:
+    """Sums over the labelled token pairs, to be accumulated over a dataset.
+
+    Args:
+        aff: (B, N, N) predicted affinity in [0, 1].
+        target: (B, N, N) long in {0, 1, 255 = ignored} (:func:`wsss.refine.labels.affinity_labels`).
+    Returns:
+        float64 (6,): [sum of aff on positives, #positives, sum of aff on negatives, #negatives,
+        #pairs whose (aff > 0.5) equals the label, #labelled pairs].
+    """
+    a = aff.double()
+    pos, neg = target == 1, target == 0
+    correct = ((a > 0.5) == pos) & (pos | neg)
+    return torch.stack([
+        (a * pos).sum(), pos.sum().double(), (a * neg).sum(), neg.sum().double(),
+        correct.sum().double(), (pos | neg).sum().double(),
+    ]).cpu()
