@@ -173,7 +173,8 @@ class AFAMethod(Method):
             high = resize(self.propagate(cam, aff_top, grid_top, labels, self.high), size)
             low = resize(self.propagate(cam, aff_top, grid_top, labels, self.low), size)
             aff_label = par_refine_scores_label(
-                image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box)
+                image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
+                downscale=int(self.cfg.par.downscale),
             )
         grid = out.grids[self.head.attn_layers[-1]]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)

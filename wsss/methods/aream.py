@@ -124,8 +124,9 @@ class AReAMMethod(Method):
 
     @torch.no_grad()
     def score_cam(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float]) -> Tensor:
-        """The refined CAM of the official inference (all layers, uniform weights)."""
-        return self.aream_cam(net, x, labels, list(range(self.L)), None, scales)
+        """The refined CAM of the official inference (every final-grid layer, uniform weights: the
+        'refined' map). A MiT's earlier stages have other grids: they are not fused."""
+        return self.aream_cam(net, x, labels, self.layers, None, scales)
 
     # ----------------------------------------------------------------- CAM refined by attention
     def patch_affinities(self, affs: dict[int, Tensor], layers: list[int]) -> Tensor:
