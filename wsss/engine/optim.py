@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from wsss.schema import cfg_get
+
 Matcher = Callable[[str, nn.Parameter], bool]
 
 
@@ -140,12 +142,6 @@ RULE_PRESETS: dict[str, Callable[..., list[ParamRule]]] = {
 }
 
 
-def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.optim.AdamW:
     """AdamW (betas (0.9, 0.999), eps 1e-8) over the groups of a rule preset.
 
@@ -153,16 +149,16 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.opt
     or a list of :class:`ParamRule`), ``param_rules_args`` (kwargs of the preset), optional ``betas``,
     ``eps``.
     """
-    rules = _get(cfg, "param_rules", "afa")
+    rules = cfg_get(cfg, "param_rules", "afa")
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
             raise ValueError(f"unknown param_rules '{rules}'; known: {sorted(RULE_PRESETS)}")
-        rules = RULE_PRESETS[rules](**dict(_get(cfg, "param_rules_args", None) or {}))
-    lr, wd = float(_get(cfg, "lr")), float(_get(cfg, "weight_decay", 0.01))
+        rules = RULE_PRESETS[rules](**dict(cfg_get(cfg, "param_rules_args", None) or {}))
+    lr, wd = float(cfg_get(cfg, "lr")), float(cfg_get(cfg, "weight_decay", 0.01))
     groups = build_param_groups(model, list(rules), lr, wd)
-    betas = tuple(_get(cfg, "betas", (0.9, 0.999)))
+    betas = tuple(cfg_get(cfg, "betas", (0.9, 0.999)))
     return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
-                             eps=float(_get(cfg, "eps", 1e-8)), weight_decay=wd)
+                             eps=float(cfg_get(cfg, "eps", 1e-8)), weight_decay=wd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,18 +268,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | A
     ``warmup_epochs`` 1, ``start_lr`` 1e-6, ``final_lr`` 1e-6; per step) or ``"epoch_cosine"`` (MCTformer:
     ``epochs``, ``warmup_epochs`` 5, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, ``official_lag`` True; per
     epoch)."""
-    kind = _get(cfg, "schedule", "poly")
+    kind = cfg_get(cfg, "schedule", "poly")
     if kind == "poly":
-        max_iters = _get(cfg, "max_iters") or int(_get(cfg, "epochs")) * iters_per_epoch
-        return PolyWarmupLR(optimizer, int(max_iters), int(_get(cfg, "warmup_iters", 1500)),
-                            float(_get(cfg, "warmup_ratio", 1e-6)), float(_get(cfg, "power", 1.0)),
-                            bool(_get(cfg, "rebase", False)))
+        max_iters = cfg_get(cfg, "max_iters") or int(cfg_get(cfg, "epochs")) * iters_per_epoch
+        return PolyWarmupLR(optimizer, int(max_iters), int(cfg_get(cfg, "warmup_iters", 1500)),
+                            float(cfg_get(cfg, "warmup_ratio", 1e-6)), float(cfg_get(cfg, "power", 1.0)),
+                            bool(cfg_get(cfg, "rebase", False)))
     if kind == "cosine":
-        epochs, warm = int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 1))
+        epochs, warm = int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1))
         return WarmupCosineLR(optimizer, epochs * iters_per_epoch, warm * iters_per_epoch,
-                              float(_get(cfg, "start_lr", 1e-6)), float(_get(cfg, "final_lr", 1e-6)))
+                              float(cfg_get(cfg, "start_lr", 1e-6)), float(cfg_get(cfg, "final_lr", 1e-6)))
     if kind == "epoch_cosine":
-        return EpochCosineLR(optimizer, int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 5)),
-                             float(_get(cfg, "warmup_lr", 1e-6)), float(_get(cfg, "min_lr", 1e-5)),
-                             bool(_get(cfg, "official_lag", True)))
+        return EpochCosineLR(optimizer, int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1)),
+                             float(cfg_get(cfg, "warmup_lr", 1e-6)), float(cfg_get(cfg, "min_lr", 1e-5)),
+                             bool(cfg_get(cfg, "official_lag", True)))
     raise ValueError(f"unknown schedule '{kind}'; choose poly, cosine or epoch_cosine")

@@ -33,10 +33,9 @@ from wsss.methods.base import (
     present_mask,
     register_method,
     resize,
-    unwrap,
     with_background,
 )
-from wsss.model import NetOutput, WSSSNet
+from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.refine.labels import (
     affinity_labels,
@@ -158,12 +157,10 @@ class AFAMethod(Method):
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
         warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
-        out = net(x, with_seg=not warm, heads=not warm)
-        l_cls = self.cls_loss(out, labels)
-        logs = {"cls": l_cls.item()}
+        out, l_cls, logs = self.classify(net, x, labels, with_seg=not warm, heads=not warm)
         if warm:
             return l_cls, logs
-        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
+        image01 = self.par_image(x)
         with torch.no_grad(), pass_mode(m, self.mode):
             cam, aff_top, grid_top = self.cam_and_affinity(m, x)
             cam = cam * labels[..., None, None]

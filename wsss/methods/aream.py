@@ -28,10 +28,9 @@ from wsss.methods.base import (
     option,
     pass_mode,
     register_method,
-    unwrap,
     with_background,
 )
-from wsss.model import WSSSNet
+from wsss.model import WSSSNet, unwrap
 from wsss.ops.attention import (
     aream_affinity_loss,
     attention_probs,
@@ -200,12 +199,13 @@ class AReAMMethod(Method):
         warm = it <= int(self.r.warmup_iters)
         seg_w = 0.0 if warm or m.seg_head is None else float(self.r.seg_weight)
         layers = () if warm else self.deep_layers()
-        out = net(x, layers, lambda layer, z: layer_logit_mean(z, T), with_seg=seg_w > 0)
-        l_cls = self.cls_loss(out, labels)
-        logs = {"cls": l_cls.item()}
+        out, l_cls, logs = self.classify(
+            net, x, labels, attn_layers=layers, attn_reduce=lambda layer, z: layer_logit_mean(z, T),
+            with_seg=seg_w > 0,
+        )
         if warm:
             return l_cls, logs
-        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
+        image01 = self.par_image(x)
         with torch.no_grad(), pass_mode(m, self.mode):
             fw = None if self.weighting == "entropy_online" else self.fusion_w
             cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw)
