@@ -99,7 +99,7 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
 
     probs = logits.float().softmax(1).cpu()
     images = image01_to_uint8(image01).cpu().numpy()
-    out = [crf_preset(img, p, "afa").argmax(0) for img, p in zip(images, probs)]
+    out = [crf_preset(img, p).argmax(0) for img, p in zip(images, probs)]  # the default: AFA's test CRF
     return torch.stack(out).to(logits.device)
 
 
