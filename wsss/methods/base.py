@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from wsss.backbones.base import Backbone
 from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
+from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
 from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, multiscale_cam, scaled_input
 from wsss.ops.losses import multilabel_soft_margin
 from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label, present_mask
