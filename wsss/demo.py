@@ -22,6 +22,7 @@ from typing import Any
 
 from wsss.analysis.analyze import oracle_summary
 from wsss.config import load_config
+from wsss.methods import method_class
 
 # The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
 # blocks, needs the `pretrained` extra) and "scratch" (a MiT trained from scratch, no download).
@@ -37,9 +38,6 @@ def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
     return {m: f"{m}_{DEMO_BACKBONES[backbone]}_synthetic" for m in DEMO_METHODS}
 
 
-# The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
-PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None,
-              "second_stage": None}
 SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
@@ -47,7 +45,9 @@ ANALYSIS_IMAGES = 50
 
 def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
     """``wsss analyze`` of a finished run into ``run_dir/analysis`` (plots when matplotlib is there)."""
-    from wsss.analysis.analyze import load_model, plots_available, run_analysis
+    from wsss.analysis.analyze import run_analysis
+    from wsss.analysis.loading import load_model
+    from wsss.analysis.plots import plots_available
     from wsss.data.build import build_dataset
 
     net, cfg, _ = load_model(run_dir / "model", cfg)
@@ -58,16 +58,17 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
 
 
 def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[str, Any]:
-    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (its PSEUDO_MAP)
+    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (the map its method
+    declares as its pseudo label, ``Method.PSEUDO_MAP``)
     into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
     again); returns the folder, the map, the minutes and the scores."""
-    from wsss.engine.infer import run_pseudo_labels
+    from wsss.infer_cmd import run_pseudo_labels
 
     run_dir = out / method
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"the second stage needs the trained {method} run first ({run_dir})")
     t0 = time.time()
-    map_name = PSEUDO_MAP[method] or "pseudo"
+    map_name = method_class(method).PSEUDO_MAP or "pseudo"
     s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
                           verbose=False, overwrite=overwrite)
     return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": method,
@@ -160,7 +161,7 @@ def _run_method(task: dict[str, Any]) -> dict[str, Any]:
         print(f"demo: {method} already trained in {out / method} (--resume)")
     else:
         results = train(cfg, resume=task["resume"], overwrite=task["overwrite"])
-    pseudo_key = PSEUDO_MAP[method]
+    pseudo_key = method_class(str(cfg.method)).PSEUDO_MAP
     row: dict[str, Any] = {
         "config": task["config"],
         "minutes": (time.time() - t0) / 60,

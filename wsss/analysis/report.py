@@ -21,8 +21,6 @@ import numpy as np
 
 from wsss.analysis.viz import colorize, legend, overlay_heatmap, to_png_bytes
 
-# The refined label map of each method, first match wins (afa: propagated + PAR, aream: refined + PAR).
-REFINED_MAPS = ("aff_par", "refined_par")
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 _CSS = """
@@ -177,18 +175,18 @@ def curves_section(history: list[dict[str, Any]]) -> str:
 
 
 def _uint8_image(x: Any) -> np.ndarray:
-    from wsss.data.transforms import denormalize
+    from wsss.data.transforms import image01_to_uint8
 
-    return (denormalize(x).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return image01_to_uint8(x).cpu().numpy()
 
 
 def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndarray]], list[str], list[str]]:
     """Columns, rows of uint8 images, row names and class names for the first validation images."""
     import torch
 
-    from wsss.analysis.analyze import load_model
+    from wsss.analysis.loading import load_model
     from wsss.data.build import build_dataset
-    from wsss.engine.evaluate import pad_batch, predict_maps
+    from wsss.engine.evaluate import predict_maps
     from wsss.methods import build_method
 
     net, cfg, names = load_model(run_dir / "model" if (run_dir / "model").is_dir() else run_dir)
@@ -202,11 +200,11 @@ def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndar
         x, labels, gt = sample["image"][None], sample["labels"][None].float(), sample["mask"]
         with torch.no_grad():
             maps = predict_maps(method, net, x, labels, scales, flip)
-            xp, (h, w) = pad_batch(x)
+            xp, (h, w) = net.pad(x)
             cam = (method.multiscale_cam(net, xp, scales) * labels[..., None, None])[0, :, :h, :w]
         img = _uint8_image(x[0])
         heat = cam.amax(0) if cam.shape[0] else torch.zeros(h, w)
-        refined = next((k for k in REFINED_MAPS if k in maps), None)
+        refined = method.REFINED_MAP if method.REFINED_MAP in maps else None
         entries = [("image", img), ("ground truth", colorize(gt)), ("CAM", overlay_heatmap(img, heat))]
         if refined is not None:
             entries.append((f"refined CAM ({refined})", colorize(maps[refined][0])))
@@ -294,8 +292,8 @@ PLOT_CAPTIONS = {
     "affinity_heads": "Patch affinity of one example image, per layer and attention head",
     "column_mass": "Attention each patch receives (column mass), per layer",
     "layer_cams": "The example image's CAM, and the CAM refined by each layer",
-    "afa_query": "AFA: learned affinity of a few query points of the example image",
-    "afa_head_weights": "AFA: weight of each attention head in the affinity head",
+    "affinity_query": "learned affinity of a few query points of the example image",
+    "affinity_head_weights": "weight of each attention head in the affinity head",
 }
 RUN_MARKERS = ("config.yaml", "history.jsonl", "metrics.json", "model/config.json", "checkpoints")
 

@@ -12,6 +12,11 @@ the reduced grid (the official AFA behaviour), so the map is square. Consumers t
 official unscaled AFA logits multiply by ``sqrt(head_dims[l])``. When ``attn_reduce`` is given,
 ``out.attn[l] = attn_reduce(l, logits)`` is stored instead, so a caller can reduce each layer at
 once (e.g. to a head-mean softmax) and never hold every (B, heads, N, N) map.
+
+Intermediate features: ``forward(x, feature_layers=[l])`` also returns ``out.blocks[l]``, the token
+features (B, T + h*w, D) output by block ``l`` (non-patch tokens first) on the token grid
+``out.block_grids[l]`` (ToCo's auxiliary CAM reads an intermediate block). ``global_attn[l]`` says
+whether block ``l`` attends over all N x N token pairs (MiT's spatial-reduction blocks do not).
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from torch import Tensor, nn
 
 AttnReduce = Callable[[int, Tensor], Tensor]
 
-# The statistics (0..255 scale) the data pipeline normalises every image with. A backbone trained
-# with other statistics converts its input with :func:`renormalize`.
-PIPELINE_MEAN = (123.675, 116.28, 103.53)
-PIPELINE_STD = (58.395, 57.12, 57.375)
+# ImageNet statistics on the [0, 1] scale: the input normalisation of most pretrained backbones.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -39,12 +43,16 @@ class BackboneOutput:
     attn: layer index -> (B, heads, N, N) scaled logits, or what ``attn_reduce`` made of them.
     grids: layer index -> (h, w) of that layer's patch tokens (after pooling for MiT sr > 1).
     prefix: non-patch token outputs (B, T, D) (class tokens), or None.
+    blocks: layer index -> token features (B, T + h*w, D) output by that block (``feature_layers``).
+    block_grids: layer index -> (h, w) of that block's patch tokens.
     """
 
     features: list[Tensor]
     attn: dict[int, Tensor] = field(default_factory=dict)
     grids: dict[int, tuple[int, int]] = field(default_factory=dict)
     prefix: Tensor | None = None
+    blocks: dict[int, Tensor] = field(default_factory=dict)
+    block_grids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Backbone(nn.Module):
@@ -57,14 +65,68 @@ class Backbone(nn.Module):
     out_channels: list[int]  # per feature map
     num_prefix_tokens: int = 0  # T: class tokens before the patch tokens
     patch_stride: int = 16  # stride of features[-1]
+    # Input: [0, 1] RGB is normalised as (x - input_mean) / input_std (:meth:`normalize`); the sides
+    # must be multiples of input_multiple.
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+    input_multiple: int = 1
+
+    def normalize(self, image01: Tensor) -> Tensor:
+        """[0, 1] RGB (B, 3, H, W) -> the backbone's input statistics.
+
+        Computed as (255 x - 255 mean) / (255 std) in the input's dtype: 255 x is exact for 8-bit
+        images stored as x / 255 in float32, so the result equals normalising the 0..255 values."""
+        view = (1, 3, 1, 1)
+        mean = image01.new_tensor([255.0 * m for m in self.input_mean]).view(view)
+        std = image01.new_tensor([255.0 * s for s in self.input_std]).view(view)
+        return (image01 * 255.0 - mean) / std
 
     # Subclasses define:
     #   forward_features(x, attn_layers=(), attn_reduce=None) -> BackboneOutput
+    #   layer_modules() -> the block modules in layer order (for ``feature_layers``)
+
+    @property
+    def global_attn(self) -> list[bool]:
+        """Per layer: whether the block's attention is global (N x N over all tokens of its grid).
+        A block whose attention grid is coarser than its token grid (spatial reduction) is not."""
+        return [True] * self.num_layers
 
     def forward(
-        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
+        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None,
+        feature_layers: Sequence[int] = (),
     ) -> BackboneOutput:
-        return self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        """``forward_features`` plus the token features of the blocks in ``feature_layers``."""
+        layers = sorted(self.check_layers(feature_layers))
+        if not layers:
+            return self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        modules = self.layer_modules()
+        kept: dict[int, Tensor] = {}
+        hooks = [modules[i].register_forward_hook(self._keeper(i, kept)) for i in layers]
+        try:
+            out = self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        finally:
+            for h in hooks:
+                h.remove()
+        out.blocks = {i: kept[i] for i in layers}
+        out.block_grids = {i: self.block_grid(i, out) for i in layers}
+        return out
+
+    def _keeper(self, layer: int, kept: dict[int, Tensor]) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            kept[layer] = self.block_tokens(layer, output)
+        return hook
+
+    def layer_modules(self) -> Sequence[nn.Module]:
+        """The block of each layer, in layer order."""
+        raise TypeError(f"{type(self).__name__} has no transformer blocks to read features from")
+
+    def block_tokens(self, layer: int, output: object) -> Tensor:
+        """The (B, T + h*w, D) tokens in what block ``layer`` returned (its first output)."""
+        return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+    def block_grid(self, layer: int, out: BackboneOutput) -> tuple[int, int]:
+        """(h, w) of the patch tokens of block ``layer``: by default the grid of ``features[-1]``."""
+        return tuple(out.features[-1].shape[-2:])  # type: ignore[return-value]
 
     def check_layers(self, attn_layers: Sequence[int]) -> set[int]:
         """Normalise negative indices and reject out-of-range ones with a clear message."""
@@ -95,15 +157,5 @@ def check_input(x: Tensor, multiple: int = 1, name: str = "input") -> None:
     if multiple > 1 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
         raise ValueError(
             f"{name} sides {tuple(x.shape[-2:])} must be multiples of {multiple}; pad the image "
-            f"(wsss.data.transforms.pad_to_multiple) first"
+            f"(WSSSNet.pad) first"
         )
-
-
-def renormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Pipeline-normalised (B, 3, H, W) -> normalised with ``mean``/``std`` given on the [0, 1] scale.
-
-    One per-channel affine map: x01 = (x * PIPELINE_STD + PIPELINE_MEAN) / 255, then (x01 - mean) / std."""
-    view = (1, 3, 1, 1)
-    scale = x.new_tensor([ps / 255.0 / s for ps, s in zip(PIPELINE_STD, std)]).view(view)
-    shift = x.new_tensor([(pm / 255.0 - m) / s for pm, m, s in zip(PIPELINE_MEAN, mean, std)]).view(view)
-    return x * scale + shift

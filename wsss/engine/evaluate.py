@@ -1,12 +1,13 @@
 """Evaluation: mIoU of every label map a method produces (CAM, refined CAM, pseudo label, seg).
 
-Images are evaluated at full resolution, padded to a multiple of 16 for the backbone and cropped
-back; images of the same size go through the network together (up to ``batch_size``, loaded by a
-DataLoader with ``num_workers``), images of different sizes never (padding them to a common size
-would change the CAM normalisation and PAR). Confusion matrices accumulate on the device and are
-all-reduced under DDP. A pseudo label's uncertain pixels (255) are scored both ways: left out
-('pseudo', with the share of ground-truth pixels it covers) and counted as wrong ('pseudo_strict',
-the rule of a scorer that knows no ignore value in predictions).
+Images ([0, 1] RGB, normalised by the network) are evaluated at full resolution, padded by the
+network (:meth:`wsss.model.WSSSNet.pad`) and cropped back; images of the same size go through the
+network together (up to ``batch_size``, loaded by a DataLoader with ``num_workers``), images of
+different sizes never (padding them to a common size would change the CAM normalisation and PAR).
+Confusion matrices accumulate on the device and are all-reduced under DDP. A pseudo label's
+uncertain pixels (255) are scored both ways: left out ('pseudo', with the share of ground-truth
+pixels it covers) and counted as wrong ('pseudo_strict', the rule of a scorer that knows no ignore
+value in predictions).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from wsss.data.build import collate
-from wsss.data.transforms import denormalize, pad_to_multiple
+from wsss.data.transforms import image01_to_uint8
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
-from wsss.methods.base import Method, resize, scale_size
+from wsss.methods.base import Method, resize
 from wsss.model import WSSSNet
+from wsss.ops.cam import scaled_input
 
 # How a map's mIoU treats its uncertain pixels (printed in the tables).
 MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
@@ -58,26 +60,21 @@ def leave_out_uncertain(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tenso
     return pred.masked_fill(uncertain, 0), gt.masked_fill(uncertain, 255), counts
 
 
-def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
-    """Zero-pad (the normalised mean colour) right/bottom to a multiple; returns the original size."""
-    return pad_to_multiple(x, multiple)[0], (x.shape[-2], x.shape[-1])
-
-
 @torch.no_grad()
 def predict_maps(
     method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool,
     maps: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size; only the named
+    """Label maps (B, H, W) for a [0, 1] image batch (B, 3, H, W) of any size; only the named
     ``maps`` are computed (None: every map of the method)."""
-    x, (h, w) = pad_batch(image)
-    out = method.predict(net, x, denormalize(x), labels, scales, flip, maps=maps)
+    x, (h, w) = net.pad(image)
+    out = method.predict(net, x, labels, scales, flip, maps=maps)
     return {k: v[:, :h, :w] for k, v in out.items()}
 
 
 @torch.no_grad()
 def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float], flip: bool) -> Tensor | None:
-    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded, normalised), or None.
+    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded [0, 1] images), or None.
 
     AFA ``test_msc_flip``: per scale, the mean of the logits of x and of flip(x) (un-flipped),
     upsampled to the scale-1 size; element-wise max over scales.
@@ -87,9 +84,7 @@ def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float],
     size = tuple(x.shape[-2:])
     best: Tensor | None = None
     for s in scales:
-        xs = resize(x, scale_size(size, s)) if s != 1.0 else x
-        inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        seg = net(inp, with_seg=True, with_aff=False).seg
+        seg = net(scaled_input(x, s, flip), with_seg=True, heads=False).seg
         if flip:
             b = x.shape[0]
             seg = (seg[:b] + seg[b:].flip(-1)) / 2
@@ -103,8 +98,8 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
     from wsss.refine.crf import crf_preset
 
     probs = logits.float().softmax(1).cpu()
-    images = (image01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = [crf_preset(img, p, "afa").argmax(0) for img, p in zip(images, probs)]
+    images = image01_to_uint8(image01).cpu().numpy()
+    out = [crf_preset(img, p).argmax(0) for img, p in zip(images, probs)]  # the default: AFA's test CRF
     return torch.stack(out).to(logits.device)
 
 
@@ -112,17 +107,11 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
 def sweep_cam(
     method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool
 ) -> Tensor:
-    """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: AReAM's refined CAM (all layers,
-    uniform) when the method has one, else the multi-scale CAM; masked by ``labels``."""
-    x, (h, w) = pad_batch(image)
-    saved, method.flip = method.flip, flip
-    try:
-        if hasattr(method, "aream_cam"):
-            cam = method.aream_cam(net, x, labels, list(range(method.L)), None, scales)  # type: ignore[attr-defined]
-        else:
-            cam = method.multiscale_cam(net, x, scales) * labels[..., None, None]
-    finally:
-        method.flip = saved
+    """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: the method's
+    :meth:`~wsss.methods.base.Method.score_cam` (its refined CAM when it has one); masked by ``labels``."""
+    x, (h, w) = net.pad(image)
+    with method.flipping(flip):
+        cam = method.score_cam(net, x, labels, scales)
     return cam[..., :h, :w]
 
 
@@ -209,14 +198,30 @@ def evaluate(
 def predict_seg(
     method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool, crf: bool = False
 ) -> Tensor:
-    """Segmentation label map (B, H, W) for a normalised image batch of any size (multi-scale, flip,
+    """Segmentation label map (B, H, W) for a [0, 1] image batch of any size (multi-scale, flip,
     optional CRF)."""
-    x, (h, w) = pad_batch(image)
+    x, (h, w) = net.pad(image)
     logits = multiscale_seg(method, net, x, scales, flip)
     if logits is None:
         raise ValueError("the model has no segmentation head")
     logits = logits[..., :h, :w]
-    return crf_seg(logits, denormalize(image)) if crf else logits.argmax(1)
+    return crf_seg(logits, image.clamp(0.0, 1.0)) if crf else logits.argmax(1)
+
+
+@torch.no_grad()
+def label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.Tensor, map_name: str,
+                      scales: list[float], flip: bool, want_scores: bool) -> tuple[torch.Tensor, Any]:
+    """Label maps (B, H, W) of ``map_name`` for [0, 1] images (B, 3, H, W) of one size and, if
+    asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
+    if map_name == "seg":
+        label = predict_seg(method, net, image, scales, flip)
+        if not want_scores:
+            return label, None
+        x, (h, w) = net.pad(image)
+        return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
+    maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
+    scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
+    return maps[map_name], scores
 
 
 def miou_table(results: dict[str, Any]) -> str:

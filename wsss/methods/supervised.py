@@ -10,12 +10,14 @@ from collections.abc import Collection
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.methods.base import Method, resize
+from wsss.methods.base import Method, register_method, resize
 from wsss.model import WSSSNet
 
 
+@register_method
 class SupervisedMethod(Method):
     name = "supervised"
+    PSEUDO_MAP = None  # learns from masks: no pseudo labels of its own
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int
@@ -33,7 +35,7 @@ class SupervisedMethod(Method):
     MAPS = ()  # the segmentation head only
 
     def predict(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool,
+        self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
         maps: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
         if maps is not None and "seg" not in maps:
