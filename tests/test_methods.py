@@ -97,3 +97,25 @@ def test_afa_cam_and_affinity_matches_the_plain_passes() -> None:
     assert grid == ref_grid and aff.shape == (2, grid[0] * grid[1], grid[0] * grid[1])
     torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aff, ref_aff, atol=1e-5, rtol=1e-5)
+
+
+def test_aream_refined_maps_use_their_own_background_score() -> None:
+    """aream.bkg_score thresholds the refined maps (null: eval.bkg_score); the raw CAM keeps eval's."""
+    from wsss.methods.base import MapInput
+    from wsss.refine.labels import cam_to_label
+
+    torch.manual_seed(0)
+    cfg = load_config("aream_mctformer_micro_synthetic", ["model.backbone_kwargs.img_size=64"])
+    net = build_network(cfg, 5).eval()
+    x, labels = torch.rand(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    method = build_method(cfg, net)
+    assert method.refined_bkg_score() == float(cfg.eval.bkg_score)
+    refined = method.aream_cam(net, x, labels, method.layers, None, [1.0])
+    seen = set()
+    for score in (0.05, 0.6):
+        cfg.aream.bkg_score = score
+        method = build_method(cfg, net)
+        maps = method.extra_maps(net, MapInput(x, labels, refined, [1.0]), {"refined"})
+        assert torch.equal(maps["refined"], cam_to_label(refined, labels, bkg_score=score))
+        seen.add(int((maps["refined"] == 0).sum()))
+    assert len(seen) == 2  # the score changed the background

@@ -70,6 +70,10 @@ class AReAMConfig(MethodConfig):
     class_attention: bool = option(True)  # MCTformer: CAM x class-to-patch attention
     renormalize: bool = option(False)
     sampling: str = option("topleft", Rule("str", choices=SAMPLING))
+    # background score of the refined maps ('refined', 'refined_par', the analysis' refined and
+    # oracle rows); null: eval.bkg_score. Refinement spreads the CAM, so its calibrated value is
+    # higher than the raw CAM's (as AFA's eval.aff_bkg_score for its propagated maps).
+    bkg_score: float | None = option(None, Rule("float", 0.0, null=True))
 
 
 @register_method
@@ -226,13 +230,17 @@ class AReAMMethod(Method):
         return loss, logs
 
     # ----------------------------------------------------------------- evaluation
+    def refined_bkg_score(self) -> float:
+        """Background score of the refined maps: ``aream.bkg_score``, else ``eval.bkg_score``."""
+        return float(self.cfg.eval.bkg_score if self.r.bkg_score is None else self.r.bkg_score)
+
     @torch.no_grad()
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'refined': CAM refined by the uniform mean of all layers (the official inference);
         'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
         (shallow fusion, high/low scores)."""
         x, image01, labels, scales = inp.x, inp.image01, inp.labels, inp.scales
-        bkg = float(self.cfg.eval.bkg_score)
+        bkg = self.refined_bkg_score()
         maps: dict[str, Tensor] = {}
         if {"refined", "refined_par"} & set(want):
             refined = self.aream_cam(net, x, labels, self.layers, None, scales)
@@ -253,7 +261,7 @@ class AReAMMethod(Method):
         """The CAM, the CAM refined by the uniform mean of all final-grid layers (the official
         inference, the 'refined' map) and the CAM refined by the oracle affinity (same-class token
         pairs, rows normalised to 1), each as is and after PAR."""
-        bkg, sampling = float(self.cfg.eval.bkg_score), str(self.r.sampling)
+        sampling = str(self.r.sampling)
 
         def oracle(grid: tuple[int, int]) -> Tensor:
             same = (affinity_labels(gt, grid, None, sampling=sampling) == 1).float()
@@ -266,12 +274,14 @@ class AReAMMethod(Method):
         }
         maps = {}
         for k, cam in cams.items():
+            bkg = float(self.cfg.eval.bkg_score) if k == "cam" else self.refined_bkg_score()
             maps[k] = cam_to_label(cam, labels, bkg_score=bkg)
             maps[f"{k}_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
         return maps, None
 
     def oracle_protocol(self) -> dict[str, Any]:
-        return {"bkg_score": float(self.cfg.eval.bkg_score), "layers": list(self.layers),
+        return {"bkg_score": float(self.cfg.eval.bkg_score), "refined_bkg_score": self.refined_bkg_score(),
+                "layers": list(self.layers),
                 "oracle": "same-class token pairs, rows normalised to 1", "sampling": str(self.r.sampling)}
 
 
