@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from wsss.model import NetOutput, WSSSNet
 from wsss.ops.cam import fuse_multiscale
 from wsss.ops.losses import multilabel_soft_margin
-from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label
+from wsss.refine.labels import cam_to_label, par_argmax_label, par_pseudo_label
 from wsss.refine.par import PAR
 
 
@@ -122,10 +122,7 @@ class Method:
     # ----------------------------------------------------------------- evaluation
     def par_argmax(self, image01: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax."""
-        probs = masked_softmax(scores, labels)
-        refined = self.par(image01, probs)
-        refined = refined.masked_fill(~present_mask(labels)[..., None, None], float("-inf"))
-        return channel_argmax(refined)
+        return par_argmax_label(image01, scores, labels, self.par)
 
     @torch.no_grad()
     @contextmanager
