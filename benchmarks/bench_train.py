@@ -381,7 +381,7 @@ def _report(rows: list[dict]) -> None:
     for r in rows:
         if "images_per_s" in r:
             what = f"{r['amp']}, {r['crop']} px, batch {r['batch']}"
-            print(f"\n{r['case']}: {r['images_per_s']:.2f} images/s ({what})")
+            print(f"\n{r['case']}: {r['images_per_s']:.3g} images/s ({what})")
     _report_profiles(rows)
 
 
