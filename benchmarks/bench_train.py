@@ -5,6 +5,12 @@ with 1-3 present classes and a partly padded image box, with fixed random weight
 method's warm-up (the full AFA / AReAM path: multi-scale CAM pass, PAR, propagation, affinity labels,
 all losses, backward, AdamW step).
 
+Evaluation cases (kind ``eval``) time the model part of ``wsss evaluate`` on one batch: every label
+map of the method with the config's eval protocol, plus the multi-scale segmentation map; the table
+gives images/s. ``--profile N`` adds, per case, the N ops with the most self CPU time over one
+timed run (``torch.profiler``; for training cases one iteration and, separately, one run of the
+passes).
+
 For training cases the same process also times the iteration's unavoidable network passes alone
 ("passes"): one forward + backward of the network (backbone and heads, a trivial loss) plus the
 no-grad CAM forwards of every scale with its flipped copy, without attention capture. Iterations and
@@ -18,6 +24,8 @@ into phases by timing the method's own functions: ``cam_pass`` (multi-scale CAM 
     python benchmarks/bench_train.py --only afa_320 afa_320_bf16      # the acceptance cases
     python benchmarks/bench_train.py --only afa_320 --threads 1 --iters 7
     python benchmarks/bench_train.py --device cuda                    # GPU (synchronised timing)
+    python benchmarks/bench_train.py --only afa_320 --profile 25      # where the time goes, per op
+    python benchmarks/bench_train.py --only afa_eval_512              # evaluation images/s
 
 ``--threads`` fixes torch's intra-op threads (default: torch's choice, the physical cores); the header
 prints the CPU model, whether bf16 is native there, the torch version and the thread count. As in
@@ -57,6 +65,9 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     ),
     "afa_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "train"),
     "afa_pseudo_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "pseudo"),
+    # evaluation (`wsss evaluate`'s per-batch work, eval mode): every AFA map with the eval protocol
+    # (scales 1, 0.5, 1.5 + flip) and the multi-scale + flip segmentation map; reported as images/s
+    "afa_eval_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "eval"),
     "afa_pseudo_512_batched": (
         "afa_mit_b1_voc",
         ["data.crop_size=512", "data.batch_size=2", "afa.crop_to_box=false"],
@@ -178,6 +189,32 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
         return clock() - t0
 
 
+def _eval_batch(method: Any, net: Any, batch: dict, cfg: Any) -> None:
+    """One batch of `wsss evaluate` (model part): every label map, then the multi-scale seg map."""
+    import torch
+
+    from wsss.engine.evaluate import predict_maps, predict_seg
+
+    scales, flip = [float(s) for s in cfg.eval.scales], bool(cfg.eval.flip)
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        predict_maps(method, net, batch["image"], batch["labels"], scales, flip)
+        if net.seg_head is not None:
+            predict_seg(method, net, batch["image"], scales, flip)
+    net.train(was)
+
+
+def _profile(fn: Callable[[], Any], top: int) -> list[tuple[str, float, int]]:
+    """(op, self CPU seconds, calls) of the ``top`` ops with the most self CPU time in one ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in events]
+
+
 def _setup(name: str, device_name: str) -> tuple:
     """(cfg, net, method, optimiser, batch, bf16 on?) of a case, with fixed seeds."""
     import torch
@@ -198,7 +235,7 @@ def _setup(name: str, device_name: str) -> tuple:
     return cfg, net, method, build_optimizer(net, cfg.optim), _batch(cfg, num_classes, device), amp
 
 
-def run_case(name: str, device_name: str, iters: int) -> dict:
+def run_case(name: str, device_name: str, iters: int, profile_top: int = 0) -> dict:
     import torch
 
     kind = CASES[name][2]
@@ -229,7 +266,12 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         return clock() - t0
 
     cache: dict = {}
-    work = step if kind == "train" else (lambda: _pseudo_path(method, net, batch, cfg, cache))
+    works = {
+        "train": step,
+        "pseudo": lambda: _pseudo_path(method, net, batch, cfg, cache),
+        "eval": lambda: timed(lambda: _eval_batch(method, net, batch, cfg)),
+    }
+    work = works[kind]
     work()  # warm-up (allocations, caches)
     if kind == "train":
         _passes(net, method, batch, cfg, amp)
@@ -240,7 +282,7 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
     for _ in range(iters):
         phases.times.clear()
         phases.on = True
-        times.append(timed(step) if kind == "train" else _pseudo_path(method, net, batch, cfg, cache))
+        times.append(timed(step) if kind == "train" else work())
         phases.on = False
         for k, v in phases.times.items():
             per_phase[k].append(v)
@@ -251,6 +293,12 @@ def run_case(name: str, device_name: str, iters: int) -> dict:
         row["passes_s"] = statistics.median(passes)
         row["ratio"] = statistics.median(t / p for t, p in zip(times, passes))
         row["phases"] = _phase_medians(per_phase)
+    if kind == "eval":
+        row["images_per_s"] = int(cfg.data.batch_size) / row["median_s"]
+    if profile_top:
+        row["profile"] = {kind: _profile(work, profile_top)}
+        if kind == "train":
+            row["profile"]["passes"] = _profile(lambda: _passes(net, method, batch, cfg, amp), profile_top)
     return row
 
 
@@ -328,6 +376,23 @@ def _report(rows: list[dict]) -> None:
         print("|---|" + "---:|" * len(names))
         for r in phased:
             print(f"| {r['case']} | " + " | ".join(f"{r['phases'][n]:.3f}" for n in names) + " |")
+    for r in rows:
+        if "images_per_s" in r:
+            what = f"{r['amp']}, {r['crop']} px, batch {r['batch']}"
+            print(f"\n{r['case']}: {r['images_per_s']:.3g} images/s ({what})")
+    _report_profiles(rows)
+
+
+def _report_profiles(rows: list[dict]) -> None:
+    """Per-op tables of ``--profile`` (self CPU time of one run)."""
+    for r in rows:
+        for what, ops in r.get("profile", {}).items():
+            total = sum(t for _, t, _ in ops)
+            print(f"\nProfile of {r['case']} ({what}; the top {len(ops)} ops, {total:.3f} s of self time):\n")
+            print("| op | self s | calls |")
+            print("|---|---:|---:|")
+            for name, t, calls in ops:
+                print(f"| {name} | {t:.3f} | {calls} |")
 
 
 def main() -> None:
@@ -339,6 +404,7 @@ def main() -> None:
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds alone")
     p.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="wall time or process CPU time")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="list the N costliest ops")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args()
     import torch
@@ -352,12 +418,13 @@ def main() -> None:
             from wsss.engine.hardware import keep_freed_memory
 
             keep_freed_memory()
-        print(json.dumps(run_case(args.case, args.device, args.iters)))
+        print(json.dumps(run_case(args.case, args.device, args.iters, args.profile)))
         return
     print(header(args.device))
     print(_clock_line(args))
     extra = ["--clock", args.clock] + (["--threads", str(args.threads)] if args.threads else [])
     extra += ["--default-malloc"] if args.default_malloc else []
+    extra += ["--profile", str(args.profile)] if args.profile else []
     rows = []
     for name in args.only or list(CASES):
         cmd = [sys.executable, __file__, "--case", name, "--device", args.device, "--iters", str(args.iters)]

@@ -257,6 +257,26 @@ def test_affinity_head_matches_manual_official_computation():
     torch.testing.assert_close(no_unscale(attn), ref0)
 
 
+def test_affinity_head_gradients_match_official_conv():
+    """The head's own backward (channel sum) gives the gradients of the official conv formulation."""
+    torch.manual_seed(11)
+    b, n, heads, dim = 2, 5, 3, 16
+    attn = [torch.randn(b, heads, n, n, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    head = AffinityHead(in_channels=2 * heads, head_dims=[dim, dim]).double()
+    upstream = torch.randn(b, n, n, dtype=torch.float64)
+    (head(attn) * upstream).sum().backward()
+    got = [a.grad.clone() for a in attn] + [head.proj.weight.grad.clone(), head.proj.bias.grad.clone()]
+    for t in (*attn, head.proj.weight, head.proj.bias):
+        t.grad = None
+    s = torch.cat([a * math.sqrt(dim) for a in attn], 1)
+    ref = torch.sigmoid(F.conv2d(s + s.transpose(2, 3), head.proj.weight, head.proj.bias)).squeeze(1)
+    (ref * upstream).sum().backward()
+    want = [a.grad for a in attn] + [head.proj.weight.grad, head.proj.bias.grad]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.autograd.gradcheck(lambda *a: head(list(a)), [a.detach().requires_grad_() for a in attn])
+
+
 def test_affinity_head_init_and_errors():
     torch.manual_seed(8)
     stds = torch.stack([AffinityHead().proj.weight.detach().std() for _ in range(50)])

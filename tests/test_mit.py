@@ -649,3 +649,69 @@ def test_attend_paths_match_the_definition(dtype, keys, tol):
     torch.testing.assert_close(out2.double(), ref, atol=tol, rtol=tol)
     exact = q.double() @ k.double().transpose(-2, -1) * 0.25
     torch.testing.assert_close(logits2.double(), exact, atol=tol * 10, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused oneDNN inference path (no autograd on the CPU) against the plain ops
+
+
+def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def test_fused_helpers_match_plain_ops():
+    from wsss.backbones._layers import conv_gelu, fused_dtype, linear
+
+    lin = torch.nn.Linear(24, 40)
+    conv = torch.nn.Conv2d(40, 40, 3, 1, 1, groups=40)
+    x = torch.randn(2, 30, 24) * 3
+    img = torch.randn(2, 12, 10, 40).permute(0, 3, 1, 2)  # a channels-last (B, C, H, W) view
+    with torch.no_grad():
+        assert fused_dtype(x) == torch.float32 and fused_dtype(x.double()) is None
+        torch.testing.assert_close(linear(x, lin), x @ lin.weight.T + lin.bias, atol=1e-5, rtol=1e-5)
+        # exact (erf) GELU: the tanh approximation differs by ~1e-3 here
+        torch.testing.assert_close(linear(x, lin, "gelu"), _exact_gelu(x @ lin.weight.T + lin.bias),
+                                   atol=1e-5, rtol=1e-5)
+        ref = _exact_gelu(F.conv2d(img, conv.weight, conv.bias, padding=1, groups=40))
+        torch.testing.assert_close(conv_gelu(img, conv), ref, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused_dtype(x) == torch.bfloat16
+            low = linear(x, lin, "gelu")
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), _exact_gelu(x @ lin.weight.T + lin.bias), atol=0.1, rtol=0.02)
+    assert fused_dtype(x) is None  # autograd on: the plain ops, which have a backward
+    out = linear(x.requires_grad_(), lin, "gelu")
+    out.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    with pytest.raises(ValueError, match="act"):
+        linear(x, lin, "relu")
+
+
+def test_drop_path_add_is_the_residual_with_drop_path():
+    from wsss.backbones._layers import DropPath
+
+    dp = DropPath(0.4).train()
+    x, y = torch.randn(64, 5, 3), torch.randn(64, 5, 3)
+    torch.manual_seed(3)
+    got = dp.add(x, y)
+    torch.manual_seed(3)
+    mask = torch.empty(64, 1, 1).bernoulli_(0.6)  # the same draw as the module's
+    torch.testing.assert_close(got, x + y * mask / 0.6)
+    assert 0 < int(mask.sum()) < 64  # both kept and dropped samples were checked
+    torch.testing.assert_close(dp.eval().add(x, y), x + y)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_no_grad_fused_forward_matches_autograd_forward(train):
+    """The no-grad pass (fused kernels) equals the autograd pass (plain ops), DropPath draws included."""
+    model = mit_b0(drop_path_rate=0.3).train(train)
+    _randomise_norms(model)
+    x = torch.randn(2, 3, 64, 96)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        fast = model(x, attn_layers=[-1])
+    torch.manual_seed(5)
+    slow = model(x, attn_layers=[-1])
+    for a, b in zip(fast.features, slow.features):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.attn[7], slow.attn[7], atol=1e-4, rtol=1e-4)

@@ -138,3 +138,13 @@ def test_fuse_rejects_bad_arguments():
         fuse_multiscale([torch.randn(4, 2, 4, 4)], (8, 8), 2, flip_fuse="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         fuse_multiscale([], (8, 8), 2)
+
+
+def test_bf16_cams_are_fused_in_float32():
+    """Autocast CAMs (bf16) are fused and normalised in float32: the result equals fusing the same
+    values given as float32 (a bf16 fusion would round every step to 8 bits)."""
+    torch.manual_seed(4)
+    cams = [torch.randn(4, 3, 5, 5).bfloat16(), torch.randn(4, 3, 9, 9).bfloat16()]
+    got = fuse_multiscale(cams, (18, 18), 2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, fuse_multiscale([c.float() for c in cams], (18, 18), 2), rtol=0, atol=0)

@@ -16,6 +16,7 @@ from wsss.refine import (
     combine_high_low,
     masked_softmax,
     neighbour_offsets,
+    par_argmax_label,
     par_pseudo_label,
     par_refine_scores_label,
     propagate_affinity,
@@ -431,6 +432,26 @@ def test_par_pseudo_label_matches_per_image_reference(use_box):
 def _scores(b, k, h, w, labels, gen):
     s = torch.rand(b, k + 1, h, w, generator=gen)
     return s * torch.cat([torch.ones(b, 1), labels], 1)[:, :, None, None]
+
+
+def test_par_argmax_label_equals_refining_every_channel():
+    """Refining only background + present channels gives the full-stack argmax (per-image loop)."""
+    gen = torch.Generator().manual_seed(12)
+    b, k, h, w = 3, 6, 12, 10
+    img = torch.rand(b, 3, h, w, generator=gen)
+    labels = _labels(b, k, gen)
+    scores = torch.randn(b, k + 1, h // 2, w // 2, generator=gen) * 3
+    par = PAR(num_iter=3)
+    out = par_argmax_label(img, scores, labels, par)
+    for i in range(b):
+        present = [0] + [c + 1 for c in range(k) if labels[i, c] > 0]
+        full = scores[i : i + 1].clone()
+        absent = [c for c in range(k + 1) if c not in present]
+        full[:, absent] = float("-inf")  # softmax over background + present classes, absent ones 0
+        refined = par(img[i : i + 1], full.softmax(1))[0]
+        refined[absent] = float("-inf")
+        assert torch.equal(out[i], refined.argmax(0)), i
+    assert out.shape == (b, h, w) and out.dtype == torch.long
 
 
 @pytest.mark.parametrize("down", [2, 1, 3])

@@ -27,8 +27,61 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.p, self.training)
 
+    def add(self, x: Tensor, y: Tensor) -> Tensor:
+        """The residual ``x + self(y)`` in one pass over memory (same mask draw as :func:`drop_path`)."""
+        if self.p == 0.0 or not self.training:
+            return x + y
+        keep = 1.0 - self.p
+        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        return torch.addcmul(x, y, mask, value=1.0 / keep)
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def fused_dtype(x: Tensor) -> torch.dtype | None:
+    """Compute dtype of the fused oneDNN inference kernels (:func:`linear`, :func:`conv_gelu`) for
+    ``x``, or None where they do not apply: autograd on (they have no backward), not on the CPU,
+    oneDNN missing, or a dtype other than float32 / bfloat16 (float64 reference runs stay exact).
+    Under CPU autocast it is the autocast dtype, as for the ops they replace."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if x.dtype not in (torch.float32, torch.bfloat16) or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return dtype
+
+
+def linear(x: Tensor, layer: nn.Linear, act: str = "none") -> Tensor:
+    """``layer(x)``, followed by exact (erf) GELU when ``act == "gelu"``; x: (..., in) -> (..., out).
+
+    Without autograd on the CPU one oneDNN kernel does it all: the bias and the GELU are applied as
+    the GEMM writes its output (``F.linear`` first copies the bias into the output, GELU is another
+    pass). Elsewhere the plain ops run."""
+    if act not in ("none", "gelu"):
+        raise ValueError(f"act must be 'none' or 'gelu', got {act!r}")
+    dtype = fused_dtype(x)
+    if dtype is None:
+        y = layer(x)
+        return F.gelu(y) if act == "gelu" else y
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    algorithm = "none" if act == "gelu" else ""
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), layer.weight.to(dtype), bias, act, [], algorithm)
+
+
+def conv_gelu(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``F.gelu(conv(x))`` (exact GELU), x: (B, C, H, W) -> (B, C', H', W').
+
+    Without autograd on the CPU the GELU runs inside the oneDNN convolution (one pass over the
+    output instead of two; the memory format of ``x``, e.g. channels-last, is kept)."""
+    dtype = fused_dtype(x)
+    if dtype is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return F.gelu(conv(x))
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(dtype), conv.weight.to(dtype), bias, list(conv.padding), list(conv.stride),
+        list(conv.dilation), conv.groups, "gelu", [], "none",
+    )
 
 
 class Mlp(nn.Module):
@@ -41,6 +94,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+            return linear(linear(x, self.fc1, "gelu"), self.fc2)  # GELU fused into fc1 where possible
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -100,9 +155,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, D) -> output (B, N, D) and, when ``capture``, scaled logits (B, heads, N, N)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = linear(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out, logits = attend(q, k, v, self.scale, capture)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d)), logits
+        return linear(out.transpose(1, 2).reshape(b, n, d), self.proj), logits
 
 
 class Block(nn.Module):
@@ -120,8 +176,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None]:
         y, logits = self.attn(self.norm1(x), capture)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.add(x, y)
+        x = self.drop_path.add(x, self.mlp(self.norm2(x)))
         return x, logits
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import DropPath, attend, dpr, init_vit_weights
+from wsss.backbones._layers import DropPath, attend, conv_gelu, dpr, init_vit_weights, linear
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import CheckpointError
 from wsss.checkpoint import load_pretrained as load_weights
@@ -80,19 +80,23 @@ class DWConv(nn.Module):
         """x: (B, N, C) -> (B, N, C)."""
         return self.dwconv(_to_map(x, hw)).flatten(2).transpose(1, 2)
 
+    def forward_gelu(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """GELU(forward(x)) with the GELU fused into the conv where possible (see ``conv_gelu``)."""
+        return conv_gelu(_to_map(x, hw), self.dwconv).flatten(2).transpose(1, 2)
+
 
 class MixFFN(nn.Module):
-    """fc1 -> depth-wise 3x3 conv -> GELU -> fc2 on (B, N, C) tokens."""
+    """fc1 -> depth-wise 3x3 conv -> GELU (exact) -> fc2 on (B, N, C) tokens."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x), hw)))
+        # the tokens' channels-last map view goes through the conv without a layout copy
+        return linear(self.dwconv.forward_gelu(linear(x, self.fc1), hw), self.fc2)
 
 
 class SRAttention(nn.Module):
@@ -123,13 +127,13 @@ class SRAttention(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int], capture: bool = False) -> tuple[Tensor, Tensor | None]:
         B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q = linear(x, self.q).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
             x = self.norm(self.sr(_to_map(x, hw)).flatten(2).transpose(1, 2))
         # kv channels are [k (all heads), v (all heads)], each head-major
-        kv = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = linear(x, self.kv).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out, logits = attend(q, kv[0], kv[1], self.scale, capture)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = linear(out.transpose(1, 2).reshape(B, N, C), self.proj)
         if logits is not None and self.sr_ratio > 1:
             logits = self._pool_queries(logits, hw)
         return out, logits
@@ -162,8 +166,8 @@ class MitBlock(nn.Module):
     def forward(self, x: Tensor, hw: tuple[int, int], capture: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, C) -> (B, N, C) and the captured logits (or None)."""
         out, logits = self.attn(self.norm1(x), hw, capture)
-        x = x + self.drop_path(out)
-        x = x + self.drop_path(self.mlp(self.norm2(x), hw))
+        x = self.drop_path.add(x, out)
+        x = self.drop_path.add(x, self.mlp(self.norm2(x), hw))
         return x, logits
 
 

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+class _ChannelSum(torch.autograd.Function):
+    """z = sum_c w_c a_c: w (C,), a (B, C, M) -> (B, M), as the batched gemv ``w @ a``.
+
+    The backward writes grad_a in a's own (B, C, M) layout in one pass; autograd's matmul backward
+    produces it as a (B, M, C) outer product viewed transposed, and every later op on that gradient
+    (the dtype cast back to bf16 under autocast, its sum with the attention's own gradient) then walks
+    memory with stride C.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, a: Tensor) -> Tensor:
+        ctx.save_for_backward(w, a)
+        return torch.matmul(w, a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        w, a = ctx.saved_tensors
+        grad_w = torch.einsum("bcm,bm->c", a, grad) if ctx.needs_input_grad[0] else None
+        grad_a = w.view(1, -1, 1) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_a
 
 
 class AffinityHead(nn.Module):
@@ -55,7 +78,7 @@ class AffinityHead(nn.Module):
                 if self.unscale:
                     w = w * math.sqrt(dims[i])  # type: ignore[index]
                 # (C,) @ (B, C, N*N): one batched gemv, no permuted copy of the logits
-                part = torch.matmul(w, a.to(dtype).flatten(2)).view(a.shape[0], *a.shape[2:])
+                part = _ChannelSum.apply(w, a.to(dtype).flatten(2)).view(a.shape[0], *a.shape[2:])
                 z = part if z is None else z + part
             assert z is not None
             return torch.sigmoid(z + z.transpose(1, 2) + self.proj.bias.to(dtype))

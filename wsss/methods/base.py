@@ -34,7 +34,11 @@ from wsss.model import NetOutput, WSSSNet
 from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
 from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, multiscale_cam, scaled_input
 from wsss.ops.losses import multilabel_soft_margin
-from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label, present_mask
+from wsss.refine.labels import (
+    cam_to_label,
+    par_argmax_label,
+    par_pseudo_label,
+)
 from wsss.refine.par import PAR
 from wsss.registry import METHODS
 from wsss.schema import Rule, default_rule
@@ -242,10 +246,7 @@ class Method:
     # ----------------------------------------------------------------- evaluation
     def par_argmax(self, image01: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax."""
-        probs = masked_softmax(scores, labels)
-        refined = self.par(image01, probs)
-        refined = refined.masked_fill(~present_mask(labels)[..., None, None], float("-inf"))
-        return channel_argmax(refined)
+        return par_argmax_label(image01, scores, labels, self.par)
 
     @torch.no_grad()
     @contextmanager

@@ -37,8 +37,9 @@ def normalize_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
     cam: (B, K, H, W). Returns (cam - min) / (max(cam - min) + eps), shape (B, K, H, W), in [0, 1).
     AFA uses eps 1e-5, AReAM 1e-6.
     """
-    shifted = cam - cam.amin(dim=(-2, -1), keepdim=True)
-    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)
+    # one pass for both extremes: max(cam - min) is exactly the rounded max - min (rounding is monotonic)
+    low, high = cam.flatten(-2).aminmax(dim=-1)
+    return (cam - low[..., None, None]).div_((high - low)[..., None, None] + eps)
 
 
 def fuse_multiscale(
@@ -70,13 +71,15 @@ def fuse_multiscale(
     for cam in cams:
         if cam.shape[0] not in (batch, 2 * batch):
             raise ValueError(f"CAM batch {cam.shape[0]} is neither B={batch} nor 2B")
+        # float32 at least: bf16 CAMs (autocast) are fused and normalised in float32 (also faster on CPU)
+        cam = cam.float() if cam.dtype in (torch.float16, torch.bfloat16) else cam
         cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
         if cam.shape[0] == 2 * batch:
             orig, unflipped = cam[:batch], cam[batch:].flip(-1)
             cam = torch.maximum(orig, unflipped) if flip_fuse == "max" else orig + unflipped
         if relu == "each":
-            cam = F.relu(cam)
-        total = cam if total is None else total + cam
+            cam = cam.clamp_min_(0)  # in place: cam is a new tensor here (interpolate always allocates)
+        total = cam if total is None else total.add_(cam)
     assert total is not None
     if relu == "after":
         total = F.relu(total)

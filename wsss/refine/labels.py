@@ -272,6 +272,27 @@ def par_refine_scores_label(
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
+def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) -> Tensor:
+    """PAR-refined argmax label of a score stack (the 'cam_par' / 'aff_par' evaluation maps).
+
+    Softmax over background + present classes, PAR at the image size (PAR resizes the maps), argmax
+    over those classes (first maximum on ties). Only the background and present channels are gathered
+    and refined: PAR treats channels independently and an absent class can never win, so this equals
+    refining all K+1 channels, at about M / (K+1) of the work (M = 1 + classes present).
+
+    Args:
+        image01: (B, 3, H, W) image in [0, 1].
+        scores: (B, K+1, h, w), channel 0 = background.
+        labels: (B, K) multi-hot labels.
+    Returns:
+        (B, H, W) long class ids.
+    """
+    idx, valid = present_index(labels)
+    probs = _softmax_keep(_gather_channels(scores, idx), valid)
+    refined = par(image01, probs).masked_fill(~valid[:, :, None, None], float("-inf"))
+    return _to_class_ids(refined, idx)
+
+
 def _sample_tokens(label: Tensor, grid: tuple[int, int], sampling: str) -> Tensor:
     """(B, H, W) label -> (B, h, w) token labels."""
     hh, ww = label.shape[-2:]
