@@ -30,7 +30,6 @@ from wsss.methods.base import (
     MethodConfig,
     option,
     pass_mode,
-    present_mask,
     register_method,
     resize,
     with_background,
@@ -44,6 +43,7 @@ from wsss.refine.labels import (
     channel_argmax,
     pair_agreement,
     par_refine_scores_label,
+    present_mask,
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
 from wsss.registry import PARAM_RULES
