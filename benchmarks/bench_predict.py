@@ -39,13 +39,13 @@ def child(name: str, device: str, max_size: int | None, config: str = CONFIG) ->
 
     from wsss.config import load_config
     from wsss.data.synthetic import class_names_for
-    from wsss.model import build_model
+    from wsss.methods import build_network
     from wsss.predictor import Segmenter
 
     torch.manual_seed(0)
     cfg = load_config(config)
     c = int(cfg.data.num_classes or 6)  # null (from the dataset): the synthetic 5 classes + background
-    seg = Segmenter(build_model(cfg.model, c - 1, "afa"), cfg, class_names_for(c), device=device)
+    seg = Segmenter(build_network(cfg, c - 1), cfg, class_names_for(c), device=device)
     seg.net.cam_head.classifier.weight.data.fill_(0.05)  # every class scored present: the worst case
     h, w = CASES[name]
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)

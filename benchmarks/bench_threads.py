@@ -25,12 +25,11 @@ def _cases() -> dict:
 
     from wsss.config import load_config
     from wsss.engine.optim import build_optimizer
-    from wsss.methods import build_method
-    from wsss.model import build_model
+    from wsss.methods import build_method, build_network
 
     cfg = load_config("afa_mit_tiny_synthetic", ["data.num_classes=6"])
     torch.manual_seed(0)
-    net = build_model(cfg.model, 5, "afa").train()
+    net = build_network(cfg, 5).train()
     method = build_method(cfg, net)
     opt = build_optimizer(net, cfg.optim)
     batch = _batch(cfg, 6, torch.device("cpu"))

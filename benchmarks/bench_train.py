@@ -140,9 +140,9 @@ def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
 
     x = batch["image"]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = net(x, with_seg=net.seg_head is not None, with_aff=net.aff_head is not None)
+        out = net(x, with_seg=net.seg_head is not None, heads=True)
         loss = sum(lg.float().mean() for lg in out.logits)
-        loss = loss + sum(t.float().mean() for t in (out.seg, out.aff) if t is not None)
+        loss = loss + sum(t.float().mean() for t in (out.seg, *out.heads.values()) if t is not None)
     loss.backward()
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.no_grad(), pass_mode(net, method.mode), cast:
@@ -186,15 +186,14 @@ def _setup(name: str, device_name: str) -> tuple:
     from wsss.config import load_config
     from wsss.engine.hardware import resolve_amp
     from wsss.engine.optim import build_optimizer
-    from wsss.methods import build_method
-    from wsss.model import build_model
+    from wsss.methods import build_method, build_network
 
     config, overrides, _ = CASES[name]
     cfg = load_config(config, overrides + ["model.pretrained=null"])
     device = torch.device(device_name)
     torch.manual_seed(0)
     num_classes = int(cfg.data.num_classes)
-    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(device).train()
+    net = build_network(cfg, num_classes - 1).to(device).train()
     method = build_method(cfg, net)
     amp = resolve_amp(cfg.train.amp, device) is not None
     return cfg, net, method, build_optimizer(net, cfg.optim), _batch(cfg, num_classes, device), amp

@@ -11,8 +11,7 @@ import torch
 
 from wsss.analysis.analyze import (
     add_parser,
-    afa_head_weights,
-    afa_query_maps,
+    affinity_query_maps,
     analysis_layers,
     analyze_dataset,
     column_concentration,
@@ -25,7 +24,7 @@ from wsss.config import load_config
 from wsss.data.build import build_dataset
 from wsss.data.synthetic import generate_synthetic
 from wsss.engine.checkpoint import export_model
-from wsss.model import build_model
+from wsss.methods import build_network
 
 
 def _cfg(name: str, root) -> object:
@@ -46,14 +45,14 @@ def data_root(tmp_path_factory):
 def aream_net(data_root):
     torch.manual_seed(0)
     cfg = _cfg("aream_mctformer_micro_synthetic", data_root)
-    return build_model(cfg.model, 5, "aream").eval(), cfg
+    return build_network(cfg, 5).eval(), cfg
 
 
 @pytest.fixture(scope="module")
 def afa_net(data_root):
     torch.manual_seed(0)
     cfg = _cfg("afa_mit_tiny_synthetic", data_root)
-    return build_model(cfg.model, 5, "afa").eval(), cfg
+    return build_network(cfg, 5).eval(), cfg
 
 
 def _probs(net, x, layer):
@@ -119,7 +118,9 @@ def test_layer_statistics_matches_loops(aream_net):
 
 
 def test_mit_layers_and_afa(afa_net):
-    net, _ = afa_net
+    from wsss.methods import build_method
+
+    net, cfg = afa_net
     x = torch.randn(1, 3, 64, 64)
     layers, grids, note = analysis_layers(net, x)
     last = grids[net.backbone.num_layers - 1]
@@ -128,12 +129,13 @@ def test_mit_layers_and_afa(afa_net):
     assert "skipped" in note
     st = layer_statistics(net, x, torch.ones(1, 5), layers)
     assert st.refined.shape[0] == len(layers) and st.example is None
-    maps = afa_query_maps(net, x, query=5)
+    method = build_method(cfg, net)
+    maps = affinity_query_maps(method, net, x, query=5)
     assert maps["grid"] == grids[layers[-1]] and maps["query"] == (5 // maps["grid"][1], 5 % maps["grid"][1])
-    row = net.forward_cam(x, net.aff_layers).aff[0, 5]
+    row = net.forward_cam(x, heads=["aff_head"]).heads["aff_head"][0, 5]
     assert torch.allclose(maps["affinity"].flatten(), row, atol=1e-6)
     assert math.isclose(float(maps["mhsa"].sum()), 1.0, rel_tol=1e-5)  # no prefix tokens: rows sum to 1
-    hw = afa_head_weights(net)
+    hw = method.head_weights(net)
     assert len(hw["weights"]) == len(hw["heads"]) == net.aff_head.in_channels
     assert hw["weights"] == net.aff_head.proj.weight.flatten().tolist()
 
@@ -209,7 +211,8 @@ def test_cli_writes_files(aream_net, afa_net, data_root, tmp_path, capsys):
             cfg2 = load_config(name, line)
             assert len(cfg2.aream.entropy) == net.backbone.num_layers
         else:
-            assert {"afa_query", "afa_head_weights"} <= set(data["plots"]) and "query" in data["afa"]
+            assert {"affinity_query", "affinity_head_weights"} <= set(data["plots"])
+            assert "query" in data["learned_affinity"]
         assert {"layer_cams", "affinity_heads"} <= set(data["plots"])
 
 
@@ -243,7 +246,7 @@ def test_pair_agreement_matches_loops():
 
 
 def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
-    from wsss.analysis.affinity import affinity_quality
+    from wsss.analysis.affinity import oracle_quality as affinity_quality
     from wsss.methods import build_method
     from wsss.refine.labels import affinity_labels
 
@@ -263,13 +266,13 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
     for i in range(2):
         masks[ds[i]["image"].sum().item()] = ds[i]["mask"][None]
 
-    def oracle_forward(x, layers=(), attn_reduce=None, aff_rows=None):
-        out = real(x, layers, attn_reduce, aff_rows)
-        if out.aff is not None:
-            grid = out.grids[net.aff_layers[-1]]
+    def oracle_forward(x, layers=(), attn_reduce=None, heads=(), feature_layers=()):
+        out = real(x, layers, attn_reduce, heads, feature_layers)
+        if "aff_head" in out.heads:
+            grid = out.grids[net.aff_head.attn_layers[-1]]
             win = method.window(grid, x.device)
             t = affinity_labels(masks[x[0].sum().item()], grid, win, sampling="topleft")
-            out.aff = (t == 1).float()
+            out.heads["aff_head"] = (t == 1).float()
         return out
 
     monkeypatch.setattr(net, "forward_cam", oracle_forward)
@@ -279,7 +282,7 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
 
 
 def test_refinement_quality_oracle(aream_net, data_root):
-    from wsss.analysis.affinity import refinement_quality
+    from wsss.analysis.affinity import oracle_quality as refinement_quality
     from wsss.methods import build_method
     net, cfg = aream_net
     ds = build_dataset(cfg.data, split="val", train=False)

@@ -29,7 +29,7 @@ def test_paper_hyperparameters() -> None:
         6e-5,
         1500,
     )
-    assert (afa.cam.bkg_score, afa.cam.high, afa.cam.low, afa.afa.radius) == (0.45, 0.55, 0.35, 8)
+    assert (afa.eval.bkg_score, afa.cam.high, afa.cam.low, afa.afa.radius) == (0.45, 0.55, 0.35, 8)
     assert (afa.afa.warmup_iters, afa.afa.switch_iter, afa.afa.seg_weight, afa.afa.aff_weight) == (
         2000,
         6000,

@@ -15,8 +15,7 @@ import torch
 from wsss.backbones._layers import attend
 from wsss.config import load_config
 from wsss.engine.hardware import bf16_native, resolve_amp
-from wsss.methods import build_method
-from wsss.model import build_model
+from wsss.methods import build_method, build_network
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,7 +44,7 @@ def _setup(config: str = "afa_mit_tiny_synthetic", size: int = 64):
     cfg = load_config(config, DETERMINISTIC)
     torch.manual_seed(0)
     k = int(cfg.data.num_classes or 6) - 1  # null (from the dataset): the synthetic 5 classes + background
-    net = build_model(cfg.model, k, str(cfg.method)).train()
+    net = build_network(cfg, k).train()
     g = torch.Generator().manual_seed(1)
     labels = torch.zeros(2, k)
     labels[0, 1] = labels[1, 2] = labels[1, 3] = 1

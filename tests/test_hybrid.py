@@ -12,8 +12,7 @@ from conftest import ref_blocks
 from wsss.backbones.base import PIPELINE_MEAN, PIPELINE_STD, renormalize
 from wsss.backbones.hybrid import HybridTransformer, hybrid_lite0_tiny
 from wsss.config import load_config
-from wsss.methods import build_method
-from wsss.model import build_model
+from wsss.methods import build_method, build_network
 
 
 def tiny(**kw) -> HybridTransformer:
@@ -126,7 +125,7 @@ def test_methods_train_on_the_hybrid(method):
     reaches the transformer and never the frozen CNN (weights not needed: pretrained=null)."""
     torch.manual_seed(3)
     cfg = load_config(f"{method}_hybrid_lite0_synthetic", ["model.pretrained=null", "cam.scales=[1.0]"])
-    net = build_model(cfg.model, 5, method)
+    net = build_network(cfg, 5)
     m = build_method(cfg, net)
     labels = torch.zeros(2, 5)
     labels[0, 1] = labels[1, 3] = labels[1, 0] = 1

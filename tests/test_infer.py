@@ -17,7 +17,8 @@ from wsss.data.io import load_mask
 from wsss.engine.checkpoint import export_model
 from wsss.engine.infer import run_evaluate, run_pseudo_labels
 from wsss.hub import detect_backbone, from_pretrained, load_run
-from wsss.model import WSSSNet, build_model
+from wsss.methods import build_network
+from wsss.model import WSSSNet
 from wsss.predict_cmd import run_predict
 from wsss.predictor import Segmenter
 from wsss.registry import BACKBONES
@@ -36,7 +37,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "data.size=64", "data.num_classes=6", "cam.scales=[1.0]", "par.num_iter=2"]
     cfg = load_config(CFG, over)
     torch.manual_seed(0)
-    net = build_model(cfg.model, int(cfg.data.num_classes) - 1, str(cfg.method))
+    net = build_network(cfg, int(cfg.data.num_classes) - 1)
     from wsss.data.synthetic import class_names_for
 
     names = class_names_for(int(cfg.data.num_classes))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from wsss.config import load_config
-from wsss.methods import build_method
-from wsss.model import build_model
+from wsss.heads.affinity import AffinityHead
+from wsss.methods import build_method, build_network
 from wsss.ops.attention import aream_affinity_loss, layer_logit_mean
 from wsss.ops.losses import affinity_loss
 
@@ -20,7 +20,7 @@ def test_aream_loss_reaches_deep_attention_only() -> None:
     not the MLP of the last block, whose output no supervised logit depends on."""
     torch.manual_seed(0)
     cfg = load_config("aream_mctformer_micro_synthetic", ["model.backbone_kwargs.img_size=64"])
-    net = build_model(cfg.model, 5, "aream")
+    net = build_network(cfg, 5)
     method = build_method(cfg, net)
     deep = method.deep_layers()
     assert deep == list(range(4, 6)) and method.shallow_layers() == list(range(4))
@@ -39,10 +39,10 @@ def test_aream_loss_reaches_deep_attention_only() -> None:
 def test_afa_loss_reaches_the_captured_blocks() -> None:
     torch.manual_seed(0)
     cfg = load_config("afa_mit_tiny_synthetic")
-    net = build_model(cfg.model, 5, "afa")
+    net = build_network(cfg, 5)
     out = net(torch.randn(2, 3, 64, 64), with_seg=False)
-    n = out.aff.shape[-1]
-    affinity_loss(out.aff, torch.randint(0, 2, (2, n, n))).backward()
+    n = out.heads["aff_head"].shape[-1]
+    affinity_loss(out.heads["aff_head"], torch.randint(0, 2, (2, n, n))).backward()
     last = net.backbone.block4[-1]
     assert _grad_norm(last.attn.q.weight) > 0 and _grad_norm(last.attn.kv.weight) > 0
     assert _grad_norm(net.aff_head.proj.weight) > 0
@@ -53,7 +53,7 @@ def test_warmup_trains_classification_only() -> None:
     """During the warm-up no seg / affinity output is produced (DDP-safe, and no wasted work)."""
     torch.manual_seed(0)
     cfg = load_config("afa_mit_tiny_synthetic")
-    net = build_model(cfg.model, 5, "afa")
+    net = build_network(cfg, 5)
     method = build_method(cfg, net)
     labels = torch.zeros(2, 5)
     labels[0, 1] = labels[1, 3] = 1
@@ -78,7 +78,7 @@ def test_afa_cam_and_affinity_matches_the_plain_passes() -> None:
 
     torch.manual_seed(0)
     cfg = load_config("afa_mit_tiny_synthetic", ["cam.scales=[1.0,0.5,1.5]"])
-    net = build_model(cfg.model, 5, "afa").eval()
+    net = build_network(cfg, 5).eval()
     method = build_method(cfg, net)
     x = torch.randn(2, 3, 64, 64)
     cam, aff, grid = method.cam_and_affinity(net, x)
@@ -86,12 +86,13 @@ def test_afa_cam_and_affinity_matches_the_plain_passes() -> None:
     with torch.no_grad():
         for s in (1.0, 0.5, 1.5):
             xs = torch.nn.functional.interpolate(x, size=(int(64 * s),) * 2, mode="bilinear") if s != 1 else x
-            out = net.forward_cam(torch.cat([xs, xs.flip(-1)]), net.aff_layers if s == 1.5 else ())
+            layers = list(net.aff_head.attn_layers)
+            out = net.forward_cam(torch.cat([xs, xs.flip(-1)]), layers if s == 1.5 else ())
             cams.append(out.cam)
             if s == 1.5:
-                ref_aff = net.aff_head([out.attn[i][:2] for i in net.aff_layers],
-                                       [net.backbone.head_dims[i] for i in net.aff_layers])
-                ref_grid = out.grids[net.aff_layers[-1]]
+                ref_aff = AffinityHead.forward(net.aff_head, [out.attn[i][:2] for i in layers],
+                                               [net.backbone.head_dims[i] for i in layers])
+                ref_grid = out.grids[layers[-1]]
     ref = fuse_multiscale(cams, (64, 64), 2, **AFA_FUSE)
     assert grid == ref_grid and aff.shape == (2, grid[0] * grid[1], grid[0] * grid[1])
     torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,7 @@ from wsss.data.synthetic import class_names_for
 from wsss.engine import infer
 from wsss.engine.checkpoint import export_model
 from wsss.engine.distributed import resolve_device
-from wsss.model import build_model
+from wsss.methods import build_network
 from wsss.predict_cmd import output_stems, run_predict
 from wsss.predictor import Segmenter
 
@@ -28,7 +28,7 @@ def _release(root: Path, config: str) -> Path:
     cfg = load_config(config, ["cam.scales=[1.0]"])
     torch.manual_seed(0)
     c = int(cfg.data.num_classes or 6)  # null: the synthetic root's 5 classes + background
-    net = build_model(cfg.model, c - 1, str(cfg.method))
+    net = build_network(cfg, c - 1)
     meta = {"config": to_dict(cfg), "num_classes": c, "class_names": class_names_for(c)}
     return export_model(net, meta, root / config / "model")
 

@@ -189,14 +189,15 @@ def ref_par_pseudo_label(img, cam, labels, par, high, low, box, ignore=255):
     return res
 
 
-def ref_refine_cls_label(img, scores, labels, par, box):
-    """The official refine_cams_with_cls_label loop; returns argmax over all C channels."""
+def ref_refine_cls_label(img, scores, labels, par, box, down=2):
+    """The official refine_cams_with_cls_label loop (PAR at 1/down, official 2); returns argmax over all
+    C channels."""
     keys = torch.cat([torch.ones(img.shape[0], 1), labels], dim=1)
     refined = torch.zeros_like(scores)
     for i, (r0, r1, c0, c1) in enumerate(box.tolist()):
         im = img[[i], :, r0:r1, c0:c1]
         hh, ww = im.shape[-2:]
-        im_s = F.interpolate(im, size=[hh // 2, ww // 2], mode="bilinear", align_corners=False)
+        im_s = F.interpolate(im, size=[hh // down, ww // down], mode="bilinear", align_corners=False)
         key = torch.nonzero(keys[i])[:, 0]
         ref = par(im_s, scores[[i], :, r0:r1, c0:c1][:, key])
         ref = F.interpolate(ref, size=(hh, ww), mode="bilinear", align_corners=False)
@@ -432,7 +433,9 @@ def _scores(b, k, h, w, labels, gen):
     return s * torch.cat([torch.ones(b, 1), labels], 1)[:, :, None, None]
 
 
-def test_par_refine_scores_label_faithful_matches_reference():
+@pytest.mark.parametrize("down", [2, 1, 3])
+def test_par_refine_scores_label_faithful_matches_reference(down):
+    """par.downscale governs the propagated label's PAR too (official 2)."""
     gen = torch.Generator().manual_seed(11)
     b, k, h, w = 3, 4, 16, 18
     img = torch.rand(b, 3, h, w, generator=gen)
@@ -441,9 +444,10 @@ def test_par_refine_scores_label_faithful_matches_reference():
     sh[0, 2] = 0.9  # an absent class with large values must be ignored (official zeroes it)
     box = torch.tensor([[0, 16, 0, 18], [3, 14, 2, 17], [0, 10, 5, 18]])
     par = PAR(num_iter=3)
-    out = par_refine_scores_label(img, sh, sl, labels, par, box)
-    lh = ref_refine_cls_label(img, sh, labels, par, box)
-    ll = ref_refine_cls_label(img, sl, labels, par, box)
+    kw = {} if down == 2 else {"downscale": down}
+    out = par_refine_scores_label(img, sh, sl, labels, par, box, **kw)
+    lh = ref_refine_cls_label(img, sh, labels, par, box, down)
+    ll = ref_refine_cls_label(img, sl, labels, par, box, down)
     ref = lh.clone()
     ref[lh == 0] = 255
     ref[(lh + ll) == 0] = 0
@@ -459,9 +463,10 @@ def test_par_refine_scores_label_batched_equals_faithful_on_full_boxes():
     sh, sl = _scores(b, k, 6, 8, labels, gen), _scores(b, k, 6, 8, labels, gen)  # token resolution
     box = torch.tensor([[0, h, 0, w]] * b)
     par = PAR(num_iter=3)
-    slow = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=True)
-    fast = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=False)
-    assert torch.equal(slow, fast)
+    for down in (2, 4):
+        slow = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=True, downscale=down)
+        fast = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=False, downscale=down)
+        assert torch.equal(slow, fast)
 
 
 def ref_affinity_labels(tok, window, ignore=255):

@@ -17,7 +17,7 @@ from wsss.analysis.report import add_parser, loss_svg, write_report
 from wsss.config import load_config, to_dict
 from wsss.data.synthetic import generate_synthetic
 from wsss.engine.checkpoint import export_model
-from wsss.model import build_model
+from wsss.methods import build_network
 
 
 class _Collect(HTMLParser):
@@ -47,7 +47,7 @@ def run_dir(tmp_path_factory):
     run = tmp / "run"
     run.mkdir()
     torch.manual_seed(0)
-    net = build_model(cfg.model, 5, "afa")
+    net = build_network(cfg, 5)
     names = ["background"] + [f"obj{i}" for i in range(1, 6)]
     export_model(net, {"config": to_dict(cfg), "num_classes": 6, "class_names": names}, run / "model")
     OmegaConf.save(cfg, run / "config.yaml")

@@ -21,7 +21,7 @@ from wsss.engine import checkpoint as ck
 from wsss.engine.checkpoint import export_model, find_latest
 from wsss.engine.infer import run_pseudo_labels
 from wsss.engine.train import train
-from wsss.model import build_model
+from wsss.methods import build_network
 
 CFG = "cam_mit_tiny_synthetic"
 
@@ -78,7 +78,7 @@ def test_pseudo_labels_detect_stale_outputs(tiny_synthetic: Path, tmp_path: Path
     releases = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        net = build_model(cfg.model, 5, "cam")
+        net = build_network(cfg, 5)
         releases.append(export_model(net, {"config": to_dict(cfg), "num_classes": 6}, tmp_path / f"m{seed}"))
     out = tmp_path / "pl"
     s = run_pseudo_labels(CFG, releases[0], over, "val", out, map_name="cam", verbose=False)
@@ -107,7 +107,7 @@ def s_name(out: Path) -> str:
 def test_files_follow_the_umask_and_exports_are_byte_identical(tmp_path: Path) -> None:
     cfg = load_config(CFG)
     torch.manual_seed(0)
-    net = build_model(cfg.model, 5, "cam")
+    net = build_network(cfg, 5)
     old = os.umask(0o022)
     try:
         blobs = {export_model(net, {"num_classes": 6}, tmp_path / f"e{i}").joinpath("model.safetensors")

@@ -329,12 +329,12 @@ def test_analyze_labels_its_rules_and_offers_evaluates(
 def test_conformer_offline_entropy_uses_the_official_eps() -> None:
     from wsss.analysis.analyze import layer_statistics
     from wsss.config import load_config as load
-    from wsss.model import build_model
+    from wsss.methods import build_network
     from wsss.ops.attention import attention_probs
 
     torch.manual_seed(0)
     cfg = load("aream_conformer_micro_synthetic", ["data.num_classes=6"])
-    net = build_model(cfg.model, 5, "aream").eval()
+    net = build_network(cfg, 5).eval()
     x = torch.randn(1, 3, 128, 128)
     labels = torch.tensor([[1.0, 0, 1, 0, 0]])
     layers = list(range(net.backbone.num_layers))

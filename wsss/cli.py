@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze(sub)
     add_report(sub)
 
-    p = sub.add_parser("demo", help="synthetic data -> train cam/afa/aream/supervised and a second stage on "
-                                    "AFA's pseudo labels -> evaluate -> report")
+    p = sub.add_parser("demo", help="synthetic data -> train every demo method and a second stage on "
+                                    "pseudo labels -> evaluate -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.add_argument("--methods", nargs="*", default=None)

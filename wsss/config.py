@@ -14,13 +14,18 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from wsss.methods import DEFAULT_METHOD, config_sections, method_names
+from wsss.schema import Rule, default_rule
+
 # The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Every key a config may set, with the defaults of the official AFA VOC recipe where one exists.
+# Every generic key a config may set, with the defaults of the official AFA VOC recipe where one exists.
+# Each method's own section (its keys, defaults and rules) is declared by the method
+# (``wsss.methods``: ``Method.Config``) and added by :func:`defaults`.
 DEFAULTS: dict[str, Any] = {
     "name": "run",
-    "method": "afa",  # cam | afa | aream | supervised
+    "method": DEFAULT_METHOD,  # a registered method (wsss.methods)
     "seed": 1,
     "out_dir": "runs/${name}",
     "threads": None,  # torch CPU threads; null: torch's default (one per core). Busy machine: 1
@@ -32,7 +37,6 @@ DEFAULTS: dict[str, Any] = {
         "cam_head": {"kernel_size": 1, "bias": False, "pooling": "gmp"},
         "token_head": None,  # null | mean | linear
         "seg_head": {"enabled": True, "embed_dim": 256, "dropout": 0.1},
-        "aff_layers": [-2, -1],  # blocks whose attention feeds the AFA head
     },
     "data": {  # read by wsss.data.build.build_dataset / build_transform
         "type": "voc",  # voc | coco | folder | synthetic
@@ -102,36 +106,10 @@ DEFAULTS: dict[str, Any] = {
         "scales": [1.0, 0.5, 1.5],
         "flip": True,
         "fuse": "afa",  # afa: max over flip, relu, sum scales | aream: sum all, relu after
-        "bkg_score": 0.45,
         "high": 0.55,
         "low": 0.35,
     },
     "par": {"dilations": [1, 2, 4, 8, 12, 24], "num_iter": 10, "w1": 0.3, "w2": 0.01, "downscale": 2},
-    "afa": {
-        "warmup_iters": 2000,  # classification-only iterations
-        "switch_iter": 6000,  # seg target: PAR label until here, then the propagated label
-        "aff_target_switch_iter": None,  # COCO: the affinity target also switches (15000)
-        "seg_weight": 0.1,
-        "aff_weight": 0.1,
-        "reg_weight": 0.0,  # released code: off; the paper's lambda3 = 0.01
-        "radius": 8,
-        "power": 2.0,
-        "norm_eps": 0.1,
-        "window": "square",
-        "sampling": "topleft",
-        "crop_to_box": True,
-    },
-    "aream": {
-        "layer_index": 7,  # fuse [0, k) for pseudo labels, supervise [k, L)
-        "warmup_iters": 1650,  # classification-only iterations (10 epochs of 165)
-        "aff_weight": 0.1,
-        "seg_weight": 0.0,  # an end-to-end seg head on AReAM labels (not in the paper)
-        "weighting": "uniform",  # uniform | entropy_offline | entropy_online
-        "entropy": None,  # per-layer offline mean entropies (list of L floats)
-        "class_attention": True,  # MCTformer: CAM x class-to-patch attention
-        "renormalize": False,
-        "sampling": "topleft",
-    },
     "eval": {
         "split": "val",
         "scales": [1.0],
@@ -172,9 +150,14 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"config not found: {name} (looked in the working directory and {CONFIG_DIR})")
 
 
+def defaults() -> DictConfig:
+    """The generic defaults with every method's section and its defaults."""
+    return OmegaConf.create({**DEFAULTS, **{k: c.defaults() for k, c in config_sections().items()}})
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Load a config file over the defaults and apply ``key=value`` overrides."""
-    cfg = OmegaConf.create(DEFAULTS)
+    cfg = defaults()
     if path is not None:
         file_cfg = _load_yaml_chain(resolve_config_path(path))
         _check_keys(cfg, file_cfg, str(path))
@@ -207,7 +190,7 @@ def run_config(run_cfg: Any, path: str | os.PathLike | None = None, overrides: S
     command line (``path``) replaces its settings except the run's ``data``, ``model`` and ``method``;
     dotted ``overrides`` replace anything (e.g. ``data.root=...`` to evaluate on other data).
     """
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), run_cfg)
+    cfg = OmegaConf.merge(defaults(), run_cfg)
     if path is not None:
         named = load_config(path)
         for key in RUN_SECTIONS:
@@ -228,65 +211,15 @@ def split_config_arg(config: str | None, overrides: Sequence[str]) -> tuple[str 
 # Values: the type and range of every key, checked when a config is loaded (before any run folder)
 # ---------------------------------------------------------------------------------------------
 
-_NUM = (int, float)
-
-
-class Rule:
-    """What one key may hold: ``kind`` int | float | bool | str | list | any, a range [lo, hi], a set of
-    choices, null allowed or not; for lists the element kind, the element range and a length."""
-
-    def __init__(self, kind: str, lo: float | None = None, hi: float | None = None,
-                 choices: Sequence[str] | None = None, null: bool = False, item: str = "float",
-                 length: int | None = None, min_len: int = 0) -> None:
-        self.kind, self.lo, self.hi, self.choices, self.null = kind, lo, hi, choices, null
-        self.item, self.length, self.min_len = item, length, min_len
-
-    def _scalar(self, v: Any, kind: str) -> str | None:
-        if kind == "bool":
-            return None if isinstance(v, bool) else "true or false"
-        if kind == "str":
-            if not self.choices and isinstance(v, _NUM) and not isinstance(v, bool):
-                return None  # a name such as name=2024 (read as a number); code reads it with str()
-            if not isinstance(v, str):
-                return "a string"
-            return None if not self.choices or v in self.choices else f"one of {', '.join(self.choices)}"
-        ok = isinstance(v, int) if kind == "int" else isinstance(v, _NUM)
-        if isinstance(v, bool) or not ok:
-            return "an integer" if kind == "int" else "a number"
-        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
-            lo = "" if self.lo is None else f">= {self.lo:g}"
-            hi = "" if self.hi is None else f"<= {self.hi:g}"
-            what = "an integer" if kind == "int" else "a number"
-            return f"{what} {' and '.join(x for x in (lo, hi) if x)}"
-        return None
-
-    def problem(self, v: Any) -> str | None:
-        """None when ``v`` fits, else what it should be."""
-        if v is None or self.kind == "any":
-            return None if self.null or self.kind == "any" else "set (not null)"
-        if self.kind != "list":
-            return self._scalar(v, self.kind)
-        if not isinstance(v, (list, tuple, ListConfig)):
-            return f"a list of {self.item}s"
-        if (self.length is not None and len(v) != self.length) or len(v) < self.min_len:
-            n = self.length if self.length is not None else f"at least {self.min_len}"
-            return f"a list of {n} {self.item}s"
-        bad = next((p for p in (self._scalar(x, self.item) for x in v) if p), None)
-        return None if bad is None else f"a list whose items are each {bad}"
-
-
 def _r(kind: str, lo: float | None = None, hi: float | None = None, **kw: Any) -> Rule:
     return Rule(kind, lo, hi, **kw)
 
 
-_SAMPLING = ("topleft", "center", "mode")
-# Keys whose rule is not just "the type of the default".
+# Keys whose rule is not just "the type of the default" ("method" is checked against the registry).
 RULES: dict[str, Rule] = {
-    "method": _r("str", choices=("cam", "afa", "aream", "supervised")),
     "seed": _r("int", 0),
     "model.pretrained": _r("str", null=True),
     "model.token_head": _r("str", choices=("mean", "linear"), null=True),
-    "model.aff_layers": _r("list", item="int"),
     "data.type": _r("str", choices=("voc", "coco", "folder", "synthetic")),
     "threads": _r("int", 1, null=True),
     "data.num_classes": _r("int", 2, null=True),  # null: from the dataset
@@ -325,20 +258,10 @@ RULES: dict[str, Rule] = {
     "train.cam_pass_mode": _r("str", choices=("train", "eval")),
     "cam.scales": _r("list", 0.0, min_len=1),
     "cam.fuse": _r("str", choices=("afa", "aream")),
-    "cam.bkg_score": _r("float", 0.0, 1.0),
     "cam.high": _r("float", 0.0, 1.0),
     "cam.low": _r("float", 0.0, 1.0),
     "par.dilations": _r("list", 1, item="int", min_len=1),
     "par.downscale": _r("int", 1),
-    "afa.aff_target_switch_iter": _r("int", 0, null=True),
-    "afa.radius": _r("int", 1),
-    "afa.power": _r("float", 0.0),
-    "afa.window": _r("str", choices=("square", "circle")),
-    "afa.sampling": _r("str", choices=_SAMPLING),
-    "aream.layer_index": _r("int", 1),
-    "aream.weighting": _r("str", choices=("uniform", "entropy_offline", "entropy_online")),
-    "aream.entropy": _r("list", null=True, min_len=1),
-    "aream.sampling": _r("str", choices=_SAMPLING),
     "eval.scales": _r("list", 0.0, min_len=1),
     "eval.bkg_score": _r("float", 0.0, 1.0),
     "eval.aff_bkg_score": _r("float", 0.0, 1.0),
@@ -346,19 +269,6 @@ RULES: dict[str, Rule] = {
     "eval.batch_size": _r("int", 1),
     "eval.num_workers": _r("int", 0),
 }
-
-
-def _default_rule(value: Any) -> Rule:
-    """Rule of a key without an entry in :data:`RULES`: the type of its default, non-negative numbers."""
-    if isinstance(value, bool):
-        return Rule("bool")
-    if isinstance(value, int):
-        return Rule("int", 0)
-    if isinstance(value, float):
-        return Rule("float", 0.0)
-    if isinstance(value, list):
-        return Rule("list", item="int" if value and isinstance(value[0], int) else "float")
-    return Rule("str" if isinstance(value, str) else "any")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -379,7 +289,7 @@ def validate_config(cfg: DictConfig) -> None:
                 walk(default, dotted + ".")
                 continue
             value = OmegaConf.select(cfg, dotted)
-            rule = RULES.get(dotted) or _default_rule(default)
+            rule = RULES.get(dotted) or default_rule(default)
             problem = rule.problem(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
             if problem:
                 derived = isinstance(default, str) and default.startswith("${")
@@ -388,6 +298,11 @@ def validate_config(cfg: DictConfig) -> None:
     walk(DEFAULTS, "")
     if problems:
         raise ValueError(sorted(problems, key=lambda p: p[0])[0][1])
+    if str(cfg.method) not in method_names():
+        known = ", ".join(method_names())
+        raise ValueError(f"config key 'method' must be one of {known}, got {cfg.method!r}")
+    for key, dataclass_ in config_sections().items():
+        dataclass_.parse(cfg.get(key), key)
     lo, hi = cfg.data.scale_range
     if lo > hi:
         raise ValueError(f"config key 'data.scale_range' must be [low, high] with low <= high, got {lo, hi}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from wsss.analysis.analyze import oracle_summary
 from wsss.config import load_config
+from wsss.methods import method_class
 
 # The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
 # blocks, needs the `pretrained` extra) and "scratch" (a MiT trained from scratch, no download).
@@ -35,9 +36,6 @@ def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
     return {m: f"{m}_{DEMO_BACKBONES[backbone]}_synthetic" for m in DEMO_METHODS}
 
 
-# The label map that each method's pseudo labels come from (its refined, PAR-processed CAM).
-PSEUDO_MAP = {"cam": "cam_par", "afa": "aff_par", "aream": "refined_par", "supervised": None,
-              "second_stage": None}
 SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
@@ -56,7 +54,8 @@ def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
 
 
 def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[str, Any]:
-    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (its PSEUDO_MAP)
+    """``wsss pseudo-labels`` of the demo's finished ``method`` run on the train split (the map its method
+    declares as its pseudo label, ``Method.PSEUDO_MAP``)
     into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
     again); returns the folder, the map, the minutes and the scores."""
     from wsss.engine.infer import run_pseudo_labels
@@ -65,7 +64,7 @@ def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"the second stage needs the trained {method} run first ({run_dir})")
     t0 = time.time()
-    map_name = PSEUDO_MAP[method] or "pseudo"
+    map_name = method_class(method).PSEUDO_MAP or "pseudo"
     s = run_pseudo_labels(None, run_dir / "model", [], "train", run_dir / "pseudo_train", map_name=map_name,
                           verbose=False, overwrite=overwrite)
     return {"dir": str(run_dir / "pseudo_train"), "map": map_name, "from": method,
@@ -140,7 +139,7 @@ def run_demo(
             print(f"demo: {method} already trained in {out / method} (--resume)")
         else:
             results = train(cfg, resume=resume, overwrite=overwrite)
-        pseudo_key = PSEUDO_MAP[method]
+        pseudo_key = method_class(str(cfg.method)).PSEUDO_MAP
         summary[method] = {
             "config": configs[method],
             "minutes": (time.time() - t0) / 60,

@@ -1,43 +1,53 @@
-"""The segmentation network: backbone + CAM head (+ token head, seg head, AFA head).
+"""The segmentation network: backbone + CAM head (+ token head, seg head) + the heads of a method.
 
-``WSSSNet`` composes the pieces by constructor injection; ``build_model(cfg.model, num_classes)``
-builds it from a config section. Two entry points:
+``WSSSNet`` composes the pieces by constructor injection; ``build_model(cfg.model, num_classes,
+heads)`` builds it from a config section, ``heads`` being a method's head builder
+(:func:`wsss.methods.build_network` passes the configured method's). Two entry points:
 
-- ``forward(x, attn_layers)``: the training forward (classification logits, CAM, segmentation
-  logits, AFA affinity, captured attention);
-- ``forward_cam(x, attn_layers, attn_reduce)``: the CAM-only forward used by the no-grad CAM passes.
-  It never runs the segmentation decoder (the official code runs it there for nothing).
+- ``forward(x, attn_layers, ...)``: the training forward (classification logits, CAM, segmentation
+  logits, method heads, captured attention);
+- ``forward_cam(x, attn_layers, attn_reduce, heads)``: the CAM-only forward used by the no-grad CAM
+  passes. It never runs the segmentation decoder (the official code runs it there for nothing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from wsss.backbones.base import AttnReduce, Backbone
+from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput
+from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead, TokenHead
 from wsss.registry import BACKBONES
+
+HeadBuilder = Callable[[Backbone], Mapping[str, MethodHead]]
 
 
 @dataclass
 class NetOutput:
     """logits: classification logits, each (B, K) (one per head; losses are summed).
     cam: raw CAM (B, K, h, w). seg: segmentation logits (B, K+1, H/4, W/4) or None.
-    aff: AFA affinity (B, N, N) in (0, 1) or None. attn/grids/prefix: as in BackboneOutput."""
+    heads: method head name -> its output (the heads that ran).
+    attn/grids/prefix/blocks/block_grids: as in BackboneOutput."""
 
     logits: list[Tensor]
     cam: Tensor
     seg: Tensor | None = None
-    aff: Tensor | None = None
+    heads: dict[str, Tensor] = field(default_factory=dict)
     attn: dict[int, Tensor] = field(default_factory=dict)
     grids: dict[int, tuple[int, int]] = field(default_factory=dict)
     prefix: Tensor | None = None
+    blocks: dict[int, Tensor] = field(default_factory=dict)
+    block_grids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class WSSSNet(nn.Module):
+    """Backbone + CAM head (+ token head, seg head) + method heads (registered as submodules under
+    their names, so that their parameters are ``<name>.*`` in the state dict)."""
+
     def __init__(
         self,
         backbone: Backbone,
@@ -45,21 +55,56 @@ class WSSSNet(nn.Module):
         num_classes: int,
         token_head: TokenHead | None = None,
         seg_head: nn.Module | None = None,
-        aff_head: nn.Module | None = None,
-        aff_layers: Sequence[int] = (),
+        heads: Mapping[str, MethodHead] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.cam_head = cam_head
         self.token_head = token_head
         self.seg_head = seg_head
-        self.aff_head = aff_head
         self.num_classes = num_classes  # foreground classes K
-        self.aff_layers = sorted(backbone.check_layers(aff_layers)) if aff_head is not None else []
+        self.head_names: list[str] = []
+        for name, head in (heads or {}).items():
+            if hasattr(self, name):
+                raise ValueError(f"method head name '{name}' is taken by the network")
+            head.attn_layers = tuple(sorted(backbone.check_layers(head.attn_layers)))
+            head.feature_layers = tuple(sorted(backbone.check_layers(head.feature_layers)))
+            self.add_module(name, head)
+            self.head_names.append(name)
+
+    @property
+    def heads(self) -> dict[str, MethodHead]:
+        """The method heads by name."""
+        return {n: getattr(self, n) for n in self.head_names}
 
     def layers(self, layers: Sequence[int]) -> list[int]:
         """Normalised (non-negative, sorted) layer indices."""
         return sorted(self.backbone.check_layers(layers))
+
+    def _run_backbone(
+        self, x: Tensor, attn_layers: Sequence[int], attn_reduce: AttnReduce | None,
+        heads: Sequence[str], feature_layers: Sequence[int],
+    ) -> BackboneOutput:
+        """The backbone with the attention and features the named heads read (their attention
+        layers unreduced) on top of the requested ones."""
+        mods = [getattr(self, n) for n in heads]
+        keep = {i for m in mods for i in m.attn_layers}
+        feats = {i for m in mods for i in m.feature_layers} | set(self.layers(feature_layers))
+        reduce = attn_reduce
+        if attn_reduce is not None and keep:
+
+            def reduce(layer: int, logits: Tensor) -> Tensor:
+                return logits if layer in keep else attn_reduce(layer, logits)
+
+        return self.backbone(x, sorted(set(self.layers(attn_layers)) | keep), reduce, sorted(feats))
+
+    def _head_list(self, heads: bool | Collection[str]) -> list[str]:
+        if isinstance(heads, bool):
+            return list(self.head_names) if heads else []
+        unknown = [h for h in heads if h not in self.head_names]
+        if unknown:
+            raise ValueError(f"unknown method head(s) {unknown}; the network has {self.head_names}")
+        return [h for h in self.head_names if h in heads]
 
     def forward(
         self,
@@ -67,63 +112,49 @@ class WSSSNet(nn.Module):
         attn_layers: Sequence[int] = (),
         attn_reduce: AttnReduce | None = None,
         with_seg: bool = True,
-        with_aff: bool = True,
+        heads: bool | Collection[str] = True,
+        feature_layers: Sequence[int] = (),
     ) -> NetOutput:
-        """x: (B, 3, H, W) normalised. With ``with_aff`` the AFA head's layers are captured too
-        (unreduced). Heads whose output a loss does not use must be switched off: under DDP every
-        output must reach the loss."""
-        with_aff = with_aff and self.aff_head is not None
-        want = set(self.layers(attn_layers)) | (set(self.aff_layers) if with_aff else set())
-        reduce = attn_reduce
-        if attn_reduce is not None and with_aff:
-            keep = set(self.aff_layers)
-
-            def reduce(layer: int, logits: Tensor) -> Tensor:
-                return logits if layer in keep else attn_reduce(layer, logits)
-
-        out = self.backbone.forward_features(x, sorted(want), reduce)
+        """x: (B, 3, H, W) normalised. ``heads``: the method heads to run (True: all). Heads whose
+        output a loss does not use must be switched off: under DDP every output must reach the loss."""
+        names = self._head_list(heads)
+        out = self._run_backbone(x, attn_layers, attn_reduce, names, feature_layers)
         logits, cam = self.cam_head(out.features[-1])
         all_logits = [logits]
         if self.token_head is not None and out.prefix is not None:
             all_logits.append(self.token_head(out.prefix))
         seg = self.seg_head(out.features) if (with_seg and self.seg_head is not None) else None
-        aff = self._affinity(out.attn) if with_aff else None
-        return NetOutput(all_logits, cam, seg, aff, out.attn, out.grids, out.prefix)
+        return self._output(all_logits, cam, seg, names, out)
 
     def forward_cam(
         self,
         x: Tensor,
         attn_layers: Sequence[int] = (),
         attn_reduce: AttnReduce | None = None,
-        aff_rows: int | None = None,
+        heads: Collection[str] = (),
+        feature_layers: Sequence[int] = (),
     ) -> NetOutput:
-        """CAM-only forward: backbone + CAM head (+ AFA head when its layers are requested).
+        """CAM-only forward: backbone + CAM head (+ the named method heads)."""
+        names = self._head_list(heads)
+        out = self._run_backbone(x, attn_layers, attn_reduce, names, feature_layers)
+        return self._output([], self.cam_head.cam(out.features[-1]), None, names, out)
 
-        aff_rows: compute the AFA affinity for the first ``aff_rows`` images only (the un-flipped
-        half of a [x, flip(x)] batch is all the propagation uses)."""
-        layers = self.layers(attn_layers)
-        out = self.backbone.forward_features(x, layers, attn_reduce)
-        cam = self.cam_head.cam(out.features[-1])
-        aff = None
-        if self.aff_head is not None and attn_reduce is None and set(self.aff_layers) <= set(layers):
-            aff = self._affinity({i: a[:aff_rows] for i, a in out.attn.items()})
-        return NetOutput([], cam, None, aff, out.attn, out.grids, out.prefix)
-
-    def _affinity(self, attn: dict[int, Tensor]) -> Tensor:
-        maps = [attn[i] for i in self.aff_layers]
-        dims = [self.backbone.head_dims[i] for i in self.aff_layers]
-        return self.aff_head(maps, dims)  # type: ignore[misc]
+    def _output(self, logits: list[Tensor], cam: Tensor, seg: Tensor | None, names: list[str],
+                out: BackboneOutput) -> NetOutput:
+        head_out = {n: getattr(self, n)(out) for n in names}
+        return NetOutput(logits, cam, seg, head_out, out.attn, out.grids, out.prefix, out.blocks,
+                         out.block_grids)
 
 
-def build_model(model_cfg: Any, num_classes: int, method: str = "afa") -> WSSSNet:
-    """Build a ``WSSSNet`` from ``cfg.model``. num_classes: foreground classes K."""
-    from wsss.heads.affinity import AffinityHead
+def build_model(model_cfg: Any, num_classes: int, heads: HeadBuilder | None = None) -> WSSSNet:
+    """Build a ``WSSSNet`` from ``cfg.model``. num_classes: foreground classes K; heads: builds the
+    method heads for the backbone (after the other heads, so the parameter order is stable)."""
     from wsss.heads.segformer import SegFormerHead
 
     import_backbones()
     kwargs = dict(model_cfg.get("backbone_kwargs") or {})
     name = str(model_cfg.backbone)
-    if name.startswith("mctformer"):
+    if BACKBONES.meta(name).get("class_tokens_per_class"):
         kwargs.setdefault("num_classes", num_classes)
     backbone = BACKBONES.build(name, pretrained=model_cfg.get("pretrained"), **kwargs)
     ch = dict(model_cfg.get("cam_head") or {})
@@ -142,12 +173,8 @@ def build_model(model_cfg: Any, num_classes: int, method: str = "afa") -> WSSSNe
             embed_dim=int(seg_cfg.get("embed_dim", 256)),
             dropout=float(seg_cfg.get("dropout", 0.1)),
         )
-    aff_head = None
-    aff_layers: list[int] = []
-    if method == "afa":
-        aff_layers = sorted(backbone.check_layers(list(model_cfg.get("aff_layers") or [])))
-        aff_head = AffinityHead(in_channels=sum(backbone.num_heads[i] for i in aff_layers))
-    return WSSSNet(backbone, cam_head, num_classes, token_head, seg_head, aff_head, aff_layers)
+    method_heads = dict(heads(backbone)) if heads is not None else {}
+    return WSSSNet(backbone, cam_head, num_classes, token_head, seg_head, method_heads)
 
 
 def import_backbones() -> None:

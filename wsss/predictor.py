@@ -194,7 +194,7 @@ class Segmenter:
         if min(xp.shape[-2:]) < MIN_SIDE:  # too small for the backbone's strides: pad with the mean colour
             xp = F.pad(xp, (0, max(0, MIN_SIDE - xp.shape[-1]), 0, max(0, MIN_SIDE - xp.shape[-2])))
         net = self.net
-        scores = net(xp, with_seg=False, with_aff=False).logits[0].sigmoid()  # (B, K)
+        scores = net(xp, with_seg=False, heads=False).logits[0].sigmoid()  # (B, K)
         lab = (self.label_vector(labels).to(self.device).expand_as(scores) if labels is not None
                else (scores > 0.5).float())
         with self.method.flipping(flip):

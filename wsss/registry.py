@@ -16,15 +16,20 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._fns: dict[str, Callable[..., Any]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: ``@BACKBONES.register()`` registers under the function's own name."""
+    def register(
+        self, name: str | None = None, **meta: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``@BACKBONES.register()`` registers under the function's own name; ``meta``: facts
+        about the entry that a builder's caller needs (:meth:`meta`)."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             key = name or fn.__name__
             if key in self._fns:
                 raise KeyError(f"{self.kind} '{key}' is registered twice")
             self._fns[key] = fn
+            self._meta[key] = dict(meta)
             return fn
 
         return deco
@@ -33,6 +38,12 @@ class Registry:
         if name not in self._fns:
             raise KeyError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._fns))}")
         return self._fns[name]
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The facts registered with ``name`` (e.g. ``class_tokens_per_class``: the builder takes the
+        number of classes)."""
+        self.get(name)
+        return self._meta[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
@@ -45,3 +56,5 @@ class Registry:
 
 
 BACKBONES = Registry("backbone")
+# Method classes (:class:`wsss.methods.base.Method`), registered by their modules in wsss/methods/.
+METHODS = Registry("method")

@@ -39,6 +39,8 @@ from wsss.analysis.hellinger import layer_hellinger
 from wsss.engine.distributed import resolve_device
 from wsss.engine.evaluate import num_images, pad_batch
 from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
+from wsss.methods import build_method
+from wsss.methods.base import Method
 from wsss.model import WSSSNet
 from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches
 from wsss.ops.cam import normalize_cam
@@ -117,10 +119,11 @@ class LayerStats:
 
 
 def uses_class_attention(net: WSSSNet, cfg: Any | None) -> bool:
-    """MCTformer CAM x class-to-patch attention (AReAM's CAM), as the config asks."""
+    """MCTformer CAM x class-to-patch attention, as the config's method does (without a config:
+    whenever the backbone has one class token per class)."""
     t = net.backbone.num_prefix_tokens
-    wanted = True if cfg is None else bool(cfg.get("aream", {}).get("class_attention", True))
-    return wanted and t > 1 and t == net.num_classes and str(getattr(cfg, "method", "aream")) == "aream"
+    wanted = True if cfg is None else build_method(cfg, net).class_attention
+    return wanted and t > 1 and t == net.num_classes
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -380,40 +383,32 @@ def _summarize(layers: list[int], hell: Tensor, hell_heads: Tensor, ent: Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# AFA: MHSA vs learned affinity, head weights
+# A learned affinity (a method's affinity head): MHSA vs learned affinity, head weights
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def afa_query_maps(net: WSSSNet, x: Tensor, query: int | None = None) -> dict[str, Any]:
+def affinity_query_maps(method: Method, net: WSSSNet, x: Tensor, query: int | None = None) -> dict[str, Any]:
     """Attention vs learned affinity of one query token, image 0 of a padded batch x (B, 3, H, W).
 
-    MHSA: head-mean softmax attention averaged over the AFA layers; affinity: the AFA head's output.
+    MHSA: head-mean softmax attention averaged over the layers the affinity is computed from;
+    affinity: the method's learned affinity (:meth:`~wsss.methods.base.Method.affinity_probe`).
     query: flat token index; by default the token with the highest CAM of the image's top class.
     Returns ``{"query": (row, col), "grid": (h, w), "mhsa": (h, w), "affinity": (h, w)}`` tensors on CPU.
     """
-    if net.aff_head is None:
-        raise ValueError("afa_query_maps needs a model with an AFA head")
-    out = net.forward_cam(x[:1], net.aff_layers)
-    grid = tuple(out.grids[net.aff_layers[-1]])
+    probe = method.affinity_probe(net, x[:1])
+    if probe is None:
+        raise ValueError(f"method '{method.name}' learns no affinity")
+    grid = tuple(probe["grid"])
     t = net.backbone.num_prefix_tokens
-    mhsa = torch.stack([slice_patches(attention_probs(out.attn[i]), t)[0] for i in net.aff_layers]).mean(0)
-    aff = out.aff[0]
+    mhsa = torch.stack([slice_patches(attention_probs(a), t)[0] for a in probe["attn"]]).mean(0)
+    aff = probe["affinity"][0]
     if query is None:
-        cam = _resize(out.cam[:1].float(), grid)[0]  # (K, h, w)
+        cam = _resize(probe["cam"][:1].float(), grid)[0]  # (K, h, w)
         top = cam.flatten(1).amax(1).argmax()
         query = int(cam[top].flatten().argmax())
     return {"query": (query // grid[1], query % grid[1]), "grid": grid,
             "mhsa": mhsa[query].reshape(grid).cpu(), "affinity": aff[query].reshape(grid).cpu()}
-
-
-def afa_head_weights(net: WSSSNet) -> dict[str, Any]:
-    """The AFA head's 1x1 conv weight per head (the learned weight of each attention head) and bias."""
-    if net.aff_head is None:
-        raise ValueError("the model has no AFA head")
-    w = net.aff_head.proj.weight.detach().reshape(-1).cpu()
-    names = [f"L{layer}h{h}" for layer in net.aff_layers for h in range(net.backbone.num_heads[layer])]
-    return {"weights": w.tolist(), "heads": names, "bias": float(net.aff_head.proj.bias.detach())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +563,7 @@ def plot_column_mass(col_mass: Tensor, grid: tuple[int, int], layers: list[int],
     return _save(fig, out / "column_mass.png")
 
 
-def plot_afa(image: np.ndarray, maps: dict[str, Any], out: Path) -> str:
+def plot_affinity_query(image: np.ndarray, maps: dict[str, Any], out: Path) -> str:
     """Image, MHSA and learned affinity of the query token (star) overlaid on the image."""
     from wsss.analysis.viz import overlay_heatmap
 
@@ -589,7 +584,7 @@ def plot_afa(image: np.ndarray, maps: dict[str, Any], out: Path) -> str:
         ax.plot(*star, marker="*", color="white", markersize=16, markeredgecolor="black")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    return _save(fig, out / "afa_query.png")
+    return _save(fig, out / "affinity_query.png")
 
 
 def plot_head_weights(weights: dict[str, Any], out: Path) -> str:
@@ -601,7 +596,7 @@ def plot_head_weights(weights: dict[str, Any], out: Path) -> str:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("1x1 conv weight")
     ax.set_title("AFA head: learned weight per head")
-    return _save(fig, out / "afa_head_weights.png")
+    return _save(fig, out / "affinity_head_weights.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,15 +641,15 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
         "example": {"name": res.example["name"], "grid": list(res.example["grid"])},
         "plots": {},
     }
-    if net.aff_head is not None:
-        data["afa"] = {"layers": list(net.aff_layers), **afa_head_weights(net)}
+    method = build_method(cfg, net)
+    weights = method.head_weights(net)
+    if weights is not None:
+        data["learned_affinity"] = weights
     has_masks = getattr(dataset, "has_masks", None)
-    if str(cfg.method) in ("afa", "aream") and (has_masks is None or has_masks()):
-        from wsss.analysis.affinity import affinity_quality, refinement_quality
-        from wsss.methods import build_method
+    if method.ORACLE_MAPS and (has_masks is None or has_masks()):
+        from wsss.analysis.affinity import oracle_quality
 
-        fn = affinity_quality if str(cfg.method) == "afa" else refinement_quality
-        data["oracle"] = fn(build_method(cfg, net), net, dataset, num_classes, max_images)
+        data["oracle"] = oracle_quality(method, net, dataset, num_classes, max_images)
     if entropy:
         if len(res.layers) != bb.num_layers:
             raise ValueError(f"--entropy needs all {bb.num_layers} layers analysed ({res.layers_note})")
@@ -665,12 +660,13 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
         )
         data["entropy"]["override"] = entropy_override(vec)
     if plots:
-        data["plots"] = _write_plots(net, res, data, out)
+        data["plots"] = _write_plots(method, net, res, data, out)
     (out / "analysis.json").write_text(json.dumps(data, indent=2))
     return data
 
 
-def _write_plots(net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: Path) -> dict[str, str]:
+def _write_plots(method: Method, net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: Path
+                 ) -> dict[str, str]:
     files = plot_layer_curves(data, res.layers, out)
     ex = res.example
     files["affinity"] = plot_affinity_grid(ex["affinity"], res.layers, out)
@@ -678,16 +674,16 @@ def _write_plots(net: WSSSNet, res: AnalysisResult, data: dict[str, Any], out: P
     files["column_mass"] = plot_column_mass(ex["col_mass"], ex["grid"], res.layers, out)
     files["layer_cams"] = plot_layer_cams(ex["image"], ex["cam"], ex["refined"], ex["labels"], res.layers,
                                           out)
-    if net.aff_head is not None:
+    if "learned_affinity" in data:
         from wsss.data.transforms import normalize
 
         device = next(net.parameters()).device
         x, _ = pad_batch(torch.from_numpy(normalize(ex["image"]))[None].to(device), PAD)
-        maps = afa_query_maps(net.eval(), x)
+        maps = affinity_query_maps(method, net.eval(), x)
         crop = ex["image"]
-        data["afa"]["query"] = list(maps["query"])
-        files["afa_query"] = plot_afa(_pad_image(crop, x.shape[-2:]), maps, out)
-        files["afa_head_weights"] = plot_head_weights(data["afa"], out)
+        data["learned_affinity"]["query"] = list(maps["query"])
+        files["affinity_query"] = plot_affinity_query(_pad_image(crop, x.shape[-2:]), maps, out)
+        files["affinity_head_weights"] = plot_head_weights(data["learned_affinity"], out)
     return files
 
 

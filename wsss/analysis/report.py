@@ -21,8 +21,6 @@ import numpy as np
 
 from wsss.analysis.viz import colorize, legend, overlay_heatmap, to_png_bytes
 
-# The refined label map of each method, first match wins (afa: propagated + PAR, aream: refined + PAR).
-REFINED_MAPS = ("aff_par", "refined_par")
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 _CSS = """
@@ -206,7 +204,7 @@ def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndar
             cam = (method.multiscale_cam(net, xp, scales) * labels[..., None, None])[0, :, :h, :w]
         img = _uint8_image(x[0])
         heat = cam.amax(0) if cam.shape[0] else torch.zeros(h, w)
-        refined = next((k for k in REFINED_MAPS if k in maps), None)
+        refined = method.REFINED_MAP if method.REFINED_MAP in maps else None
         entries = [("image", img), ("ground truth", colorize(gt)), ("CAM", overlay_heatmap(img, heat))]
         if refined is not None:
             entries.append((f"refined CAM ({refined})", colorize(maps[refined][0])))
@@ -294,8 +292,8 @@ PLOT_CAPTIONS = {
     "affinity_heads": "Patch affinity of one example image, per layer and attention head",
     "column_mass": "Attention each patch receives (column mass), per layer",
     "layer_cams": "The example image's CAM, and the CAM refined by each layer",
-    "afa_query": "AFA: learned affinity of a few query points of the example image",
-    "afa_head_weights": "AFA: weight of each attention head in the affinity head",
+    "affinity_query": "learned affinity of a few query points of the example image",
+    "affinity_head_weights": "weight of each attention head in the affinity head",
 }
 RUN_MARKERS = ("config.yaml", "history.jsonl", "metrics.json", "model/config.json", "checkpoints")
 

@@ -12,6 +12,11 @@ the reduced grid (the official AFA behaviour), so the map is square. Consumers t
 official unscaled AFA logits multiply by ``sqrt(head_dims[l])``. When ``attn_reduce`` is given,
 ``out.attn[l] = attn_reduce(l, logits)`` is stored instead, so a caller can reduce each layer at
 once (e.g. to a head-mean softmax) and never hold every (B, heads, N, N) map.
+
+Intermediate features: ``forward(x, feature_layers=[l])`` also returns ``out.blocks[l]``, the token
+features (B, T + h*w, D) output by block ``l`` (non-patch tokens first) on the token grid
+``out.block_grids[l]`` (ToCo's auxiliary CAM reads an intermediate block). ``global_attn[l]`` says
+whether block ``l`` attends over all N x N token pairs (MiT's spatial-reduction blocks do not).
 """
 
 from __future__ import annotations
@@ -39,12 +44,16 @@ class BackboneOutput:
     attn: layer index -> (B, heads, N, N) scaled logits, or what ``attn_reduce`` made of them.
     grids: layer index -> (h, w) of that layer's patch tokens (after pooling for MiT sr > 1).
     prefix: non-patch token outputs (B, T, D) (class tokens), or None.
+    blocks: layer index -> token features (B, T + h*w, D) output by that block (``feature_layers``).
+    block_grids: layer index -> (h, w) of that block's patch tokens.
     """
 
     features: list[Tensor]
     attn: dict[int, Tensor] = field(default_factory=dict)
     grids: dict[int, tuple[int, int]] = field(default_factory=dict)
     prefix: Tensor | None = None
+    blocks: dict[int, Tensor] = field(default_factory=dict)
+    block_grids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Backbone(nn.Module):
@@ -60,11 +69,50 @@ class Backbone(nn.Module):
 
     # Subclasses define:
     #   forward_features(x, attn_layers=(), attn_reduce=None) -> BackboneOutput
+    #   layer_modules() -> the block modules in layer order (for ``feature_layers``)
+
+    @property
+    def global_attn(self) -> list[bool]:
+        """Per layer: whether the block's attention is global (N x N over all tokens of its grid).
+        A block whose attention grid is coarser than its token grid (spatial reduction) is not."""
+        return [True] * self.num_layers
 
     def forward(
-        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
+        self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None,
+        feature_layers: Sequence[int] = (),
     ) -> BackboneOutput:
-        return self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        """``forward_features`` plus the token features of the blocks in ``feature_layers``."""
+        layers = sorted(self.check_layers(feature_layers))
+        if not layers:
+            return self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        modules = self.layer_modules()
+        kept: dict[int, Tensor] = {}
+        hooks = [modules[i].register_forward_hook(self._keeper(i, kept)) for i in layers]
+        try:
+            out = self.forward_features(x, attn_layers, attn_reduce)  # type: ignore[attr-defined]
+        finally:
+            for h in hooks:
+                h.remove()
+        out.blocks = {i: kept[i] for i in layers}
+        out.block_grids = {i: self.block_grid(i, out) for i in layers}
+        return out
+
+    def _keeper(self, layer: int, kept: dict[int, Tensor]) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            kept[layer] = self.block_tokens(layer, output)
+        return hook
+
+    def layer_modules(self) -> Sequence[nn.Module]:
+        """The block of each layer, in layer order."""
+        raise TypeError(f"{type(self).__name__} has no transformer blocks to read features from")
+
+    def block_tokens(self, layer: int, output: object) -> Tensor:
+        """The (B, T + h*w, D) tokens in what block ``layer`` returned (its first output)."""
+        return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+    def block_grid(self, layer: int, out: BackboneOutput) -> tuple[int, int]:
+        """(h, w) of the patch tokens of block ``layer``: by default the grid of ``features[-1]``."""
+        return tuple(out.features[-1].shape[-2:])  # type: ignore[return-value]
 
     def check_layers(self, attn_layers: Sequence[int]) -> set[int]:
         """Normalise negative indices and reject out-of-range ones with a clear message."""

@@ -253,6 +253,13 @@ class Conformer(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
 
+    def layer_modules(self) -> list[nn.Module]:
+        return [self.trans_1, *(getattr(self, name) for name in self._ct_names)]
+
+    def block_tokens(self, layer: int, output: object) -> Tensor:
+        """trans_1 returns (tokens, logits), the conv-trans blocks (feat, tokens, logits)."""
+        return output[0] if layer == 0 else output[1]  # type: ignore[index]
+
     def forward_features(
         self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
     ) -> BackboneOutput:

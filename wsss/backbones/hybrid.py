@@ -105,6 +105,9 @@ class HybridTransformer(Backbone):
             return None
         return resize_pos_grid(self.pos_embed, self.grid, (h, w), mode="size")
 
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward_features(self, x: Tensor, attn_layers: Sequence[int] = (),
                          attn_reduce: AttnReduce | None = None) -> BackboneOutput:
         """x: (B, 3, H, W) normalised with the pipeline's ImageNet statistics (re-normalised here to

@@ -227,6 +227,20 @@ class MixVisionTransformer(Backbone):
             getattr(self, f"norm{s + 1}"),
         )
 
+    def layer_modules(self) -> list[nn.Module]:
+        return [blk for s in range(self.num_stages) for blk in self.stage_modules(s)[1]]
+
+    def _stage_of(self, layer: int) -> int:
+        return next(s for s in range(self.num_stages) if layer < sum(self.depths[: s + 1]))
+
+    def block_grid(self, layer: int, out: BackboneOutput) -> tuple[int, int]:
+        return tuple(out.features[self._stage_of(layer)].shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def global_attn(self) -> list[bool]:
+        """Spatial-reduction blocks (sr > 1) attend to a pooled key grid: not N x N."""
+        return [self.sr_ratios[self._stage_of(i)] == 1 for i in range(self.num_layers)]
+
     def forward_features(
         self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
     ) -> BackboneOutput:

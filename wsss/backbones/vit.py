@@ -120,6 +120,9 @@ class VisionTransformer(Backbone):
         patch = resize_pos_grid(self.pos_embed[:, t:], self.grid, (h, w), self.pos_interp)
         return torch.cat([self.pos_embed[:, :t], patch], dim=1)
 
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward_features(
         self, x: Tensor, attn_layers: Sequence[int] = (), attn_reduce: AttnReduce | None = None
     ) -> BackboneOutput:
@@ -352,7 +355,7 @@ vit_micro = BACKBONES.register("vit_micro")(_vit("micro"))
 vit_tiny = BACKBONES.register("vit_tiny")(_vit("tiny"))
 vit_small = BACKBONES.register("vit_small")(_vit("small"))
 vit_base = BACKBONES.register("vit_base")(_vit("base"))
-mctformer_v2_micro = BACKBONES.register("mctformer_v2_micro")(_mct("micro"))
-mctformer_v2_tiny = BACKBONES.register("mctformer_v2_tiny")(_mct("tiny"))
-mctformer_v2_small = BACKBONES.register("mctformer_v2_small")(_mct("small"))
-mctformer_v2_base = BACKBONES.register("mctformer_v2_base")(_mct("base"))
+mctformer_v2_micro = BACKBONES.register("mctformer_v2_micro", class_tokens_per_class=True)(_mct("micro"))
+mctformer_v2_tiny = BACKBONES.register("mctformer_v2_tiny", class_tokens_per_class=True)(_mct("tiny"))
+mctformer_v2_small = BACKBONES.register("mctformer_v2_small", class_tokens_per_class=True)(_mct("small"))
+mctformer_v2_base = BACKBONES.register("mctformer_v2_base", class_tokens_per_class=True)(_mct("base"))

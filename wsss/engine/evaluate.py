@@ -22,8 +22,9 @@ from wsss.data.build import collate
 from wsss.data.transforms import denormalize, pad_to_multiple
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
-from wsss.methods.base import Method, resize, scale_size
+from wsss.methods.base import Method, resize
 from wsss.model import WSSSNet
+from wsss.ops.cam import scaled_input
 
 # How a map's mIoU treats its uncertain pixels (printed in the tables).
 MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
@@ -87,9 +88,7 @@ def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float],
     size = tuple(x.shape[-2:])
     best: Tensor | None = None
     for s in scales:
-        xs = resize(x, scale_size(size, s)) if s != 1.0 else x
-        inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        seg = net(inp, with_seg=True, with_aff=False).seg
+        seg = net(scaled_input(x, s, flip), with_seg=True, heads=False).seg
         if flip:
             b = x.shape[0]
             seg = (seg[:b] + seg[b:].flip(-1)) / 2
@@ -112,17 +111,11 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
 def sweep_cam(
     method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool
 ) -> Tensor:
-    """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: AReAM's refined CAM (all layers,
-    uniform) when the method has one, else the multi-scale CAM; masked by ``labels``."""
+    """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: the method's
+    :meth:`~wsss.methods.base.Method.score_cam` (its refined CAM when it has one); masked by ``labels``."""
     x, (h, w) = pad_batch(image)
-    saved, method.flip = method.flip, flip
-    try:
-        if hasattr(method, "aream_cam"):
-            cam = method.aream_cam(net, x, labels, list(range(method.L)), None, scales)  # type: ignore[attr-defined]
-        else:
-            cam = method.multiscale_cam(net, x, scales) * labels[..., None, None]
-    finally:
-        method.flip = saved
+    with method.flipping(flip):
+        cam = method.score_cam(net, x, labels, scales)
     return cam[..., :h, :w]
 
 

@@ -27,10 +27,10 @@ from PIL import Image
 from wsss.data.io import load_mask, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.distributed import resolve_device
+from wsss.methods import all_map_names, config_sections
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-PSEUDO_MAPS = ("pseudo", "aff_par", "refined_par", "cam_par", "cam", "aff", "refined", "seg")
 
 
 def run_dir_of(checkpoint: str | os.PathLike) -> Path:
@@ -343,7 +343,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     c = to_dict(cfg)
     manifest = {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales_l, "flip": flip_b,
                 "logit_stride": stride if logits else None, "method": c["method"],
-                "settings": {k: c[k] for k in ("cam", "par", "afa", "aream")},
+                "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
                 "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
     claim_out_dir(out_dir, manifest, overwrite)
     n = num_images(dataset, max_images)
@@ -506,9 +506,9 @@ def add_parsers(sub: Any) -> None:
     add_checkpoint_args(p)
     p.add_argument("--split", required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--map", default="pseudo", choices=PSEUDO_MAPS,
-                   help="label map to write: pseudo (255 = uncertain), aff_par (AFA), refined_par (AReAM), "
-                        "cam_par, seg, ...")
+    p.add_argument("--map", default="pseudo", choices=all_map_names(),
+                   help="label map to write: pseudo (255 = uncertain), a method's own maps (its "
+                        "PSEUDO_MAP: the refined CAM after PAR), cam_par, seg, ...")
     p.add_argument("--logits", action="store_true", help="also write <name>.npz with float16 scores")
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
     p.add_argument("--overwrite", action="store_true",

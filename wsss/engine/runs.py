@@ -17,7 +17,8 @@ from torch import Tensor
 
 from wsss.checkpoint import CheckpointError, load_into
 from wsss.config import DEFAULTS
-from wsss.model import WSSSNet, build_model
+from wsss.methods import build_network
+from wsss.model import WSSSNet
 
 
 def config_from_dict(d: Mapping[str, Any]) -> DictConfig:
@@ -61,7 +62,7 @@ def is_release_dir(path: Path) -> bool:
 
 def _build_and_load(cfg: DictConfig, num_classes: int, sd: Mapping[str, Tensor], source: str) -> WSSSNet:
     model_cfg = OmegaConf.merge(cfg.model, {"pretrained": None})  # the trained weights replace them
-    net = build_model(model_cfg, num_classes - 1, str(cfg.method))
+    net = build_network(cfg, num_classes - 1, model_cfg)
     load_into(net, sd, source=source)  # strict: another architecture names its keys
     return net.eval()
 

@@ -41,8 +41,8 @@ from wsss.engine.distributed import (
 from wsss.engine.evaluate import evaluate, miou_table
 from wsss.engine.hardware import keep_freed_memory, resolve_amp
 from wsss.engine.optim import build_optimizer, build_scheduler
-from wsss.methods import build_method
-from wsss.model import build_model, count_parameters
+from wsss.methods import build_method, build_network
+from wsss.model import count_parameters
 
 log = logging.getLogger("wsss")
 
@@ -209,7 +209,7 @@ def _build_training(cfg: Any, train_set: Any, num_classes: int, dist: Any) -> tu
         distributed=dist.world_size > 1,
         drop_last=True,
     )
-    net = build_model(cfg.model, num_classes - 1, str(cfg.method)).to(dist.device)
+    net = build_network(cfg, num_classes - 1).to(dist.device)
     method = build_method(cfg, net)
     optimizer = build_optimizer(net, cfg.optim)
     iters_per_epoch = len(loader) // int(cfg.train.grad_accum)

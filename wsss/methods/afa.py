@@ -15,28 +15,103 @@ Loss: L_cls + 0.1 L_seg + 0.1 L_aff (+ lambda_reg L_reg).
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from wsss.backbones.base import Backbone, BackboneOutput
 from wsss.data.transforms import denormalize
-from wsss.methods.base import Method, pass_mode, present_mask, resize, unwrap
-from wsss.model import WSSSNet
+from wsss.heads.affinity import AffinityHead
+from wsss.heads.base import MethodHead
+from wsss.methods.base import (
+    MapInput,
+    Method,
+    MethodConfig,
+    option,
+    pass_mode,
+    present_mask,
+    register_method,
+    resize,
+    unwrap,
+    with_background,
+)
+from wsss.model import NetOutput, WSSSNet
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
-from wsss.refine.labels import affinity_labels, box_mask, channel_argmax, par_refine_scores_label
+from wsss.refine.labels import (
+    affinity_labels,
+    box_mask,
+    channel_argmax,
+    pair_agreement,
+    par_refine_scores_label,
+)
 from wsss.refine.propagation import propagate_affinity, window_mask
+from wsss.schema import Rule
+
+SAMPLING = ("topleft", "center", "mode")
 
 
+@dataclass
+class AFAConfig(MethodConfig):
+    """The ``afa`` section (defaults: the official VOC recipe)."""
+
+    aff_layers: list[int] = option([-2, -1], Rule("list", item="int"))  # blocks feeding the AFA head
+    warmup_iters: int = option(2000)  # classification-only iterations
+    switch_iter: int = option(6000)  # seg target: PAR label until here, then the propagated label
+    aff_target_switch_iter: int | None = option(None, Rule("int", 0, null=True))  # COCO: 15000
+    seg_weight: float = option(0.1)
+    aff_weight: float = option(0.1)
+    reg_weight: float = option(0.0)  # released code: off; the paper's lambda3 = 0.01
+    radius: int = option(8, Rule("int", 1))
+    power: float = option(2.0, Rule("float", 0.0))
+    norm_eps: float = option(0.1)
+    window: str = option("square", Rule("str", choices=("square", "circle")))
+    sampling: str = option("topleft", Rule("str", choices=SAMPLING))
+    crop_to_box: bool = option(True)
+
+
+class AFAHead(AffinityHead, MethodHead):
+    """The AFA affinity head on the attention of ``layers``: (B, N, N) in (0, 1)."""
+
+    def __init__(self, layers: list[int], backbone: Backbone) -> None:
+        layers = sorted(backbone.check_layers(layers))
+        super().__init__(in_channels=sum(backbone.num_heads[i] for i in layers),
+                         head_dims=[backbone.head_dims[i] for i in layers])
+        self.attn_layers = tuple(layers)
+
+    def forward(self, out: BackboneOutput) -> Tensor:  # type: ignore[override]
+        return super().forward([out.attn[i] for i in self.attn_layers])
+
+
+@register_method
 class AFAMethod(Method):
     name = "afa"
+    Config = AFAConfig
     EXTRA_MAPS = ("aff", "aff_par")
+    PSEUDO_MAP = "aff_par"
+    REFINED_MAP = "aff_par"
+    # analysis: CAM + PAR, propagated with the learned / the ground-truth affinity, then PAR
+    ORACLE_MAPS = ("cam_par", "learned_par", "oracle_par")
+    HEAD = "aff_head"
+
+    @classmethod
+    def build_heads(cls, opts: Any, backbone: Backbone, num_classes: int) -> dict[str, MethodHead]:
+        return {cls.HEAD: AFAHead(list(opts.aff_layers), backbone)}
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
-        if net.aff_head is None:
-            raise ValueError("method 'afa' needs a model with an AFA head (build_model(..., method='afa'))")
-        self.a = cfg.afa
+        if self.HEAD not in net.head_names:
+            raise ValueError("method 'afa' needs a network with its affinity head (build_network(cfg, K))")
+        self.a: AFAConfig = self.opts  # type: ignore[assignment]
+        self.head: AFAHead = net.heads[self.HEAD]  # type: ignore[assignment]
+
+    @torch.no_grad()
+    def affinity(self, net: WSSSNet, x: Tensor) -> tuple[Tensor, tuple[int, int], NetOutput]:
+        """The learned affinity (B, N, N) of single-scale images (B, 3, H, W), its token grid and the
+        CAM forward that made it."""
+        out = net.forward_cam(x, heads=[self.HEAD])
+        return out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]], out
 
     def window(self, grid: tuple[int, int], device: torch.device) -> Tensor:
         return window_mask(grid[0], grid[1], int(self.a.radius), device=device, shape=str(self.a.window))
@@ -74,8 +149,7 @@ class AFAMethod(Method):
             if i != top:
                 cams.append(net.forward_cam(xs).cam)
                 continue
-            out = net.forward_cam(xs[:b], net.aff_layers)
-            aff, grid = out.aff, out.grids[net.aff_layers[-1]]
+            aff, grid, out = self.affinity(net, xs[:b])
             cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
         return self.fuse_cams(cams, tuple(x.shape[-2:]), b), aff, grid  # type: ignore[return-value]
 
@@ -85,7 +159,7 @@ class AFAMethod(Method):
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
         warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
-        out = net(x, with_seg=not warm, with_aff=not warm)
+        out = net(x, with_seg=not warm, heads=not warm)
         l_cls = self.cls_loss(out, labels)
         logs = {"cls": l_cls.item()}
         if warm:
@@ -99,9 +173,10 @@ class AFAMethod(Method):
             high = resize(self.propagate(cam, aff_top, grid_top, labels, self.high), size)
             low = resize(self.propagate(cam, aff_top, grid_top, labels, self.low), size)
             aff_label = par_refine_scores_label(
-                image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box)
+                image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
+                downscale=int(self.cfg.par.downscale),
             )
-        grid = out.grids[m.aff_layers[-1]]
+        grid = out.grids[self.head.attn_layers[-1]]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)
         target_aff = affinity_labels(
             aff_label if switch_aff else par_label,
@@ -109,7 +184,7 @@ class AFAMethod(Method):
             self.window(grid, x.device),
             sampling=str(self.a.sampling),
         )
-        l_aff = affinity_loss(out.aff, target_aff)
+        l_aff = affinity_loss(out.heads[self.HEAD], target_aff)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
         l_seg = seg_loss_bg_fg(out.seg, seg_target)
         loss = l_cls + float(self.a.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
@@ -122,19 +197,16 @@ class AFAMethod(Method):
         return loss, logs
 
     @torch.no_grad()
-    def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
-        want: Collection[str],
-    ) -> dict[str, Tensor]:
+    def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'aff': the CAM propagated with the single-scale affinity of the full image (official
         validation); 'aff_par': the same after PAR."""
+        x, image01, labels, cam = inp.x, inp.image01, inp.labels, inp.cam
         maps: dict[str, Tensor] = {}
         if not {"aff", "aff_par"} & set(want):
             return maps
-        out = net.forward_cam(x, net.aff_layers)
-        grid = out.grids[net.aff_layers[-1]]
+        aff, grid, _ = self.affinity(net, x)
         scores = resize(
-            self.propagate(cam, out.aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
+            self.propagate(cam, aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
             tuple(x.shape[-2:]),
         )
         present = present_mask(labels)[..., None, None]
@@ -143,3 +215,36 @@ class AFAMethod(Method):
         if "aff_par" in want:
             maps["aff_par"] = self.par_argmax(image01, scores, labels)
         return maps
+
+    # ----------------------------------------------------------------- analysis hooks
+    @torch.no_grad()
+    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+                     ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The 'aff_par' map with the learned affinity and with the oracle one (1 for token pairs of the
+        same class, 0 otherwise, inside the window), through the same propagation and PAR."""
+        bkg, aff_bkg = float(self.cfg.eval.bkg_score), float(self.cfg.eval.aff_bkg_score)
+        cam = self.multiscale_cam(net, x, [1.0]) * labels[..., None, None]
+        aff, grid, _ = self.affinity(net, x)
+        target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
+        maps = {"cam_par": self.par_argmax(image01, with_background(cam, bkg), labels)}
+        for name, a in (("learned_par", aff), ("oracle_par", (target == 1).to(aff.dtype))):
+            scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
+            maps[name] = self.par_argmax(image01, scores, labels)
+        return maps, pair_agreement(aff, target)
+
+    def oracle_protocol(self) -> dict[str, Any]:
+        return {"window_radius": int(self.a.radius), "aff_bkg_score": float(self.cfg.eval.aff_bkg_score),
+                "sampling": str(self.a.sampling)}
+
+    @torch.no_grad()
+    def affinity_probe(self, net: WSSSNet, x: Tensor) -> dict[str, Any]:
+        aff, grid, out = self.affinity(net, x)
+        return {"affinity": aff, "grid": grid, "attn": [out.attn[i] for i in self.head.attn_layers],
+                "cam": out.cam}
+
+    def head_weights(self, net: WSSSNet) -> dict[str, Any]:
+        """The affinity head's 1x1 conv weight per attention head, its bias and its layers."""
+        w = self.head.proj.weight.detach().reshape(-1).cpu()
+        names = [f"L{i}h{h}" for i in self.head.attn_layers for h in range(net.backbone.num_heads[i])]
+        return {"layers": list(self.head.attn_layers), "weights": w.tolist(), "heads": names,
+                "bias": float(self.head.proj.bias.detach())}

@@ -14,13 +14,24 @@ Per iteration, after a classification-only warm-up:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from wsss.data.transforms import denormalize
-from wsss.methods.base import Method, pass_mode, unwrap, with_background
+from wsss.methods.afa import SAMPLING
+from wsss.methods.base import (
+    MapInput,
+    Method,
+    MethodConfig,
+    option,
+    pass_mode,
+    register_method,
+    unwrap,
+    with_background,
+)
 from wsss.model import WSSSNet
 from wsss.ops.attention import (
     aream_affinity_loss,
@@ -35,6 +46,7 @@ from wsss.ops.attention import (
 )
 from wsss.ops.losses import seg_loss_bg_fg
 from wsss.refine.labels import affinity_labels, cam_to_label
+from wsss.schema import Rule
 
 
 def _attention_probs(layer: int, logits: Tensor) -> Tensor:
@@ -42,14 +54,38 @@ def _attention_probs(layer: int, logits: Tensor) -> Tensor:
     return attention_probs(logits)
 
 
+WEIGHTINGS = ("uniform", "entropy_offline", "entropy_online")
+
+
+@dataclass
+class AReAMConfig(MethodConfig):
+    """The ``aream`` section."""
+
+    layer_index: int = option(7, Rule("int", 1))  # fuse [0, k) for pseudo labels, supervise [k, L)
+    warmup_iters: int = option(1650)  # classification-only iterations (10 epochs of 165)
+    aff_weight: float = option(0.1)
+    seg_weight: float = option(0.0)  # an end-to-end seg head on AReAM labels (not in the paper)
+    weighting: str = option("uniform", Rule("str", choices=WEIGHTINGS))
+    entropy: list[float] | None = option(None, Rule("list", null=True, min_len=1))  # offline, L floats
+    class_attention: bool = option(True)  # MCTformer: CAM x class-to-patch attention
+    renormalize: bool = option(False)
+    sampling: str = option("topleft", Rule("str", choices=SAMPLING))
+
+
+@register_method
 class AReAMMethod(Method):
     name = "aream"
+    Config = AReAMConfig
     EXTRA_MAPS = ("refined", "refined_par")
     OWN_PSEUDO = True
+    PSEUDO_MAP = "refined_par"
+    REFINED_MAP = "refined_par"
+    # analysis: the CAM, refined by the fused attention, refined by the ground-truth affinity
+    ORACLE_MAPS = tuple(f"{k}{p}" for k in ("cam", "refined", "oracle") for p in ("", "_par"))
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
-        self.r = cfg.aream
+        self.r: AReAMConfig = self.opts  # type: ignore[assignment]
         bb = net.backbone
         # The layers on the final token grid (all of a ViT / Conformer, the last stage of a MiT):
         # layer_index splits them into shallow (fused for pseudo labels) and deep (supervised).
@@ -86,8 +122,11 @@ class AReAMMethod(Method):
     def deep_layers(self) -> list[int]:
         return self.layers[self.k :]
 
-    def attn_layers(self, net: WSSSNet) -> list[int]:
-        return self.deep_layers()
+    @torch.no_grad()
+    def score_cam(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float]) -> Tensor:
+        """The refined CAM of the official inference (every final-grid layer, uniform weights: the
+        'refined' map). A MiT's earlier stages have other grids: they are not fused."""
+        return self.aream_cam(net, x, labels, self.layers, None, scales)
 
     # ----------------------------------------------------------------- CAM refined by attention
     def patch_affinities(self, affs: dict[int, Tensor], layers: list[int]) -> Tensor:
@@ -130,16 +169,17 @@ class AReAMMethod(Method):
         affinity: maps a token grid to an (n, Np, Np) affinity that replaces the fused attention
         (``wsss analyze``: the ground-truth ceiling)."""
         need = self.layers if self.class_attention else sorted(set(layers))
-        maps = []
-        for s in scales or self.scales:
-            out = net.forward_cam(self.scale_inputs(x, s), need, _attention_probs)
+
+        def refined(xs: Tensor) -> Tensor:
+            out = net.forward_cam(xs, need, _attention_probs)
             grid = out.grids[need[-1]]
             w = weights
             if self.weighting == "entropy_online" and weights is None and affinity is None:
                 w = self.online_weights(out.cam, out.attn, grid, labels)
             aff = None if affinity is None else affinity(grid)
-            maps.append(self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff))
-        return self.fuse_cams(maps, tuple(x.shape[-2:]), x.shape[0]) * labels[..., None, None]
+            return self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff)
+
+        return self.fused_cam(refined, x, scales) * labels[..., None, None]
 
     def online_weights(
         self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor
@@ -186,13 +226,11 @@ class AReAMMethod(Method):
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
-        want: Collection[str],
-    ) -> dict[str, Tensor]:
+    def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'refined': CAM refined by the uniform mean of all layers (the official inference);
         'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
         (shallow fusion, high/low scores)."""
+        x, image01, labels, scales = inp.x, inp.image01, inp.labels, inp.scales
         bkg = float(self.cfg.eval.bkg_score)
         maps: dict[str, Tensor] = {}
         if {"refined", "refined_par"} & set(want):
@@ -206,3 +244,31 @@ class AReAMMethod(Method):
             shallow = self.aream_cam(net, x, labels, self.shallow_layers(), fw, scales)
             maps["pseudo"] = self.pseudo_label(image01, shallow, labels, None)
         return maps
+
+    # ----------------------------------------------------------------- analysis hooks
+    @torch.no_grad()
+    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+                     ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The CAM, the CAM refined by the uniform mean of all final-grid layers (the official
+        inference, the 'refined' map) and the CAM refined by the oracle affinity (same-class token
+        pairs, rows normalised to 1), each as is and after PAR."""
+        bkg, sampling = float(self.cfg.eval.bkg_score), str(self.r.sampling)
+
+        def oracle(grid: tuple[int, int]) -> Tensor:
+            same = (affinity_labels(gt, grid, None, sampling=sampling) == 1).float()
+            return same / same.sum(-1, keepdim=True).clamp(min=1)
+
+        cams = {
+            "cam": self.multiscale_cam(net, x, [1.0]) * labels[..., None, None],
+            "refined": self.aream_cam(net, x, labels, self.layers, None, [1.0]),
+            "oracle": self.aream_cam(net, x, labels, self.layers, None, [1.0], affinity=oracle),
+        }
+        maps = {}
+        for k, cam in cams.items():
+            maps[k] = cam_to_label(cam, labels, bkg_score=bkg)
+            maps[f"{k}_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
+        return maps, None
+
+    def oracle_protocol(self) -> dict[str, Any]:
+        return {"bkg_score": float(self.cfg.eval.bkg_score), "layers": list(self.layers),
+                "oracle": "same-class token pairs, rows normalised to 1", "sampling": str(self.r.sampling)}

@@ -1,24 +1,117 @@
-"""What every method shares: the PAR module, CAM passes, and evaluation label maps.
+"""What every method shares: its plugin interface, the PAR module, CAM passes, evaluation label maps.
 
 A method turns a batch into losses (``training_step``) and an image into label maps
 (``predict``). Methods never loop over images: every piece they call is batched.
+
+The plugin interface (see "How to add a method" in docs/ARCHITECTURE.md): a method is one module in
+``wsss/methods/`` whose :class:`Method` subclass is registered with ``@register_method``. It declares
+
+- ``name`` (the config's ``method``) and ``Config``: a :class:`MethodConfig` dataclass of its config
+  section ``cfg.<section>`` (``section`` defaults to ``name``): keys, defaults and value rules, checked
+  when a config is loaded and when the method is built;
+- ``build_heads(opts, backbone, num_classes)``: the heads it adds to the network
+  (:class:`wsss.heads.base.MethodHead`, by name);
+- ``MAPS`` / ``EXTRA_MAPS``: the label maps it evaluates, ``PSEUDO_MAP``: the one that is its pseudo
+  label (what a second stage learns from), ``REFINED_MAP``: its refined CAM map (reports);
+- ``training_step`` and, for its own maps, ``extra_maps``; ``score_cam`` for the CAM its sweep and
+  saved scores use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+import dataclasses
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss.backbones.base import Backbone
+from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
-from wsss.ops.cam import fuse_multiscale
+from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, multiscale_cam, scaled_input
 from wsss.ops.losses import multilabel_soft_margin
 from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label
 from wsss.refine.par import PAR
+from wsss.registry import METHODS
+from wsss.schema import Rule, default_rule
+
+
+def option(default: Any, rule: Rule | None = None) -> Any:
+    """A :class:`MethodConfig` field: its default and the rule its values follow (default: the type of
+    the default, non-negative numbers)."""
+    meta = {"rule": rule}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """A method's config section: subclasses are dataclasses whose fields (declared with
+    :func:`option`) are the section's keys. :meth:`parse` checks a section: unknown keys, types,
+    ranges and choices, then :meth:`check` (relations between keys)."""
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls())
+
+    @classmethod
+    def parse(cls, section: Mapping[str, Any] | None, where: str) -> MethodConfig:
+        """The section ``where`` of a config as this dataclass; a ``KeyError`` names an unknown key, a
+        ``ValueError`` a bad value (key, value and what it should be)."""
+        values = _plain(section)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise KeyError(f"unknown config key '{where}.{unknown[0]}' (known: {', '.join(names)})")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            value = values.get(f.name, default)
+            problem = (f.metadata.get("rule") or default_rule(default)).problem(value)
+            if problem:
+                raise ValueError(f"config key '{where}.{f.name}' must be {problem}, got {value!r}")
+            kw[f.name] = value
+        opts = cls(**kw)
+        opts.check(where)
+        return opts
+
+    def check(self, where: str) -> None:
+        """Relations between keys (one ``ValueError`` naming them); none by default."""
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    if section is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)
+
+
+@dataclasses.dataclass
+class MapInput:
+    """What a method's own label maps are computed from (:meth:`Method.extra_maps`).
+
+    x: padded normalised images (B, 3, H, W); image01: the same in [0, 1]; labels: (B, K) ground-truth
+    image labels; cam: the normalised multi-scale CAM (B, K, H, W) masked by ``labels``; scales: the
+    CAM scales."""
+
+    x: Tensor
+    image01: Tensor
+    labels: Tensor
+    cam: Tensor
+    scales: list[float]
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a :class:`Method` subclass under its ``name``."""
+    METHODS.register(cls.name)(cls)
+    return cls
 
 
 def unwrap(net: nn.Module) -> WSSSNet:
@@ -30,11 +123,6 @@ def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
-
-
-def scale_size(size: tuple[int, int], s: float) -> tuple[int, int]:
-    """Official scaling: (int(s*H), int(s*W))."""
-    return int(s * size[0]), int(s * size[1])
 
 
 @contextmanager
@@ -49,16 +137,40 @@ def pass_mode(net: nn.Module, mode: str) -> Iterator[None]:
 
 
 class Method:
-    """Base class. Subclasses implement ``training_step`` and add their maps in ``predict``."""
+    """Base class. Subclasses implement ``training_step`` and add their maps in ``extra_maps``."""
 
-    name = "base"
-    uses_seg = True
-    MAPS: tuple[str, ...] = ("cam", "cam_par", "pseudo")  # from the multi-scale CAM
-    EXTRA_MAPS: tuple[str, ...] = ()  # a method's own maps (:meth:`extra_maps`)
-    OWN_PSEUDO = False  # extra_maps makes the 'pseudo' map itself
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[MethodConfig] | None] = None  # the method's config section, if it has one
+    section: ClassVar[str | None] = None  # the section's name (None: ``name``)
+    MAPS: ClassVar[tuple[str, ...]] = ("cam", "cam_par", "pseudo")  # from the multi-scale CAM
+    EXTRA_MAPS: ClassVar[tuple[str, ...]] = ()  # a method's own maps (:meth:`extra_maps`)
+    OWN_PSEUDO: ClassVar[bool] = False  # extra_maps makes the 'pseudo' map itself
+    PSEUDO_MAP: ClassVar[str | None] = "cam_par"  # its pseudo label for a second stage (None: none)
+    REFINED_MAP: ClassVar[str | None] = None  # its refined-CAM label map, when it has one
+    ORACLE_MAPS: ClassVar[tuple[str, ...]] = ()  # maps of :meth:`oracle_batch` (none: no oracle probe)
+    class_attention = False  # the CAM is multiplied by the class-to-patch attention (MCTformer)
+
+    @classmethod
+    def section_name(cls) -> str:
+        return cls.section or cls.name
+
+    @classmethod
+    def options(cls, cfg: Any) -> MethodConfig | None:
+        """The method's config section checked and typed (None without a ``Config``)."""
+        if cls.Config is None:
+            return None
+        key = cls.section_name()
+        return cls.Config.parse(cfg.get(key) if hasattr(cfg, "get") else None, key)
+
+    @classmethod
+    def build_heads(cls, opts: MethodConfig | None, backbone: Backbone, num_classes: int
+                    ) -> dict[str, MethodHead]:
+        """The heads the method adds to the network, by name (none by default)."""
+        return {}
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         self.cfg = cfg
+        self.opts = self.options(cfg)
         p = cfg.par
         self.par = PAR(dilations=tuple(p.dilations), num_iter=int(p.num_iter), w1=float(p.w1), w2=float(p.w2))
         self.high = float(cfg.cam.high)
@@ -74,25 +186,19 @@ class Method:
     ) -> tuple[Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} must define training_step")
 
-    def attn_layers(self, net: WSSSNet) -> list[int]:
-        """Layers the gradient forward must capture."""
-        return []
-
     @staticmethod
     def cls_loss(out: NetOutput, labels: Tensor) -> Tensor:
         return sum(multilabel_soft_margin(lg, labels) for lg in out.logits)  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- CAM passes
     def fuse_kwargs(self) -> dict[str, Any]:
-        if self.fuse == "afa":
-            return {"flip_fuse": "max", "relu": "each", "eps": 1e-5}
-        if self.fuse == "aream":
-            return {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
-        raise ValueError(f"cam.fuse must be 'afa' or 'aream', got {self.fuse!r}")
+        if self.fuse not in FUSE_PRESETS:
+            raise ValueError(f"cam.fuse must be one of {', '.join(FUSE_PRESETS)}, got {self.fuse!r}")
+        return FUSE_PRESETS[self.fuse]
 
     def scale_inputs(self, x: Tensor, s: float) -> Tensor:
-        xs = resize(x, scale_size(tuple(x.shape[-2:]), s)) if s != 1.0 else x
-        return torch.cat([xs, xs.flip(-1)]) if self.flip else xs
+        """x at scale ``s`` (+ its flipped copy when the CAM passes flip): (B or 2B, 3, h, w)."""
+        return scaled_input(x, s, self.flip)
 
     def fuse_cams(self, cams: list[Tensor], size: tuple[int, int], batch: int) -> Tensor:
         """Raw CAMs of [x_s, flip(x_s)] (2B rows) or of x_s alone (B rows) -> normalised (B, K, H, W)."""
@@ -101,10 +207,12 @@ class Method:
     @torch.no_grad()
     def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None) -> Tensor:
         """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1]."""
-        cams = []
-        for s in scales or self.scales:
-            cams.append(net.forward_cam(self.scale_inputs(x, s)).cam)
-        return self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0])
+        return self.fused_cam(lambda xs: net.forward_cam(xs).cam, x, scales)
+
+    def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None
+                  ) -> Tensor:
+        """:func:`wsss.ops.cam.multiscale_cam` of ``cam_fn`` with this method's scales, flip and fusion."""
+        return multiscale_cam(cam_fn, x, scales or self.scales, self.flip, **self.fuse_kwargs())
 
     def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
         """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain."""
@@ -163,17 +271,14 @@ class Method:
                     out["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
                 if "pseudo" in want and not self.OWN_PSEUDO:
                     out["pseudo"] = self.pseudo_label(image01, cam, labels, None)
-                out.update(self.extra_maps(net, x, image01, labels, cam, scales, want))
+                out.update(self.extra_maps(net, MapInput(x, image01, labels, cam, scales), want))
         if "seg" in want:
             seg = self.segment(net, x)
             if seg is not None:
                 out["seg"] = seg.argmax(1)
         return out
 
-    def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
-        want: Collection[str],
-    ) -> dict[str, Tensor]:
+    def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """A method's own evaluation maps named in ``want``, given the normalised multi-scale CAM
         (B, K, H, W)."""
         return {}
@@ -183,8 +288,39 @@ class Method:
         """Segmentation logits at the input size (B, K+1, H, W), or None without a seg head."""
         if net.seg_head is None:
             return None
-        out = net(x, with_seg=True, with_aff=False)
+        out = net(x, with_seg=True, heads=False)
         return resize(out.seg, tuple(x.shape[-2:]))  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def score_cam(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float]) -> Tensor:
+        """The CAM (B, K, H, W) in [0, 1], masked by ``labels``, that the background-threshold sweep and
+        the saved pseudo-label scores use: the multi-scale CAM (a method with a refined CAM returns
+        that)."""
+        return self.multiscale_cam(net, x, scales) * labels[..., None, None]
+
+
+    # ----------------------------------------------------------------- analysis hooks (wsss analyze)
+    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+                     ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The method's refinement with the model's own affinity and with a perfect one built from the
+        ground truth ``gt`` (B, H, W) (255 = ignored), for padded images x (B, 3, H, W): label maps
+        (B, H, W) named as :attr:`ORACLE_MAPS`, and float64 pair-agreement sums (6,) of a learned
+        affinity (:func:`wsss.refine.labels.pair_agreement`) or None."""
+        return {}, None
+
+    def oracle_protocol(self) -> dict[str, Any]:
+        """The settings of :meth:`oracle_batch`, for the analysis JSON."""
+        return {}
+
+    def affinity_probe(self, net: WSSSNet, x: Tensor) -> dict[str, Any] | None:
+        """A learned token affinity for single-scale images x (B, 3, H, W): ``{"affinity": (B, N, N),
+        "grid": (h, w), "attn": [(B, heads, N', N') logits it is computed from], "cam": (B, K, h', w')}``,
+        or None when the method learns none."""
+        return None
+
+    def head_weights(self, net: WSSSNet) -> dict[str, Any] | None:
+        """The learned weight of each attention head in the method's affinity head, or None."""
+        return None
 
 
 def with_background(cam: Tensor, score: float) -> Tensor:

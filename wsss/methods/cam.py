@@ -11,18 +11,25 @@ import torch
 from torch import Tensor, nn
 
 from wsss.data.transforms import denormalize
-from wsss.methods.base import Method, pass_mode, unwrap
+from wsss.methods.afa import AFAConfig
+from wsss.methods.base import Method, pass_mode, register_method, unwrap
 from wsss.model import WSSSNet
 from wsss.ops.losses import seg_loss_bg_fg
 
 
+@register_method
 class CAMMethod(Method):
+    """Reads the schedule of the AFA section (``afa.warmup_iters``, ``afa.seg_weight``): the baseline is
+    AFA's recipe without the affinity."""
+
     name = "cam"
+    Config = AFAConfig
+    section = "afa"
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
-        self.warmup = int(cfg.afa.warmup_iters)
-        self.seg_weight = float(cfg.afa.seg_weight)
+        self.warmup = int(self.opts.warmup_iters)  # type: ignore[union-attr]
+        self.seg_weight = float(self.opts.seg_weight)  # type: ignore[union-attr]
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int

@@ -10,12 +10,14 @@ from collections.abc import Collection
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.methods.base import Method, resize
+from wsss.methods.base import Method, register_method, resize
 from wsss.model import WSSSNet
 
 
+@register_method
 class SupervisedMethod(Method):
     name = "supervised"
+    PSEUDO_MAP = None  # learns from masks: no pseudo labels of its own
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int

@@ -26,6 +26,8 @@ ReluMode = Literal["each", "after", "none"]
 AFA_FUSE: dict[str, Any] = {"flip_fuse": "max", "relu": "each", "eps": 1e-5}
 #: Keyword arguments reproducing the official AReAM ``gen_msf_cam`` merge.
 AREAM_FUSE: dict[str, Any] = {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
+#: The fusion rules by name (the config's ``cam.fuse``).
+FUSE_PRESETS: dict[str, dict[str, Any]] = {"afa": AFA_FUSE, "aream": AREAM_FUSE}
 
 
 def normalize_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
@@ -97,15 +99,14 @@ def multiscale_cam(
     Returns the normalised CAM (B, K, H, W). The caller chooses ``no_grad`` and the model mode.
     """
     batch, _, height, width = x.shape
-    cams = []
-    for s in scales:
-        size = (int(s * height), int(s * width))
-        xs = (
-            x
-            if size == (height, width)
-            else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        )
-        if flip:
-            xs = torch.cat([xs, xs.flip(-1)], dim=0)
-        cams.append(cam_fn(xs))
+    cams = [cam_fn(scaled_input(x, s, flip)) for s in scales]
     return fuse_multiscale(cams, (height, width), batch, **fuse)
+
+
+def scaled_input(x: Tensor, s: float, flip: bool) -> Tensor:
+    """x (B, 3, H, W) resized to (int(s*H), int(s*W)) bilinearly (align_corners False; untouched when
+    that is (H, W)), then ``cat([x_s, x_s.flip(-1)])`` (2B rows) with ``flip``."""
+    height, width = x.shape[-2:]
+    size = (int(s * height), int(s * width))
+    xs = x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return torch.cat([xs, xs.flip(-1)], dim=0) if flip else xs

@@ -202,13 +202,13 @@ def par_pseudo_label(
 
 
 def _refine_in_box(
-    image01: Tensor, maps: Tensor, idx: Tensor, par: PAR, box: tuple[int, int, int, int]
+    image01: Tensor, maps: Tensor, idx: Tensor, par: PAR, box: tuple[int, int, int, int], downscale: int
 ) -> tuple[Tensor, Tensor]:
-    """One image: crop to the box, PAR at half the box size, back to box size -> (Lh, Ll) (bh, bw)."""
+    """One image: crop to the box, PAR at 1/downscale of the box size, back to box size -> (Lh, Ll)."""
     r0, r1, c0, c1 = box
     img = image01[:, :, r0:r1, c0:c1]
     bh, bw = img.shape[-2:]
-    img_s = F.interpolate(img, size=(bh // 2, bw // 2), mode="bilinear", align_corners=False)
+    img_s = F.interpolate(img, size=(bh // downscale, bw // downscale), mode="bilinear", align_corners=False)
     lab_h, lab_l = _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
     return lab_h[0], lab_l[0]
 
@@ -222,6 +222,7 @@ def par_refine_scores_label(
     img_box: Tensor,
     crop_to_box: bool = True,
     ignore_index: int = 255,
+    downscale: int = 2,
 ) -> Tensor:
     """PAR-refined label from propagated score stacks (AFA ``refine_cams_with_cls_label`` + combine).
 
@@ -234,7 +235,8 @@ def par_refine_scores_label(
     result is upsampled back to the box. This is the one per-image loop of the module: box sizes
     differ between images, so the crops cannot be batched. ``crop_to_box=False`` (fast): one batched
     PAR call over the whole crop at half resolution; identical when every box is the whole crop, and
-    slightly different near box borders otherwise.
+    slightly different near box borders otherwise. ``downscale``: PAR runs at 1/downscale resolution
+    (official: 2, as for :func:`par_pseudo_label`; the config's ``par.downscale`` governs both).
 
     Args:
         image01: (B, 3, H, W) image in [0, 1].
@@ -261,10 +263,11 @@ def par_refine_scores_label(
         for i, box in enumerate(img_box.tolist()):
             r0, r1, c0, c1 = box
             lab_h[i, r0:r1, c0:c1], lab_l[i, r0:r1, c0:c1] = _refine_in_box(
-                image01[i : i + 1], stack[i : i + 1], idx[i : i + 1], par, box
+                image01[i : i + 1], stack[i : i + 1], idx[i : i + 1], par, box, downscale
             )
     else:
-        image_s = F.interpolate(image01, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
+        size = (h // downscale, w // downscale)
+        image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
         lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
@@ -317,3 +320,22 @@ def affinity_labels(
     if window is not None:
         ign = ign | ~window.to(device=aff.device, dtype=torch.bool)
     return aff.masked_fill_(ign, ignore_index)
+
+
+def pair_agreement(aff: Tensor, target: Tensor) -> Tensor:
+    """Sums over the labelled token pairs, to be accumulated over a dataset.
+
+    Args:
+        aff: (B, N, N) predicted affinity in [0, 1].
+        target: (B, N, N) long in {0, 1, 255 = ignored} (:func:`wsss.refine.labels.affinity_labels`).
+    Returns:
+        float64 (6,): [sum of aff on positives, #positives, sum of aff on negatives, #negatives,
+        #pairs whose (aff > 0.5) equals the label, #labelled pairs].
+    """
+    a = aff.double()
+    pos, neg = target == 1, target == 0
+    correct = ((a > 0.5) == pos) & (pos | neg)
+    return torch.stack([
+        (a * pos).sum(), pos.sum().double(), (a * neg).sum(), neg.sum().double(),
+        correct.sum().double(), (pos | neg).sum().double(),
+    ]).cpu()

@@ -1,0 +1,71 @@
+"""What a config key may hold: :class:`Rule` (type, range, choices, null, list shape).
+
+The generic config schema (:mod:`wsss.config`) and every method's config section
+(:class:`wsss.methods.base.MethodConfig`) check their values with these rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import ListConfig
+
+_NUM = (int, float)
+
+
+class Rule:
+    """What one key may hold: ``kind`` int | float | bool | str | list | any, a range [lo, hi], a set of
+    choices, null allowed or not; for lists the element kind, the element range and a length."""
+
+    def __init__(self, kind: str, lo: float | None = None, hi: float | None = None,
+                 choices: Sequence[str] | None = None, null: bool = False, item: str = "float",
+                 length: int | None = None, min_len: int = 0) -> None:
+        self.kind, self.lo, self.hi, self.choices, self.null = kind, lo, hi, choices, null
+        self.item, self.length, self.min_len = item, length, min_len
+
+    def _scalar(self, v: Any, kind: str) -> str | None:
+        if kind == "bool":
+            return None if isinstance(v, bool) else "true or false"
+        if kind == "str":
+            if not self.choices and isinstance(v, _NUM) and not isinstance(v, bool):
+                return None  # a name such as name=2024 (read as a number); code reads it with str()
+            if not isinstance(v, str):
+                return "a string"
+            return None if not self.choices or v in self.choices else f"one of {', '.join(self.choices)}"
+        ok = isinstance(v, int) if kind == "int" else isinstance(v, _NUM)
+        if isinstance(v, bool) or not ok:
+            return "an integer" if kind == "int" else "a number"
+        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            lo = "" if self.lo is None else f">= {self.lo:g}"
+            hi = "" if self.hi is None else f"<= {self.hi:g}"
+            what = "an integer" if kind == "int" else "a number"
+            return f"{what} {' and '.join(x for x in (lo, hi) if x)}"
+        return None
+
+    def problem(self, v: Any) -> str | None:
+        """None when ``v`` fits, else what it should be."""
+        if v is None or self.kind == "any":
+            return None if self.null or self.kind == "any" else "set (not null)"
+        if self.kind != "list":
+            return self._scalar(v, self.kind)
+        if not isinstance(v, (list, tuple, ListConfig)):
+            return f"a list of {self.item}s"
+        if (self.length is not None and len(v) != self.length) or len(v) < self.min_len:
+            n = self.length if self.length is not None else f"at least {self.min_len}"
+            return f"a list of {n} {self.item}s"
+        bad = next((p for p in (self._scalar(x, self.item) for x in v) if p), None)
+        return None if bad is None else f"a list whose items are each {bad}"
+
+
+def default_rule(value: Any) -> Rule:
+    """Rule of a key without an entry in :data:`RULES`: the type of its default, non-negative numbers."""
+    if isinstance(value, bool):
+        return Rule("bool")
+    if isinstance(value, int):
+        return Rule("int", 0)
+    if isinstance(value, float):
+        return Rule("float", 0.0)
+    if isinstance(value, list):
+        return Rule("list", item="int" if value and isinstance(value[0], int) else "float")
+    return Rule("str" if isinstance(value, str) else "any")
