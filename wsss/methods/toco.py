@@ -32,7 +32,16 @@ from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead
 from wsss.heads.largefov import LargeFOVHead
 from wsss.heads.projection import ProjectionHead, ema_update_
-from wsss.methods.base import Method, MethodConfig, option, pass_mode, register_method, resize, unwrap
+from wsss.methods.base import (
+    MapInput,
+    Method,
+    MethodConfig,
+    option,
+    pass_mode,
+    register_method,
+    resize,
+    unwrap,
+)
 from wsss.model import WSSSNet
 from wsss.ops.contrast import (
     class_token_contrast,
@@ -59,7 +68,10 @@ class ToCoConfig(MethodConfig):
     seg_start_iter: int = option(2000)  # segmentation (+ energy) loss after this iteration (COCO: 8000)
     contrast_start_iter: int = option(0)  # PTC and CTC after this iteration (COCO: 12000)
     aux_seg_until: int | None = option(None, Rule("int", 0, null=True))  # COCO: aux CAM seg labels (12000)
-    seg_head: str = option("largefov", Rule("str", choices=SEG_HEADS))  # model: the network's seg head
+    # the segmentation decoder: "model", the network's seg head (model.seg_head), or "largefov", the
+    # official ToCo decoder as a method head, evaluated single-scale only (the engine's multi-scale,
+    # flip and CRF segmentation reads the network's seg head)
+    seg_head: str = option("model", Rule("str", choices=SEG_HEADS))
     seg_embed_dim: int = option(512, Rule("int", 1))  # LargeFOV width
     seg_weight: float = option(0.1)
     reg_weight: float = option(0.05)
@@ -184,11 +196,10 @@ class ToCoMethod(Method):
         if missing:
             raise ValueError(f"method 'toco' needs a network with its heads {sorted(missing)} "
                              "(build_network(cfg, K))")
-        own_seg = self.o.seg_head == "largefov"
-        if own_seg and net.seg_head is not None:
-            raise ValueError("toco.seg_head 'largefov' brings its own segmentation head: set "
-                             "model.seg_head.enabled false (or toco.seg_head: model)")
-        self.seg_name = self.SEG if own_seg else None
+        self.seg_name = self.SEG if self.o.seg_head == "largefov" else None
+        self.has_seg = self.seg_name is not None or net.seg_head is not None
+        if self.seg_name is not None:
+            _check_own_seg(cfg, net)
         self.bkg = float(cfg.eval.bkg_score)
 
     # ----------------------------------------------------------------- CAM passes
@@ -248,7 +259,7 @@ class ToCoMethod(Method):
     ) -> tuple[Tensor, dict[str, float]]:
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m, o = unwrap(net), self.o
-        use_seg = it > int(o.seg_start_iter)
+        use_seg = self.has_seg and it > int(o.seg_start_iter)
         use_con = it > int(o.contrast_start_iter)
         heads = [self.AUX] + ([self.TOKENS, self.PROJ, self.TEACHER] if use_con else [])
         heads += [self.seg_name] if (use_seg and self.seg_name) else []
@@ -293,14 +304,12 @@ class ToCoMethod(Method):
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def extra_maps(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, cam: Tensor, scales: list[float],
-        want: Collection[str],
-    ) -> dict[str, Tensor]:
+    def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'cam_aux': the multi-scale auxiliary CAM thresholded at ``eval.bkg_score``."""
         if "cam_aux" not in want:
             return {}
-        _, cam_aux = self.both_cams(net, x, scales)
+        _, cam_aux = self.both_cams(net, inp.x, inp.scales)
+        labels = inp.labels
         return {"cam_aux": cam_to_label(cam_aux * labels[..., None, None], labels, bkg_score=self.bkg)}
 
     def map_names(self, net: WSSSNet) -> tuple[str, ...]:
@@ -313,6 +322,17 @@ class ToCoMethod(Method):
             return super().segment(net, x)
         out = net.forward_cam(x, heads=[self.seg_name])
         return resize(out.heads[self.seg_name], tuple(x.shape[-2:]))
+
+
+def _check_own_seg(cfg: Any, net: WSSSNet) -> None:
+    """The LargeFOV method head replaces the network's seg head and is evaluated single-scale."""
+    if net.seg_head is not None:
+        raise ValueError("toco.seg_head 'largefov' brings its own segmentation head: set "
+                         "model.seg_head.enabled false (or toco.seg_head: model)")
+    if bool(cfg.eval.flip) or [float(s) for s in cfg.eval.scales] != [1.0]:
+        raise ValueError("toco.seg_head 'largefov' is evaluated single-scale without flip (the multi-scale "
+                         "segmentation reads the network's seg head): set eval.scales [1.0] and eval.flip "
+                         "false, or toco.seg_head: model")
 
 
 def _normalize(image01: Tensor) -> Tensor:
