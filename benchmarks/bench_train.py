@@ -155,7 +155,6 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
     """One run of AFA's no-grad pseudo-label path (CAM pass excluded, as in the official figure): seconds."""
     import torch
 
-    from wsss.data.transforms import denormalize
     from wsss.methods.base import pass_mode, resize
     from wsss.refine.labels import affinity_labels, par_refine_scores_label
 
@@ -165,7 +164,7 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
             cache["c"] = method.cam_and_affinity(net, x)
         cam, aff, grid = cache["c"]
         t0 = clock()
-        image01 = denormalize(x)
+        image01 = x
         cam = cam * labels[..., None, None]
         par_label = method.pseudo_label(image01, cam, labels, box)
         size = tuple(x.shape[-2:])

@@ -22,15 +22,14 @@ from wsss.data import (
     collate,
     color_jitter,
     convert_cls_labels_npy,
-    denormalize,
+    image01_to_uint8,
     load_image,
     load_mask,
-    normalize,
-    pad_to_multiple,
     random_crop,
     random_rescale,
     random_resized_crop,
     save_mask,
+    to_image01,
     voc_palette,
 )
 from wsss.data.transforms import _shift_hue, pad_and_crop
@@ -282,31 +281,44 @@ def test_eval_transform_keeps_full_image():
     assert box.tolist() == [0, 7, 0, 9] and img.shape == (3, 7, 9)
 
 
-def test_normalize_denormalize():
+def test_image01_and_the_backbone_normalisation():
+    """Batches carry x / 255; the backbone's normalisation of it equals normalising the 0..255 values
+    with the ImageNet statistics (bit for bit: the network's input did not change)."""
+    from wsss.backbones.base import Backbone
+
     rng = np.random.default_rng(0)
     image = _rand_rgb(rng, 4, 5)
-    n = normalize(image)
+    x01 = to_image01(image)
+    assert x01.dtype == np.float32 and x01.shape == (3, 4, 5)
     for y in range(4):
         for x in range(5):
             for c in range(3):
-                ref = (float(image[y, x, c]) - (123.675, 116.28, 103.53)[c]) / (58.395, 57.12, 57.375)[c]
-                assert abs(n[c, y, x] - ref) < 1e-5
-    t = torch.from_numpy(n)[None]
-    d = denormalize(t)
-    ref01 = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    torch.testing.assert_close(d[0], ref01, atol=1e-5, rtol=0)
-    assert denormalize(torch.full((1, 3, 2, 2), -100.0)).eq(0).all()
-    assert denormalize(torch.full((1, 3, 2, 2), 100.0)).eq(1).all()
+                assert x01[c, y, x] == np.float32(image[y, x, c]) / np.float32(255)
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    mean = np.asarray((123.675, 116.28, 103.53), dtype=np.float32)
+    std = np.asarray((58.395, 57.12, 57.375), dtype=np.float32)
+    pipeline = ((every.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    normed = Backbone().normalize(torch.from_numpy(to_image01(every))[None])[0].numpy()
+    np.testing.assert_array_equal(normed, pipeline)
+    back = image01_to_uint8(torch.from_numpy(x01))
+    np.testing.assert_array_equal(back.numpy(), image)
+    assert image01_to_uint8(torch.full((3, 1, 1), 2.0)).eq(255).all()
 
 
-def test_pad_to_multiple():
-    x = torch.randn(2, 3, 17, 32)
-    out, box = pad_to_multiple(x, 16)
-    assert out.shape == (2, 3, 32, 32) and box.tolist() == [[0, 17, 0, 32]] * 2
+def test_the_network_pads_with_the_mean_colour():
+    from wsss.config import load_config
+    from wsss.methods import build_network
+
+    net = build_network(load_config("cam_mit_tiny_synthetic"), 5)
+    x = torch.rand(2, 3, 17, 32)
+    out, size = net.pad(x)
+    assert out.shape == (2, 3, 32, 32) and size == (17, 32)
     torch.testing.assert_close(out[..., :17, :], x)
-    assert out[..., 17:, :].eq(0).all()
-    out, box = pad_to_multiple(torch.randn(3, 16, 16), 16)
-    assert out.shape == (3, 16, 16) and box.tolist() == [0, 16, 0, 16]
+    assert net.backbone.normalize(out)[..., 17:, :].eq(0).all()  # the mean colour: 0 once normalised
+    same, size = net.pad(torch.rand(1, 3, 16, 16))
+    assert same.shape == (1, 3, 16, 16) and size == (16, 16)
+    big, _ = net.pad(torch.rand(1, 3, 20, 70), min_size=64)
+    assert big.shape == (1, 3, 64, 80)
 
 
 def test_hue_shift_matches_colorsys():

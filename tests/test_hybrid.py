@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import ref_blocks
 
-from wsss.backbones.base import PIPELINE_MEAN, PIPELINE_STD, renormalize
 from wsss.backbones.hybrid import HybridTransformer, hybrid_lite0_tiny
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
@@ -27,13 +26,12 @@ def ref_tokens_forward(m: HybridTransformer, tokens: torch.Tensor):
     return F.layer_norm(z, (z.shape[-1],), sd["norm.weight"], sd["norm.bias"], 1e-6), logits
 
 
-def test_renormalize_matches_two_step_reference():
+def test_the_hybrid_declares_the_cnn_statistics():
+    """The network normalises [0, 1] images with its backbone's mean/std: (x - 0.5) / 0.5 for Lite0."""
+    m = tiny()
+    assert m.input_mean == m.cnn.input_mean == (0.5, 0.5, 0.5) and m.input_std == (0.5, 0.5, 0.5)
     x01 = torch.rand(2, 3, 5, 4)
-    mean = torch.tensor(PIPELINE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIPELINE_STD).view(1, 3, 1, 1)
-    pipeline = (x01 * 255 - mean) / std
-    torch.testing.assert_close(renormalize(pipeline, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (x01 - 0.5) / 0.5,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.normalize(x01), (x01 - 0.5) / 0.5, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("class_tokens", [0, 3])
@@ -49,7 +47,7 @@ def test_forward_matches_reference_and_contract(class_tokens, output_stride):
     with torch.no_grad():
         out = m(x, attn_layers=range(3))
         fast = m(x)
-        cnn = m.cnn(renormalize(x, m.cnn.input_mean, m.cnn.input_std)).features
+        cnn = m.cnn(x).features
         tok = m.proj(cnn[-1].flatten(2).transpose(1, 2)) + m.tokens_pos(*cnn[-1].shape[-2:])
         if class_tokens:
             tok = torch.cat([m.cls_token.expand(2, -1, -1), tok], 1)
@@ -78,7 +76,7 @@ def test_similarity_init_makes_attention_feature_similarity():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         out = m(x, attn_layers=[0])
-        cnn = m.cnn(renormalize(x, m.cnn.input_mean, m.cnn.input_std)).features[-1]
+        cnn = m.cnn(x).features[-1]
         y = m.blocks[0].norm1(m.proj(cnn.flatten(2).transpose(1, 2)))[0]  # (N, D)
     n, hd = y.shape[0], 16
     for h in range(2):

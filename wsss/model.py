@@ -8,10 +8,15 @@ heads)`` builds it from a config section, ``heads`` being a method's head builde
   logits, method heads, captured attention);
 - ``forward_cam(x, attn_layers, attn_reduce, heads)``: the CAM-only forward used by the no-grad CAM
   passes. It never runs the segmentation decoder (the official code runs it there for nothing).
+
+The network owns its preprocessing: both take [0, 1] RGB images and normalise them with the
+backbone's statistics (the one place that happens); :meth:`WSSSNet.pad` pads an image to the sizes
+the backbone and the evaluation protocol need (with the mean colour), and the caller crops back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +82,28 @@ class WSSSNet(nn.Module):
         """The method heads by name."""
         return {n: getattr(self, n) for n in self.head_names}
 
+    # Inputs are padded to a multiple of 16 (the evaluation protocol) and of the backbone's multiple.
+    PAD_MULTIPLE = 16
+
+    @property
+    def pad_multiple(self) -> int:
+        return math.lcm(self.PAD_MULTIPLE, int(self.backbone.input_multiple))
+
+    def pad(self, image01: Tensor, min_size: int = 0) -> tuple[Tensor, tuple[int, int]]:
+        """Pad [0, 1] images (B, 3, H, W) at the bottom/right to :attr:`pad_multiple` (and to at least
+        ``min_size``) with the backbone's mean colour (normalised: 0); returns them and the original
+        (H, W) to crop back to."""
+        h, w = image01.shape[-2:]
+        m = self.pad_multiple
+        th, tw = max(h, min_size), max(w, min_size)
+        ph, pw = th + (-th) % m - h, tw + (-tw) % m - w
+        if not (ph or pw):
+            return image01, (h, w)
+        out = image01.new_empty(*image01.shape[:-2], h + ph, w + pw)
+        out.copy_(out.new_tensor(self.backbone.input_mean).view(3, 1, 1).expand_as(out))
+        out[..., :h, :w] = image01
+        return out, (h, w)
+
     def layers(self, layers: Sequence[int]) -> list[int]:
         """Normalised (non-negative, sorted) layer indices."""
         return sorted(self.backbone.check_layers(layers))
@@ -85,8 +112,8 @@ class WSSSNet(nn.Module):
         self, x: Tensor, attn_layers: Sequence[int], attn_reduce: AttnReduce | None,
         heads: Sequence[str], feature_layers: Sequence[int],
     ) -> BackboneOutput:
-        """The backbone with the attention and features the named heads read (their attention
-        layers unreduced) on top of the requested ones."""
+        """The backbone on the normalised images x (B, 3, H, W) in [0, 1], with the attention and
+        features the named heads read (their attention layers unreduced) on top of the requested ones."""
         mods = [getattr(self, n) for n in heads]
         keep = {i for m in mods for i in m.attn_layers}
         feats = {i for m in mods for i in m.feature_layers} | set(self.layers(feature_layers))
@@ -96,7 +123,8 @@ class WSSSNet(nn.Module):
             def reduce(layer: int, logits: Tensor) -> Tensor:
                 return logits if layer in keep else attn_reduce(layer, logits)
 
-        return self.backbone(x, sorted(set(self.layers(attn_layers)) | keep), reduce, sorted(feats))
+        layers = sorted(set(self.layers(attn_layers)) | keep)
+        return self.backbone(self.backbone.normalize(x), layers, reduce, sorted(feats))
 
     def _head_list(self, heads: bool | Collection[str]) -> list[str]:
         if isinstance(heads, bool):
@@ -115,7 +143,7 @@ class WSSSNet(nn.Module):
         heads: bool | Collection[str] = True,
         feature_layers: Sequence[int] = (),
     ) -> NetOutput:
-        """x: (B, 3, H, W) normalised. ``heads``: the method heads to run (True: all). Heads whose
+        """x: (B, 3, H, W) RGB in [0, 1]. ``heads``: the method heads to run (True: all). Heads whose
         output a loss does not use must be switched off: under DDP every output must reach the loss."""
         names = self._head_list(heads)
         out = self._run_backbone(x, attn_layers, attn_reduce, names, feature_layers)
@@ -134,7 +162,8 @@ class WSSSNet(nn.Module):
         heads: Collection[str] = (),
         feature_layers: Sequence[int] = (),
     ) -> NetOutput:
-        """CAM-only forward: backbone + CAM head (+ the named method heads)."""
+        """CAM-only forward of [0, 1] images x (B, 3, H, W): backbone + CAM head (+ the named method
+        heads)."""
         names = self._head_list(heads)
         out = self._run_backbone(x, attn_layers, attn_reduce, names, feature_layers)
         return self._output([], self.cam_head.cam(out.features[-1]), None, names, out)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.data.io import load_image
-from wsss.data.transforms import denormalize, normalize
+from wsss.data.transforms import to_image01
 from wsss.engine.distributed import resolve_device
-from wsss.engine.evaluate import crf_seg, multiscale_seg, pad_batch
+from wsss.engine.evaluate import crf_seg, multiscale_seg
 from wsss.methods import build_method
 from wsss.methods.base import resize, with_background
 from wsss.model import WSSSNet
@@ -168,7 +168,7 @@ class Segmenter:
             raise ValueError(f"predict_batch needs images of one size, got {sorted({a.shape for a in arrs})}")
         scales = [float(s) for s in (scales if scales is not None else self.cfg.eval.scales)]
         flip = bool(self.cfg.eval.flip) if flip is None else bool(flip)
-        x = torch.from_numpy(np.stack([normalize(a) for a in arrs])).to(self.device)  # (B, 3, H, W)
+        x = torch.from_numpy(np.stack([to_image01(a) for a in arrs])).to(self.device)  # (B, 3, H, W)
         size = (x.shape[-2], x.shape[-1])
         small = fit_size(size, max_size)
         xs = F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=True) \
@@ -177,7 +177,7 @@ class Segmenter:
         cams = resize(cams, size)  # back to the original size: (B, K, H, W)
         if seg is not None:
             seg = resize(seg, size)
-        mask = self._mask(cams, seg, lab, denormalize(x) if crf else None)
+        mask = self._mask(cams, seg, lab, x if crf else None)
         return [
             Prediction(mask[i].cpu().numpy().astype(np.int64), scores[i].cpu().numpy(),
                        cams[i].float().cpu().numpy(), self.class_names, arrs[i])
@@ -187,12 +187,10 @@ class Segmenter:
     def _score_maps(self, x: Tensor, labels: Sequence[str] | str | None, scales: list[float], flip: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Class scores (B, K), the classes kept (B, K) multi-hot, CAMs (B, K, h, w) in [0, 1] and seg
-        logits (B, K+1, h, w) (None without a seg head) of a normalised
+        logits (B, K+1, h, w) (None without a seg head) of a [0, 1]
         batch (B, 3, h, w). No pass computes attention maps."""
         h, w = x.shape[-2:]
-        xp, _ = pad_batch(x)
-        if min(xp.shape[-2:]) < MIN_SIDE:  # too small for the backbone's strides: pad with the mean colour
-            xp = F.pad(xp, (0, max(0, MIN_SIDE - xp.shape[-1]), 0, max(0, MIN_SIDE - xp.shape[-2])))
+        xp, _ = self.net.pad(x, min_size=MIN_SIDE)  # small images: every backbone's strides must fit
         net = self.net
         scores = net(xp, with_seg=False, heads=False).logits[0].sigmoid()  # (B, K)
         lab = (self.label_vector(labels).to(self.device).expand_as(scores) if labels is not None

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wsss.data.transforms import denormalize
-from wsss.engine.evaluate import num_images, pad_batch
+from wsss.engine.evaluate import num_images
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.methods.base import Method, pass_mode
 from wsss.model import WSSSNet
@@ -27,15 +26,16 @@ from wsss.refine.labels import pair_agreement
 __all__ = ["oracle_quality", "pair_agreement"]
 
 
-def _samples(dataset: Any, max_images: int | None, device: torch.device) -> Iterator[tuple[Tensor, ...]]:
-    """(x padded, image01, labels, gt (1, h, w), gt padded with 255 to x's size) per image."""
+def _samples(net: WSSSNet, dataset: Any, max_images: int | None, device: torch.device
+             ) -> Iterator[tuple[Tensor, ...]]:
+    """(x [0, 1] padded, labels, gt (1, h, w), gt padded with 255 to x's size) per image."""
     for idx in range(num_images(dataset, max_images)):
         sample = dataset[idx]
-        x, (h, w) = pad_batch(sample["image"][None].to(device))
+        x, (h, w) = net.pad(sample["image"][None].to(device))
         gt = sample["mask"][None].to(device)
         gt_pad = gt.new_full((1, *x.shape[-2:]), 255)
         gt_pad[:, :h, :w] = gt
-        yield x, denormalize(x), sample["labels"][None].to(device), gt, gt_pad
+        yield x, sample["labels"][None].to(device), gt, gt_pad
 
 
 def _protocol(dataset: Any, max_images: int | None) -> dict[str, Any]:
@@ -55,9 +55,9 @@ def oracle_quality(
     sums: Tensor | None = None
     cms = {k: ConfusionMatrix(num_classes, device=device) for k in method.ORACLE_MAPS}
     with pass_mode(net, "eval"), method.flipping(False):
-        for x, image01, labels, gt, gt_pad in _samples(dataset, max_images, device):
+        for x, labels, gt, gt_pad in _samples(net, dataset, max_images, device):
             h, w = gt.shape[-2:]
-            maps, pairs = method.oracle_batch(net, x, image01, labels, gt_pad)
+            maps, pairs = method.oracle_batch(net, x, labels, gt_pad)
             for k, label in maps.items():
                 cms[k].update(label[:, :h, :w], gt)
             if pairs is not None:

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.analysis.hellinger import layer_hellinger
+from wsss.data.transforms import image01_to_uint8, to_image01
 from wsss.engine.distributed import resolve_device
-from wsss.engine.evaluate import num_images, pad_batch
+from wsss.engine.evaluate import num_images
 from wsss.engine.metrics import AREAM_THRESHOLDS, SweepAccumulator
 from wsss.methods import build_method
 from wsss.methods.base import Method
@@ -45,7 +46,6 @@ from wsss.model import WSSSNet
 from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches
 from wsss.ops.cam import normalize_cam
 
-PAD = 16
 NORM_EPS = 1e-6  # AReAM inference min-max epsilon (aream.md 5.2)
 # The mIoU rules (wsss.engine.metrics protocols), as the printed output names them.
 IOU_RULES = {
@@ -307,7 +307,7 @@ def analyze_dataset(net: WSSSNet, dataset: Any, num_classes: int, cfg: Any | Non
         image = torch.stack([s["image"] for s in group]).to(device)
         labels = torch.stack([s["labels"] for s in group]).to(device).float()
         gt = torch.stack([s["mask"] for s in group]).to(device)
-        x, size = pad_batch(image, PAD)
+        x, size = net.pad(image)
         if layers is None:
             layers, _, note = analysis_layers(net, x)
         st = layer_statistics(net, x, labels, layers, class_att, keep_example=not example)
@@ -343,9 +343,7 @@ def column_concentration(col_mass: Tensor, top: float = 0.05) -> Tensor:
 
 
 def _example(sample: dict, image: Tensor, st: LayerStats, labels: Tensor) -> dict[str, Any]:
-    from wsss.data.transforms import denormalize
-
-    img = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    img = image01_to_uint8(image).cpu().numpy()
     return {"name": str(sample.get("name", "0")), "image": img, "affinity": st.example.cpu(),
             "col_mass": st.col_mass[:, 0].cpu(), "grid": st.grid, "labels": labels.cpu(),
             "cam": st.cam[0].cpu(), "refined": st.refined[:, 0].cpu(),
@@ -629,7 +627,8 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
         "model": {"backbone": str(cfg.model.backbone), "method": str(cfg.method), "num_layers": bb.num_layers,
                   "num_prefix_tokens": bb.num_prefix_tokens, "num_heads": list(bb.num_heads)},
         "protocol": {"split": split, "images": res.images, "mode": "eval", "scales": [1.0], "flip": False,
-                     "pad_multiple": PAD, "attention": "head-mean softmax over all keys; patch rows",
+                     "pad_multiple": net.pad_multiple,
+                     "attention": "head-mean softmax over all keys; patch rows",
                      "class_attention": uses_class_attention(net, cfg),
                      "cam_postprocess": "bilinear, crop, ReLU, min-max (eps 1e-6), GT classes",
                      "resize": dataset.size if isinstance(dataset, SquareResized) else None,
@@ -675,10 +674,8 @@ def _write_plots(method: Method, net: WSSSNet, res: AnalysisResult, data: dict[s
     files["layer_cams"] = plot_layer_cams(ex["image"], ex["cam"], ex["refined"], ex["labels"], res.layers,
                                           out)
     if "learned_affinity" in data:
-        from wsss.data.transforms import normalize
-
         device = next(net.parameters()).device
-        x, _ = pad_batch(torch.from_numpy(normalize(ex["image"]))[None].to(device), PAD)
+        x, _ = net.pad(torch.from_numpy(to_image01(ex["image"]))[None].to(device))
         maps = affinity_query_maps(method, net.eval(), x)
         crop = ex["image"]
         data["learned_affinity"]["query"] = list(maps["query"])

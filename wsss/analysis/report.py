@@ -175,9 +175,9 @@ def curves_section(history: list[dict[str, Any]]) -> str:
 
 
 def _uint8_image(x: Any) -> np.ndarray:
-    from wsss.data.transforms import denormalize
+    from wsss.data.transforms import image01_to_uint8
 
-    return (denormalize(x).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return image01_to_uint8(x).cpu().numpy()
 
 
 def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndarray]], list[str], list[str]]:
@@ -186,7 +186,7 @@ def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndar
 
     from wsss.analysis.analyze import load_model
     from wsss.data.build import build_dataset
-    from wsss.engine.evaluate import pad_batch, predict_maps
+    from wsss.engine.evaluate import predict_maps
     from wsss.methods import build_method
 
     net, cfg, names = load_model(run_dir / "model" if (run_dir / "model").is_dir() else run_dir)
@@ -200,7 +200,7 @@ def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndar
         x, labels, gt = sample["image"][None], sample["labels"][None].float(), sample["mask"]
         with torch.no_grad():
             maps = predict_maps(method, net, x, labels, scales, flip)
-            xp, (h, w) = pad_batch(x)
+            xp, (h, w) = net.pad(x)
             cam = (method.multiscale_cam(net, xp, scales) * labels[..., None, None])[0, :, :h, :w]
         img = _uint8_image(x[0])
         heat = cam.amax(0) if cam.shape[0] else torch.zeros(h, w)

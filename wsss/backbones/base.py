@@ -29,10 +29,9 @@ from torch import Tensor, nn
 
 AttnReduce = Callable[[int, Tensor], Tensor]
 
-# The statistics (0..255 scale) the data pipeline normalises every image with. A backbone trained
-# with other statistics converts its input with :func:`renormalize`.
-PIPELINE_MEAN = (123.675, 116.28, 103.53)
-PIPELINE_STD = (58.395, 57.12, 57.375)
+# ImageNet statistics on the [0, 1] scale: the input normalisation of most pretrained backbones.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -66,6 +65,21 @@ class Backbone(nn.Module):
     out_channels: list[int]  # per feature map
     num_prefix_tokens: int = 0  # T: class tokens before the patch tokens
     patch_stride: int = 16  # stride of features[-1]
+    # Input: [0, 1] RGB is normalised as (x - input_mean) / input_std (:meth:`normalize`); the sides
+    # must be multiples of input_multiple.
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+    input_multiple: int = 1
+
+    def normalize(self, image01: Tensor) -> Tensor:
+        """[0, 1] RGB (B, 3, H, W) -> the backbone's input statistics.
+
+        Computed as (255 x - 255 mean) / (255 std) in the input's dtype: 255 x is exact for 8-bit
+        images stored as x / 255 in float32, so the result equals normalising the 0..255 values."""
+        view = (1, 3, 1, 1)
+        mean = image01.new_tensor([255.0 * m for m in self.input_mean]).view(view)
+        std = image01.new_tensor([255.0 * s for s in self.input_std]).view(view)
+        return (image01 * 255.0 - mean) / std
 
     # Subclasses define:
     #   forward_features(x, attn_layers=(), attn_reduce=None) -> BackboneOutput
@@ -143,15 +157,5 @@ def check_input(x: Tensor, multiple: int = 1, name: str = "input") -> None:
     if multiple > 1 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
         raise ValueError(
             f"{name} sides {tuple(x.shape[-2:])} must be multiples of {multiple}; pad the image "
-            f"(wsss.data.transforms.pad_to_multiple) first"
+            f"(WSSSNet.pad) first"
         )
-
-
-def renormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Pipeline-normalised (B, 3, H, W) -> normalised with ``mean``/``std`` given on the [0, 1] scale.
-
-    One per-channel affine map: x01 = (x * PIPELINE_STD + PIPELINE_MEAN) / 255, then (x01 - mean) / std."""
-    view = (1, 3, 1, 1)
-    scale = x.new_tensor([ps / 255.0 / s for ps, s in zip(PIPELINE_STD, std)]).view(view)
-    shift = x.new_tensor([(pm / 255.0 - m) / s for pm, m, s in zip(PIPELINE_MEAN, mean, std)]).view(view)
-    return x * scale + shift

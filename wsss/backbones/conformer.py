@@ -188,6 +188,7 @@ class Conformer(Backbone):
 
     num_prefix_tokens = 1
     patch_stride = PATCH
+    input_multiple = PATCH
 
     def __init__(
         self,

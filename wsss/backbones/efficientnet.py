@@ -167,12 +167,6 @@ class EfficientNetLite0(Backbone):
             self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
         self.apply(_init_weights)
 
-    def normalize(self, image01: Tensor) -> Tensor:
-        """[0, 1] RGB (B, 3, H, W) -> the network's input statistics."""
-        mean = image01.new_tensor(self.input_mean).view(1, 3, 1, 1)
-        std = image01.new_tensor(self.input_std).view(1, 3, 1, 1)
-        return (image01 - mean) / std
-
     def forward_features(self, x: Tensor, attn_layers: Sequence[int] = (),
                          attn_reduce: AttnReduce | None = None) -> BackboneOutput:
         """x: (B, 3, H, W) normalised as (x01 - 0.5) / 0.5. Returns one map per kept stride

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones._layers import Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
-from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input, renormalize
+from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
 from wsss.registry import BACKBONES
 
@@ -61,6 +61,8 @@ class HybridTransformer(Backbone):
         self.cnn.requires_grad_(not freeze_cnn)
         self.embed_dim, self.num_prefix_tokens = embed_dim, num_class_tokens
         self.patch_stride = output_stride
+        self.input_multiple = output_stride
+        self.input_mean, self.input_std = self.cnn.input_mean, self.cnn.input_std  # (x - 0.5) / 0.5
         self.num_layers = depth
         self.num_heads = [num_heads] * depth
         self.head_dims = [embed_dim // num_heads] * depth
@@ -110,13 +112,12 @@ class HybridTransformer(Backbone):
 
     def forward_features(self, x: Tensor, attn_layers: Sequence[int] = (),
                          attn_reduce: AttnReduce | None = None) -> BackboneOutput:
-        """x: (B, 3, H, W) normalised with the pipeline's ImageNet statistics (re-normalised here to
-        the CNN's), H, W multiples of ``output_stride``. Returns features [(B, 24, H/4, W/4),
+        """x: (B, 3, H, W) normalised with the CNN's statistics (:meth:`normalize`), H, W multiples of
+        ``output_stride``. Returns features [(B, 24, H/4, W/4),
         (B, 40, H/8, W/8), (B, D, h, w)], attn[l] = scaled logits (B, heads, T+N, T+N), prefix (B, T, D)."""
         check_input(x, multiple=self.patch_stride)
         capture = self.check_layers(attn_layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_cnn):
-            x = renormalize(x, self.cnn.input_mean, self.cnn.input_std)
             feats = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last)).features
         b, _, h, w = feats[-1].shape
         tokens = self.proj(feats[-1].flatten(2).transpose(1, 2))

@@ -82,6 +82,7 @@ class VisionTransformer(Backbone):
         self.grid = (size[0] // patch_size, size[1] // patch_size)
         self.patch_size = patch_size
         self.patch_stride = patch_size
+        self.input_multiple = patch_size
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.final_norm = final_norm

@@ -10,18 +10,15 @@ from .coco import COCO_CLASSES, COCODataset, convert_coco_instances
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError, load_image, load_mask, save_mask, voc_palette
 from .transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EvalTransform,
     TrainTransform,
     color_jitter,
-    denormalize,
-    normalize,
-    pad_to_multiple,
+    image01_to_uint8,
     random_crop,
     random_hflip,
     random_rescale,
     random_resized_crop,
+    to_image01,
 )
 from .voc import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
 
@@ -37,8 +34,6 @@ def __getattr__(name: str) -> object:  # lazy: `python -m wsss.data.synthetic` m
 __all__ = [
     "COCO_CLASSES",
     "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "VOC_CLASSES",
     "COCODataset",
     "DataError",
@@ -55,12 +50,11 @@ __all__ = [
     "color_jitter",
     "convert_cls_labels_npy",
     "convert_coco_instances",
-    "denormalize",
     "generate_synthetic",
     "load_image",
     "load_mask",
-    "normalize",
-    "pad_to_multiple",
+    "image01_to_uint8",
+    "to_image01",
     "random_crop",
     "random_hflip",
     "random_rescale",

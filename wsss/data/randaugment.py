@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from wsss.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
 from .io import IGNORE_INDEX
 
@@ -196,9 +199,11 @@ def erase_box(
     return None
 
 
-def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
-    """With probability ``p``, fill one :func:`erase_box` of the normalised float ``(3, H, W)`` image
-    with per-pixel N(0, 1) noise ("pixel" mode). Returns a new array when it erases."""
+def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.25,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """With probability ``p``, fill one :func:`erase_box` of the [0, 1] float ``(3, H, W)`` image with
+    per-pixel noise that is N(0, 1) once normalised with ``mean`` / ``std`` (timm's "pixel" mode on a
+    normalised image; the values may leave [0, 1]). Returns a new array when it erases."""
     if p <= 0 or rng.random() > p:
         return image
     box = erase_box(rng, image.shape[1], image.shape[2])
@@ -206,7 +211,9 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.25)
         return image
     top, left, h, w = box
     out = image.copy()
-    out[:, top : top + h, left : left + w] = rng.standard_normal((image.shape[0], h, w)).astype(image.dtype)
+    noise = rng.standard_normal((image.shape[0], h, w))
+    m, sd = np.asarray(mean)[:, None, None], np.asarray(std)[:, None, None]
+    out[:, top : top + h, left : left + w] = (noise * sd + m).astype(image.dtype)
     return out
 
 

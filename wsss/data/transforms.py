@@ -23,17 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from wsss.backbones.base import PIPELINE_MEAN, PIPELINE_STD
-
 from .io import IGNORE_INDEX
 from .randaugment import RandAugment, random_erasing
-
-IMAGENET_MEAN = PIPELINE_MEAN  # every image is normalised with these (0..255 scale)
-IMAGENET_STD = PIPELINE_STD
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -239,35 +233,15 @@ def random_resized_crop(
     return image, mask, np.array([0, size, 0, size], dtype=np.int64)
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB ``(H, W, 3)`` -> float32 ``(3, H, W)`` with ImageNet mean/std on the 0..255 scale."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    return np.ascontiguousarray(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1))
+def to_image01(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB ``(H, W, 3)`` -> float32 ``(3, H, W)`` in [0, 1] (x / 255: the network normalises it with
+    its backbone's statistics, :meth:`wsss.backbones.base.Backbone.normalize`)."""
+    return np.ascontiguousarray((image.astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1))
 
 
-def denormalize(image: Tensor) -> Tensor:
-    """Normalised ``(B, 3, H, W)`` (or ``(3, H, W)``) -> ``image01`` float in [0, 1], clamped.
-
-    Float de-normalisation (the official uint8 cast truncates and wraps: afa.md 14 item 15)."""
-    shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(shape)
-    return ((image * std + mean) / 255.0).clamp_(0.0, 1.0)
-
-
-def pad_to_multiple(image: Tensor, multiple: int = 16, value: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Pad ``(B, 3, H, W)`` or ``(3, H, W)`` at the bottom/right to multiples of ``multiple``.
-
-    Returns the padded image and ``img_box`` (``(B, 4)`` or ``(4,)`` long) of the real image.
-    ``value`` is in normalised units (0 = the ImageNet mean colour)."""
-    h, w = image.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    out = F.pad(image, (0, pw, 0, ph), value=value) if ph or pw else image
-    box = torch.tensor([0, h, 0, w], dtype=torch.long, device=image.device)
-    if image.ndim == 4:
-        box = box.expand(image.shape[0], 4).clone()
-    return out, box
+def image01_to_uint8(image01: Tensor) -> Tensor:
+    """[0, 1] images ``(..., 3, H, W)`` -> uint8 ``(..., H, W, 3)`` (rounded, clamped) for display / CRF."""
+    return (image01 * 255).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
 class TrainTransform:
@@ -316,7 +290,7 @@ class TrainTransform:
         if self.resized_crop:
             image, mask, box = random_resized_crop(image, mask, rng, self.crop_size)
             image, mask = self._augment(*self._flip(image, mask, rng), rng)
-            return self._erase(normalize(image), rng), mask, box
+            return self._erase(to_image01(image), rng), mask, box
         if self.scale_range is not None:
             image, mask = random_rescale(image, mask, rng, self.scale_range, self.interpolation)
         image, mask = self._augment(*self._flip(image, mask, rng), rng)
@@ -324,7 +298,7 @@ class TrainTransform:
             image, mask, box = random_crop(image, mask, rng, self.crop_size, self.cat_max_ratio)
         else:
             box = np.array([0, image.shape[0], 0, image.shape[1]], dtype=np.int64)
-        return self._erase(normalize(image), rng), mask, box
+        return self._erase(to_image01(image), rng), mask, box
 
     def _flip(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
@@ -360,7 +334,7 @@ class EvalTransform:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if mask is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.int64)
-        return normalize(image), mask, np.array([0, image.shape[0], 0, image.shape[1]], dtype=np.int64)
+        return to_image01(image), mask, np.array([0, image.shape[0], 0, image.shape[1]], dtype=np.int64)
 
     def __repr__(self) -> str:
         return "EvalTransform()"

@@ -1,12 +1,13 @@
 """Evaluation: mIoU of every label map a method produces (CAM, refined CAM, pseudo label, seg).
 
-Images are evaluated at full resolution, padded to a multiple of 16 for the backbone and cropped
-back; images of the same size go through the network together (up to ``batch_size``, loaded by a
-DataLoader with ``num_workers``), images of different sizes never (padding them to a common size
-would change the CAM normalisation and PAR). Confusion matrices accumulate on the device and are
-all-reduced under DDP. A pseudo label's uncertain pixels (255) are scored both ways: left out
-('pseudo', with the share of ground-truth pixels it covers) and counted as wrong ('pseudo_strict',
-the rule of a scorer that knows no ignore value in predictions).
+Images ([0, 1] RGB, normalised by the network) are evaluated at full resolution, padded by the
+network (:meth:`wsss.model.WSSSNet.pad`) and cropped back; images of the same size go through the
+network together (up to ``batch_size``, loaded by a DataLoader with ``num_workers``), images of
+different sizes never (padding them to a common size would change the CAM normalisation and PAR).
+Confusion matrices accumulate on the device and are all-reduced under DDP. A pseudo label's
+uncertain pixels (255) are scored both ways: left out ('pseudo', with the share of ground-truth
+pixels it covers) and counted as wrong ('pseudo_strict', the rule of a scorer that knows no ignore
+value in predictions).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from wsss.data.build import collate
-from wsss.data.transforms import denormalize, pad_to_multiple
+from wsss.data.transforms import image01_to_uint8
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
 from wsss.methods.base import Method, resize
@@ -59,26 +60,21 @@ def leave_out_uncertain(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tenso
     return pred.masked_fill(uncertain, 0), gt.masked_fill(uncertain, 255), counts
 
 
-def pad_batch(x: Tensor, multiple: int = 16) -> tuple[Tensor, tuple[int, int]]:
-    """Zero-pad (the normalised mean colour) right/bottom to a multiple; returns the original size."""
-    return pad_to_multiple(x, multiple)[0], (x.shape[-2], x.shape[-1])
-
-
 @torch.no_grad()
 def predict_maps(
     method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool,
     maps: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Label maps (B, H, W) for a normalised image batch (B, 3, H, W) of any size; only the named
+    """Label maps (B, H, W) for a [0, 1] image batch (B, 3, H, W) of any size; only the named
     ``maps`` are computed (None: every map of the method)."""
-    x, (h, w) = pad_batch(image)
-    out = method.predict(net, x, denormalize(x), labels, scales, flip, maps=maps)
+    x, (h, w) = net.pad(image)
+    out = method.predict(net, x, labels, scales, flip, maps=maps)
     return {k: v[:, :h, :w] for k, v in out.items()}
 
 
 @torch.no_grad()
 def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float], flip: bool) -> Tensor | None:
-    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded, normalised), or None.
+    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded [0, 1] images), or None.
 
     AFA ``test_msc_flip``: per scale, the mean of the logits of x and of flip(x) (un-flipped),
     upsampled to the scale-1 size; element-wise max over scales.
@@ -102,7 +98,7 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
     from wsss.refine.crf import crf_preset
 
     probs = logits.float().softmax(1).cpu()
-    images = (image01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    images = image01_to_uint8(image01).cpu().numpy()
     out = [crf_preset(img, p, "afa").argmax(0) for img, p in zip(images, probs)]
     return torch.stack(out).to(logits.device)
 
@@ -113,7 +109,7 @@ def sweep_cam(
 ) -> Tensor:
     """CAM (B, K, H, W) in [0, 1] for the background-threshold sweep: the method's
     :meth:`~wsss.methods.base.Method.score_cam` (its refined CAM when it has one); masked by ``labels``."""
-    x, (h, w) = pad_batch(image)
+    x, (h, w) = net.pad(image)
     with method.flipping(flip):
         cam = method.score_cam(net, x, labels, scales)
     return cam[..., :h, :w]
@@ -202,14 +198,14 @@ def evaluate(
 def predict_seg(
     method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool, crf: bool = False
 ) -> Tensor:
-    """Segmentation label map (B, H, W) for a normalised image batch of any size (multi-scale, flip,
+    """Segmentation label map (B, H, W) for a [0, 1] image batch of any size (multi-scale, flip,
     optional CRF)."""
-    x, (h, w) = pad_batch(image)
+    x, (h, w) = net.pad(image)
     logits = multiscale_seg(method, net, x, scales, flip)
     if logits is None:
         raise ValueError("the model has no segmentation head")
     logits = logits[..., :h, :w]
-    return crf_seg(logits, denormalize(image)) if crf else logits.argmax(1)
+    return crf_seg(logits, image.clamp(0.0, 1.0)) if crf else logits.argmax(1)
 
 
 def miou_table(results: dict[str, Any]) -> str:

@@ -234,15 +234,15 @@ def downscale(scores: torch.Tensor, stride: int) -> torch.Tensor:
 @torch.no_grad()
 def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.Tensor, map_name: str,
                       scales: list[float], flip: bool, want_scores: bool) -> tuple[torch.Tensor, Any]:
-    """Label maps (B, H, W) of ``map_name`` for normalised images (B, 3, H, W) of one size and, if
+    """Label maps (B, H, W) of ``map_name`` for [0, 1] images (B, 3, H, W) of one size and, if
     asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
-    from wsss.engine.evaluate import multiscale_seg, pad_batch, predict_maps, predict_seg, sweep_cam
+    from wsss.engine.evaluate import multiscale_seg, predict_maps, predict_seg, sweep_cam
 
     if map_name == "seg":
         label = predict_seg(method, net, image, scales, flip)
         if not want_scores:
             return label, None
-        x, (h, w) = pad_batch(image)
+        x, (h, w) = net.pad(image)
         return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
     maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
     scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None

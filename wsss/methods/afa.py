@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
-from wsss.data.transforms import denormalize
 from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
 from wsss.methods.base import (
@@ -164,7 +163,7 @@ class AFAMethod(Method):
         logs = {"cls": l_cls.item()}
         if warm:
             return l_cls, logs
-        image01 = denormalize(x)
+        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
         with torch.no_grad(), pass_mode(m, self.mode):
             cam, aff_top, grid_top = self.cam_and_affinity(m, x)
             cam = cam * labels[..., None, None]
@@ -218,7 +217,7 @@ class AFAMethod(Method):
 
     # ----------------------------------------------------------------- analysis hooks
     @torch.no_grad()
-    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+    def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The 'aff_par' map with the learned affinity and with the oracle one (1 for token pairs of the
         same class, 0 otherwise, inside the window), through the same propagation and PAR."""
@@ -226,10 +225,10 @@ class AFAMethod(Method):
         cam = self.multiscale_cam(net, x, [1.0]) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
-        maps = {"cam_par": self.par_argmax(image01, with_background(cam, bkg), labels)}
+        maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels)}
         for name, a in (("learned_par", aff), ("oracle_par", (target == 1).to(aff.dtype))):
             scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
-            maps[name] = self.par_argmax(image01, scores, labels)
+            maps[name] = self.par_argmax(x, scores, labels)
         return maps, pair_agreement(aff, target)
 
     def oracle_protocol(self) -> dict[str, Any]:

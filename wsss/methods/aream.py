@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.data.transforms import denormalize
 from wsss.methods.afa import SAMPLING
 from wsss.methods.base import (
     MapInput,
@@ -206,7 +205,7 @@ class AReAMMethod(Method):
         logs = {"cls": l_cls.item()}
         if warm:
             return l_cls, logs
-        image01 = denormalize(x)
+        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
         with torch.no_grad(), pass_mode(m, self.mode):
             fw = None if self.weighting == "entropy_online" else self.fusion_w
             cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw)
@@ -247,7 +246,7 @@ class AReAMMethod(Method):
 
     # ----------------------------------------------------------------- analysis hooks
     @torch.no_grad()
-    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+    def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The CAM, the CAM refined by the uniform mean of all final-grid layers (the official
         inference, the 'refined' map) and the CAM refined by the oracle affinity (same-class token
@@ -266,7 +265,7 @@ class AReAMMethod(Method):
         maps = {}
         for k, cam in cams.items():
             maps[k] = cam_to_label(cam, labels, bkg_score=bkg)
-            maps[f"{k}_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
+            maps[f"{k}_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
         return maps, None
 
     def oracle_protocol(self) -> dict[str, Any]:

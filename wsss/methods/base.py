@@ -97,15 +97,19 @@ def _plain(section: Any) -> dict[str, Any]:
 class MapInput:
     """What a method's own label maps are computed from (:meth:`Method.extra_maps`).
 
-    x: padded normalised images (B, 3, H, W); image01: the same in [0, 1]; labels: (B, K) ground-truth
-    image labels; cam: the normalised multi-scale CAM (B, K, H, W) masked by ``labels``; scales: the
-    CAM scales."""
+    x: padded [0, 1] RGB images (B, 3, H, W) (the network's input and PAR's image); labels: (B, K)
+    ground-truth image labels; cam: the normalised multi-scale CAM (B, K, H, W) masked by ``labels``;
+    scales: the CAM scales."""
 
     x: Tensor
-    image01: Tensor
     labels: Tensor
     cam: Tensor
     scales: list[float]
+
+    @property
+    def image01(self) -> Tensor:
+        """The [0, 1] image: ``x`` itself (the network normalises its input)."""
+        return self.x
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -250,7 +254,7 @@ class Method:
         return (*self.MAPS, *self.EXTRA_MAPS, *(("seg",) if net.seg_head is not None else ()))
 
     def predict(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool,
+        self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
         maps: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
         """Label maps (B, H, W) for evaluation: CAM, CAM+PAR, pseudo label, segmentation head; only
@@ -268,10 +272,10 @@ class Method:
                 if "cam" in want:
                     out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
                 if "cam_par" in want:
-                    out["cam_par"] = self.par_argmax(image01, with_background(cam, bkg), labels)
+                    out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
                 if "pseudo" in want and not self.OWN_PSEUDO:
-                    out["pseudo"] = self.pseudo_label(image01, cam, labels, None)
-                out.update(self.extra_maps(net, MapInput(x, image01, labels, cam, scales), want))
+                    out["pseudo"] = self.pseudo_label(x, cam, labels, None)
+                out.update(self.extra_maps(net, MapInput(x, labels, cam, scales), want))
         if "seg" in want:
             seg = self.segment(net, x)
             if seg is not None:
@@ -300,7 +304,7 @@ class Method:
 
 
     # ----------------------------------------------------------------- analysis hooks (wsss analyze)
-    def oracle_batch(self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, gt: Tensor
+    def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The method's refinement with the model's own affinity and with a perfect one built from the
         ground truth ``gt`` (B, H, W) (255 = ignored), for padded images x (B, 3, H, W): label maps

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.data.transforms import denormalize
 from wsss.methods.afa import AFAConfig
 from wsss.methods.base import Method, pass_mode, register_method, unwrap
 from wsss.model import WSSSNet
@@ -44,7 +43,7 @@ class CAMMethod(Method):
             return loss, logs
         with torch.no_grad(), pass_mode(m, self.mode):
             cam = self.multiscale_cam(m, x) * labels[..., None, None]
-            target = self.pseudo_label(denormalize(x), cam, labels, batch.get("img_box"))
+            target = self.pseudo_label(x.clamp(0.0, 1.0), cam, labels, batch.get("img_box"))
         l_seg = seg_loss_bg_fg(out.seg, target)
         logs["seg"] = l_seg.item()
         return loss + self.seg_weight * l_seg, logs

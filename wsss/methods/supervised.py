@@ -35,7 +35,7 @@ class SupervisedMethod(Method):
     MAPS = ()  # the segmentation head only
 
     def predict(
-        self, net: WSSSNet, x: Tensor, image01: Tensor, labels: Tensor, scales: list[float], flip: bool,
+        self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
         maps: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
         if maps is not None and "seg" not in maps:
