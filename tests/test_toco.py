@@ -18,7 +18,7 @@ TINY = ["model.backbone_kwargs.img_size=64", "toco.local_crop_size=16", "toco.nu
 def _batch() -> dict[str, torch.Tensor]:
     labels = torch.zeros(2, 5)
     labels[0, 1] = labels[1, 3] = labels[1, 4] = 1
-    return {"image": torch.randn(2, 3, 64, 64), "labels": labels,
+    return {"image": torch.rand(2, 3, 64, 64), "labels": labels,
             "img_box": torch.tensor([[0, 64, 0, 64], [8, 64, 0, 48]])}
 
 
@@ -93,7 +93,7 @@ def test_toco_evaluation_maps() -> None:
     method = build_method(cfg, net)
     batch = _batch()
     assert {"cam", "cam_aux", "cam_par", "seg"} <= set(method.map_names(net))
-    maps = method.predict(net, batch["image"], torch.rand(2, 3, 64, 64), batch["labels"], [1.0], False)
+    maps = method.predict(net, batch["image"], batch["labels"], [1.0], False)
     for name in ("cam", "cam_aux", "seg"):
         assert maps[name].shape == (2, 64, 64), name
 
@@ -111,7 +111,7 @@ def test_toco_largefov_decoder_as_method_head() -> None:
     loss.backward()
     assert "seg" in logs and _grad(net.heads["toco_seg"]) > 0
     batch = _batch()
-    maps = method.predict(net.eval(), batch["image"], torch.rand(2, 3, 64, 64), batch["labels"], [1.0], False)
+    maps = method.predict(net.eval(), batch["image"], batch["labels"], [1.0], False)
     assert maps["seg"].shape == (2, 64, 64)
     for extra, match in ((["eval.flip=true"], "single-scale"), (["model.seg_head.enabled=true"], "its own")):
         bad = load_config("toco_vit_micro_synthetic", [*TINY, *own, *extra])

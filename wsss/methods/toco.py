@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
-from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead
 from wsss.heads.largefov import LargeFOVHead
@@ -238,9 +237,9 @@ class ToCoMethod(Method):
         The extra views run on the unwrapped network: every parameter they use is also in the main
         (DDP) forward's graph, so DDP sees one forward per backward."""
         b = image01.shape[0]
-        view = m(_normalize(self.global_view(image01)), with_seg=False, heads=[self.PROJ, self.TEACHER])
+        view = m(self.global_view(image01), with_seg=False, heads=[self.PROJ, self.TEACHER])
         crops, positive = self.local_views(image01, cam_aux, labels)
-        local = m(_normalize(crops), with_seg=False, heads=[self.PROJ]).heads[self.PROJ]
+        local = m(crops, with_seg=False, heads=[self.PROJ]).heads[self.PROJ]
         student = torch.cat([out.heads[self.PROJ][:, None], view.heads[self.PROJ][:, None],
                              local.view(b, -1, local.shape[-1])], dim=1)
         teacher = torch.stack([out.heads[self.TEACHER], view.heads[self.TEACHER]], dim=1)
@@ -272,7 +271,7 @@ class ToCoMethod(Method):
         logs = {"cls": l_cls.item(), "cls_aux": l_aux.item()}
         if not (use_seg or use_con):
             return loss, logs
-        image01 = denormalize(x)
+        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
         with torch.no_grad(), pass_mode(m, self.mode):
             cam, cam_aux = self.both_cams(m, x)
             cam, cam_aux = cam * labels[..., None, None], cam_aux * labels[..., None, None]
@@ -334,9 +333,3 @@ def _check_own_seg(cfg: Any, net: WSSSNet) -> None:
                          "segmentation reads the network's seg head): set eval.scales [1.0] and eval.flip "
                          "false, or toco.seg_head: model")
 
-
-def _normalize(image01: Tensor) -> Tensor:
-    """[0, 1] RGB (B, 3, H, W) -> the pipeline's normalised input."""
-    mean = image01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / 255.0
-    std = image01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) / 255.0
-    return (image01 - mean) / std
