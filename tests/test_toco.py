@@ -81,7 +81,11 @@ def test_toco_config_checks() -> None:
         load_config("toco_vit_micro_synthetic", ["toco.ptc_wieght=0.2"])
     with pytest.raises(ValueError, match="toco.view_scale"):
         load_config("toco_vit_micro_synthetic", ["toco.view_scale=[0.0,1.0]"])
-    cfg = load_config("toco_vit_micro_synthetic")
+    with pytest.raises(ValueError, match="toco.local_crop_size"):
+        build_network(load_config("toco_vit_micro_synthetic", ["toco.local_crop_size=20"]), 5)  # patch 8
+    cfg = load_config("toco_vit_micro_synthetic", ["toco.local_crop_size=128"])
+    with pytest.raises(ValueError, match="smaller than data.crop_size"):
+        build_method(cfg, build_network(cfg, 5))
     with pytest.raises(ValueError, match="class token"):
         ToCoMethod.build_heads(ToCoMethod.options(cfg), mit_tiny(), 5)
 

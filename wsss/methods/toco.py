@@ -176,6 +176,10 @@ class ToCoMethod(Method):
                 f"method 'toco' contrasts class tokens: {type(backbone).__name__} has none "
                 "(use a ViT/DeiT, or the hybrid with backbone_kwargs num_class_tokens: 1)"
             )
+        multiple = int(getattr(backbone, "input_multiple", 1))
+        if int(opts.local_crop_size) % multiple:
+            raise ValueError(f"config key 'toco.local_crop_size' must be a multiple of the backbone's input "
+                             f"multiple {multiple}, got {opts.local_crop_size}")
         heads: dict[str, MethodHead] = {
             cls.AUX: AuxCAMHead(int(opts.aux_layer), backbone, num_classes),
             cls.TOKENS: FinalTokens(),
@@ -200,6 +204,10 @@ class ToCoMethod(Method):
         if self.seg_name is not None:
             _check_own_seg(cfg, net)
         self.bkg = float(cfg.eval.bkg_score)
+        crop = cfg.data.get("crop_size") if hasattr(cfg, "data") else None
+        if crop is not None and int(self.o.local_crop_size) >= int(crop):
+            raise ValueError(f"config key 'toco.local_crop_size' ({self.o.local_crop_size}) must be smaller "
+                             f"than data.crop_size ({crop}): local crops are cut from the training crop")
 
     # ----------------------------------------------------------------- CAM passes
     @torch.no_grad()
