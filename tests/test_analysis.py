@@ -9,15 +9,14 @@ import math
 import pytest
 import torch
 
-from wsss.analysis.analyze import (
-    add_parser,
-    affinity_query_maps,
+from wsss.analysis.analyze import add_parser, entropy_override
+from wsss.analysis.loading import load_model
+from wsss.analysis.probes import affinity_query_maps
+from wsss.analysis.statistics import (
     analysis_layers,
     analyze_dataset,
     column_concentration,
-    entropy_override,
     layer_statistics,
-    load_model,
     normalize_variants,
 )
 from wsss.config import load_config
@@ -309,7 +308,7 @@ def test_refinement_quality_oracle(aream_net, data_root):
 
 
 def test_square_resized_view(data_root):
-    from wsss.analysis.analyze import SquareResized
+    from wsss.analysis.loading import SquareResized
 
     ds = build_dataset(_cfg("afa_mit_tiny_synthetic", data_root).data, split="val", train=False)
     view = SquareResized(ds, 40)
@@ -323,7 +322,8 @@ def test_square_resized_view(data_root):
 
 
 def test_class_heat_matches_loops():
-    from wsss.analysis.analyze import NORM_EPS, class_heat
+    from wsss.analysis.plots import class_heat
+    from wsss.analysis.statistics import NORM_EPS
 
     g = torch.Generator().manual_seed(2)
     cam = torch.randn(3, 4, 5, generator=g)

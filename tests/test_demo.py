@@ -30,7 +30,7 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
         assert "Refinement with the model" in (out / method / "report.html").read_text()
     table = (out / "summary.md").read_text()
     assert table == summary_table(summary) + "\n"
-    assert "- afa: AFA affinity" in table and "- aream: mIoU" in table
+    assert "- afa: learned affinity" in table and "- aream: mIoU" in table
     assert "second_stage: a segmentation network trained on afa's aff_par pseudo labels" in table
 
 

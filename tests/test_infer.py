@@ -15,8 +15,8 @@ from wsss.checkpoint import CheckpointError
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.engine.checkpoint import export_model
-from wsss.engine.infer import run_evaluate, run_pseudo_labels
 from wsss.hub import detect_backbone, from_pretrained, load_run
+from wsss.infer_cmd import run_evaluate, run_pseudo_labels
 from wsss.methods import build_network
 from wsss.model import WSSSNet
 from wsss.predict_cmd import run_predict

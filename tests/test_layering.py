@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "wsss"
 LOWER = ("ops", "refine", "backbones", "heads", "methods", "engine")
-HIGHER = ("wsss.predictor", "wsss.hub", "wsss.analysis", "wsss.cli", "wsss.demo", "wsss.predict_cmd")
+HIGHER = ("wsss.predictor", "wsss.hub", "wsss.analysis", "wsss.cli", "wsss.demo", "wsss.predict_cmd",
+          "wsss.infer_cmd")
 MAX_LINES = 80
 
 

@@ -11,16 +11,14 @@ from torch import nn
 
 from wsss.engine.optim import (
     EpochCosineLR,
-    ParamRule,
     PolyWarmupLR,
     WarmupCosineLR,
-    afa_rules,
-    aream_rules,
     build_optimizer,
-    build_param_groups,
     build_scheduler,
-    mctformer_rules,
 )
+from wsss.methods.afa import afa_rules
+from wsss.methods.aream import aream_rules, mctformer_rules
+from wsss.param_rules import ParamRule, build_param_groups
 
 
 class ToyAFA(nn.Module):

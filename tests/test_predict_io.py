@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from wsss import cli
+from wsss import infer_cmd as infer
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.data.synthetic import class_names_for
-from wsss.engine import infer
 from wsss.engine.checkpoint import export_model
 from wsss.engine.distributed import resolve_device
 from wsss.methods import build_network

@@ -145,7 +145,7 @@ def test_resumed_history_draws_no_line_back(tmp_path):
 
 
 def test_affinity_display_is_not_nearly_white_and_captions_are_words(run_dir):
-    from wsss.analysis.analyze import display_normalize
+    from wsss.analysis.plots import display_normalize
 
     n = 64
     aff = torch.eye(n) * 0.9 + torch.rand(n, n, generator=torch.Generator().manual_seed(0)) * 0.02

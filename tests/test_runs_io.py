@@ -19,8 +19,8 @@ from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.engine import checkpoint as ck
 from wsss.engine.checkpoint import export_model, find_latest
-from wsss.engine.infer import run_pseudo_labels
 from wsss.engine.train import train
+from wsss.infer_cmd import run_pseudo_labels
 from wsss.methods import build_network
 
 CFG = "cam_mit_tiny_synthetic"

@@ -159,7 +159,7 @@ def test_mask_value_error_names_file_value_fix_before_writing(voc21: Path, tmp_p
 def test_commands_use_the_run_config(
     tiny_synthetic: Path, voc21: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wsss.engine.infer import run_evaluate
+    from wsss.infer_cmd import run_evaluate
 
     run = tmp_path / "run"
     train(load_config("cam_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, run)))
@@ -236,7 +236,7 @@ def test_pseudo_scored_both_ways(afa_run: Path) -> None:
 def test_pseudo_labels_computes_only_the_requested_map(
     afa_run: Path, tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wsss.engine.infer import run_pseudo_labels
+    from wsss.infer_cmd import run_pseudo_labels
     from wsss.methods.afa import AFAMethod
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -255,7 +255,7 @@ def test_evaluate_computes_only_the_requested_maps(
     afa_run: Path, tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--maps`` with batched evaluation: the others are not computed, the kept ones are unchanged."""
-    from wsss.engine.infer import run_evaluate
+    from wsss.infer_cmd import run_evaluate
     from wsss.methods.afa import AFAMethod
 
     over = tiny_overrides(tiny_synthetic, afa_run)
@@ -327,7 +327,7 @@ def test_analyze_labels_its_rules_and_offers_evaluates(
 
 
 def test_conformer_offline_entropy_uses_the_official_eps() -> None:
-    from wsss.analysis.analyze import layer_statistics
+    from wsss.analysis.statistics import layer_statistics
     from wsss.config import load_config as load
     from wsss.methods import build_network
     from wsss.ops.attention import attention_probs
@@ -391,7 +391,7 @@ def test_second_stage_on_pseudo_pngs_any_backbone(tiny_synthetic: Path, tmp_path
 
     from wsss.data.build import build_dataset
     from wsss.data.io import save_mask
-    from wsss.engine.infer import run_evaluate
+    from wsss.infer_cmd import run_evaluate
 
     cfg = load_config("second_stage_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, tmp_path / "run"))
     train_names = (tiny_synthetic / "ImageSets" / "Segmentation" / "train.txt").read_text().split()

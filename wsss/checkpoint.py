@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+M = TypeVar("M", bound=nn.Module)
 
 # Wrapper keys under which training scripts nest the real state dict.
 _NESTED_KEYS = ("model", "state_dict", "model_state", "module", "net")
@@ -130,3 +133,14 @@ def load_into(
                 parts.append(f"{title}: {shown}")
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(dict(state_dict), strict=False)
+
+
+def load_pretrained(
+    model: M, path: str | os.PathLike, filter_fn: Callable[[dict[str, Tensor], M], dict[str, Tensor]]
+) -> M:
+    """The one pretrained-weights loader: read ``path`` (a file, or a directory holding one weights file,
+    :func:`resolve_weights`), convert it with the family's ``filter_fn(state_dict, model)`` (foreign
+    names -> native ones) and load it strictly (:func:`load_into`). Returns ``model``."""
+    file = resolve_weights(path)
+    load_into(model, filter_fn(read_state_dict(file), model), source=str(file))
+    return model

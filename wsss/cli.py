@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the analysis tools: each module registers its own subcommands.
     from wsss.analysis.analyze import add_parser as add_analyze
     from wsss.analysis.report import add_parser as add_report
-    from wsss.engine.infer import add_parsers as add_infer
+    from wsss.infer_cmd import add_parsers as add_infer
     from wsss.predict_cmd import add_parser as add_predict
 
     add_infer(sub)

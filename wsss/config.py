@@ -14,7 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from wsss.methods import DEFAULT_METHOD, config_sections, method_names
+from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES, config_sections, import_methods, method_names
+from wsss.ops.cam import DEFAULT_FUSE, FUSE_PRESETS
+from wsss.registry import PARAM_RULES
 from wsss.schema import Rule, default_rule
 
 # The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
@@ -72,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_seed": 0,
     },
     "optim": {  # read by wsss.engine.optim.build_optimizer / build_scheduler
-        "param_rules": "afa",  # afa | aream | mctformer: parameter groups of each official recipe
+        "param_rules": DEFAULT_PARAM_RULES,  # a preset of wsss.registry.PARAM_RULES (an official recipe)
         "param_rules_args": {},  # e.g. {norm: train} to train AFA's frozen encoder LayerNorms
         "lr": 6.0e-5,
         "weight_decay": 0.01,
@@ -105,7 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "cam": {
         "scales": [1.0, 0.5, 1.5],
         "flip": True,
-        "fuse": "afa",  # afa: max over flip, relu, sum scales | aream: sum all, relu after
+        "fuse": DEFAULT_FUSE,  # a rule of wsss.ops.cam.FUSE_PRESETS
         "high": 0.55,
         "low": 0.35,
     },
@@ -243,7 +245,6 @@ RULES: dict[str, Rule] = {
     "data.num_train": _r("int", 1),
     "data.num_val": _r("int", 1),
     "data.size": _r("int", 16),
-    "optim.param_rules": _r("str", choices=("afa", "aream", "mctformer")),
     "optim.lr": _r("float", 0.0),
     "optim.betas": _r("list", 0.0, 1.0, length=2),
     "optim.schedule": _r("str", choices=("poly", "cosine", "epoch_cosine")),
@@ -257,7 +258,7 @@ RULES: dict[str, Rule] = {
     "train.amp": _r("str", choices=("bf16",), null=True),
     "train.cam_pass_mode": _r("str", choices=("train", "eval")),
     "cam.scales": _r("list", 0.0, min_len=1),
-    "cam.fuse": _r("str", choices=("afa", "aream")),
+    "cam.fuse": _r("str", choices=tuple(FUSE_PRESETS)),
     "cam.high": _r("float", 0.0, 1.0),
     "cam.low": _r("float", 0.0, 1.0),
     "par.dilations": _r("list", 1, item="int", min_len=1),
@@ -301,6 +302,10 @@ def validate_config(cfg: DictConfig) -> None:
     if str(cfg.method) not in method_names():
         known = ", ".join(method_names())
         raise ValueError(f"config key 'method' must be one of {known}, got {cfg.method!r}")
+    import_methods()
+    if str(cfg.optim.param_rules) not in PARAM_RULES:
+        known, got = ", ".join(PARAM_RULES.names()), cfg.optim.param_rules
+        raise ValueError(f"config key 'optim.param_rules' must be one of {known}, got {got!r}")
     for key, dataclass_ in config_sections().items():
         dataclass_.parse(cfg.get(key), key)
     lo, hi = cfg.data.scale_range

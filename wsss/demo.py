@@ -43,7 +43,9 @@ ANALYSIS_IMAGES = 50
 
 def analyze_run(cfg: Any, run_dir: Path, max_images: int) -> dict[str, Any]:
     """``wsss analyze`` of a finished run into ``run_dir/analysis`` (plots when matplotlib is there)."""
-    from wsss.analysis.analyze import load_model, plots_available, run_analysis
+    from wsss.analysis.analyze import run_analysis
+    from wsss.analysis.loading import load_model
+    from wsss.analysis.plots import plots_available
     from wsss.data.build import build_dataset
 
     net, cfg, _ = load_model(run_dir / "model", cfg)
@@ -58,7 +60,7 @@ def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[
     declares as its pseudo label, ``Method.PSEUDO_MAP``)
     into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
     again); returns the folder, the map, the minutes and the scores."""
-    from wsss.engine.infer import run_pseudo_labels
+    from wsss.infer_cmd import run_pseudo_labels
 
     run_dir = out / method
     if not (run_dir / "model").is_dir():

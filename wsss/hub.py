@@ -31,6 +31,7 @@ from wsss.engine.runs import (  # noqa: F401 - re-exported: wsss.hub is where us
     load_run,
 )
 from wsss.model import import_backbones
+from wsss.registry import BACKBONE_DETECTORS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.yaml", "*.safetensors", "*.bin", "*.pth", "*.pt"]
@@ -43,77 +44,6 @@ ETAG_TIMEOUT_S = 10.0
 # ---------------------------------------------------------------------------------------------
 
 
-def _mit_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
-    from wsss.backbones.mit import _CONFIGS, checkpoint_filter_fn
-
-    native = checkpoint_filter_fn(sd)
-    if "patch_embed1.proj.weight" not in native:
-        return None
-    dims = tuple(int(native[f"patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5)
-                 if f"patch_embed{i}.proj.weight" in native)
-    depths = tuple(
-        len({int(m[1]) for k in native if (m := re.match(rf"block{i}\.(\d+)\.", k))}) for i in range(1, 5)
-    )
-    for name, c in _CONFIGS.items():
-        if tuple(c["embed_dims"]) == dims and tuple(c["depths"]) == depths:
-            return name, {}
-    raise CheckpointError(f"MiT checkpoint with embed dims {dims} and depths {depths} matches no MiT size "
-                          f"({', '.join(_CONFIGS)})")
-
-
-def _vit_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
-    from wsss.backbones.vit import _SHAPES, _from_hf, detect_format
-
-    fmt = detect_format(dict(sd))
-    native = dict(sd) if fmt == "timm" else _from_hf(dict(sd), fmt)
-    w = native.get("patch_embed.proj.weight")
-    if w is None or not any(k.startswith("blocks.") for k in native):
-        return None
-    dim = int(w.shape[0])
-    depth = len({int(m[1]) for k in native if (m := re.match(r"blocks\.(\d+)\.", k))})
-    size = next((s for s, (d, n, _) in _SHAPES.items() if d == dim and n == depth), None)
-    if size is None:
-        raise CheckpointError(f"ViT checkpoint with embed dim {dim} and depth {depth} matches no ViT size "
-                              f"({', '.join(f'{s}: {d}x{n}' for s, (d, n, _) in _SHAPES.items())})")
-    kw: dict[str, Any] = {}
-    p = int(w.shape[-1]) if w.ndim == 4 else 16
-    if p != 16:
-        kw["patch_size"] = p
-    tokens = int(native["cls_token"].shape[1]) if "cls_token" in native else 1
-    pos = native.get("pos_embed")
-    if pos is not None:
-        n_patch = pos.shape[1] - tokens - (1 if "dist_token" in native else 0)
-        g = int(round(n_patch**0.5))
-        if g * g == n_patch and g * p != 224:
-            kw["img_size"] = g * p
-    if tokens > 1:  # one class token per class: MCTformer-V2
-        return f"mctformer_v2_{size}", {"num_classes": tokens, **kw}
-    return f"vit_{size}", kw
-
-
-def _conformer_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
-    if "trans_patch_conv.weight" not in sd or "conv_1.conv3.weight" not in sd:
-        return None
-    dim = int(sd["trans_patch_conv.weight"].shape[0])
-    c1 = int(sd["conv_1.conv3.weight"].shape[0])
-    stem = int(sd["conv1.weight"].shape[0]) if "conv1.weight" in sd else 64
-    sizes = {("conformer_s", 384, 256, 64), ("conformer_ti", 384, 64, 64), ("conformer_micro", 64, 16, 16)}
-    for name, d, c, s in sizes:
-        if (d, c, s) == (dim, c1, stem):
-            return name, {}
-    raise CheckpointError(f"Conformer checkpoint with embed dim {dim}, first stage {c1} channels and stem "
-                          f"{stem} matches no Conformer size (conformer_s, conformer_ti, conformer_micro)")
-
-
-def _efficientnet_name(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
-    from wsss.backbones.efficientnet import is_efficientnet_lite
-
-    if not is_efficientnet_lite(dict(sd)):
-        return None
-    fc = next((v for k, v in sd.items() if k.endswith("_fc.weight")), None)
-    return "efficientnet_lite0", ({"num_classes": int(fc.shape[0])} if fc is not None else {})
-
-
 def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]]:
     """Family and size of a foreign backbone state dict, from key names and tensor shapes only
     (meta tensors are fine). Returns ``(registered backbone name, builder kwargs)``, e.g.
@@ -121,7 +51,8 @@ def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, An
     from wsss.checkpoint import strip_prefix
 
     sd = strip_prefix(dict(state_dict), "module.")
-    for detect in (_conformer_name, _efficientnet_name, _mit_name, _vit_name):
+    import_backbones()
+    for detect in BACKBONE_DETECTORS:  # each family tells its own checkpoints apart
         found = detect(sd)
         if found is not None:
             return found

@@ -206,6 +206,17 @@ def build_model(model_cfg: Any, num_classes: int, heads: HeadBuilder | None = No
     return WSSSNet(backbone, cam_head, num_classes, token_head, seg_head, method_heads)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def import_backbones() -> None:
     """Import every backbone family so that its builders are registered."""
     import wsss.backbones.conformer  # noqa: F401

@@ -31,7 +31,7 @@ from wsss.engine.evaluate import crf_seg, multiscale_seg
 from wsss.methods import build_method
 from wsss.methods.base import resize, with_background
 from wsss.model import WSSSNet
-from wsss.refine.labels import cam_to_label
+from wsss.refine.labels import cam_to_label, present_mask
 
 MIN_SIDE = 64  # smaller inputs are padded: every backbone's strides and spatial reductions fit 64 px
 
@@ -204,8 +204,7 @@ class Segmenter:
         """Label map (B, H, W): the seg head's argmax, else the CAM of the kept classes against the
         background score; ``image01`` given: dense CRF on those scores."""
         if seg is not None:  # restricted to background + the kept classes
-            keep = torch.cat([lab.new_ones(lab.shape[0], 1), lab], 1) > 0
-            seg = seg.masked_fill(~keep[..., None, None], float("-inf"))
+            seg = seg.masked_fill(~present_mask(lab)[..., None, None], float("-inf"))
             return crf_seg(seg, image01) if image01 is not None else seg.argmax(1)
         bkg = float(self.cfg.eval.bkg_score)
         masked = cams * lab[..., None, None]

@@ -6,7 +6,7 @@ their builders at import time; :func:`Registry.build` gives a clear error for un
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -56,5 +56,24 @@ class Registry:
 
 
 BACKBONES = Registry("backbone")
+# One function per backbone family: a foreign state dict -> (registered name, builder kwargs), or None
+# when it is not one of the family's checkpoints (wsss.hub.detect_backbone asks each in turn).
+BACKBONE_DETECTORS: list[Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]] | None]] = []
+
+
+def named_builder(fn: Callable[..., Any], name: str, doc: str) -> Callable[..., Any]:
+    """A builder made by a size-table factory, given its registered name and docstring."""
+    fn.__name__, fn.__qualname__, fn.__doc__ = name, name, doc
+    return fn
+
+
+def register_detector(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: add a family's checkpoint detector to :data:`BACKBONE_DETECTORS`."""
+    BACKBONE_DETECTORS.append(fn)
+    return fn
+
+# Parameter-group presets of the official recipes (name -> builder of a ParamRule list), registered by
+# the method files (wsss.param_rules; the config's optim.param_rules).
+PARAM_RULES = Registry("param_rules preset")
 # Method classes (:class:`wsss.methods.base.Method`), registered by their modules in wsss/methods/.
 METHODS = Registry("method")

@@ -6,7 +6,7 @@ The generic config schema (:mod:`wsss.config`) and every method's config section
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import ListConfig
@@ -69,3 +69,16 @@ def default_rule(value: Any) -> Rule:
     if isinstance(value, list):
         return Rule("list", item="int" if value and isinstance(value[0], int) else "float")
     return Rule("str" if isinstance(value, str) else "any")
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a dict, an OmegaConf config or a plain object; ``default`` when it is missing or
+    null. Callers pass the default of :data:`wsss.config.DEFAULTS` for that key."""
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            value = cfg.get(key, default)
+        except Exception:  # OmegaConf struct mode raises on unknown keys
+            value = default
+        return default if value is None else value
+    value = getattr(cfg, key, default)
+    return default if value is None else value

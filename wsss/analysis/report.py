@@ -184,7 +184,7 @@ def image_rows(run_dir: Path, images: int) -> tuple[list[str], list[list[np.ndar
     """Columns, rows of uint8 images, row names and class names for the first validation images."""
     import torch
 
-    from wsss.analysis.analyze import load_model
+    from wsss.analysis.loading import load_model
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import predict_maps
     from wsss.methods import build_method

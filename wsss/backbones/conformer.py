@@ -24,6 +24,7 @@ classifier heads (see :func:`checkpoint_filter_fn`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import Block, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import load_into, read_state_dict
-from wsss.registry import BACKBONES
+from wsss.checkpoint import CheckpointError
+from wsss.checkpoint import load_pretrained as load_weights
+from wsss.registry import BACKBONES, register_detector
 
 # Official eps values: BN in ConvBlock / FCUUp and LN in blocks / FCUDown use 1e-6; the stem BN and
 # trans_norm keep the PyTorch defaults (1e-5).
@@ -326,10 +328,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: Conformer) -> 
 
 def _build(pretrained: str | None, **cfg: object) -> Conformer:
     model = Conformer(**cfg)  # type: ignore[arg-type]
-    if pretrained:
-        sd = checkpoint_filter_fn(read_state_dict(pretrained), model)
-        load_into(model, sd, source=str(pretrained))
-    return model
+    return load_weights(model, pretrained, checkpoint_filter_fn) if pretrained else model
 
 
 @BACKBONES.register()
@@ -367,3 +366,20 @@ __all__ = [
     "conformer_s",
     "conformer_ti",
 ]
+
+
+@register_detector
+def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """This family's registered name and builder kwargs for a foreign state dict, or None when it is
+    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    if "trans_patch_conv.weight" not in sd or "conv_1.conv3.weight" not in sd:
+        return None
+    dim = int(sd["trans_patch_conv.weight"].shape[0])
+    c1 = int(sd["conv_1.conv3.weight"].shape[0])
+    stem = int(sd["conv1.weight"].shape[0]) if "conv1.weight" in sd else 64
+    sizes = {("conformer_s", 384, 256, 64), ("conformer_ti", 384, 64, 64), ("conformer_micro", 64, 16, 16)}
+    for name, d, c, s in sizes:
+        if (d, c, s) == (dim, c1, stem):
+            return name, {}
+    raise CheckpointError(f"Conformer checkpoint with embed dim {dim}, first stage {c1} channels and stem "
+                          f"{stem} matches no Conformer size (conformer_s, conformer_ti, conformer_micro)")

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.backbones._layers import drop_path
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError, load_into, read_state_dict, strip_prefix
-from wsss.registry import BACKBONES
+from wsss.checkpoint import CheckpointError, strip_prefix
+from wsss.checkpoint import load_pretrained as load_weights
+from wsss.registry import BACKBONES, register_detector
 
 # (kernel, stride, expand ratio, out channels, repeats) of the seven stages (EfficientNet-B0 / Lite0).
 LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
@@ -255,9 +257,7 @@ def weights_path() -> str:
 
 def load_pretrained(model: EfficientNetLite0, path: str | os.PathLike) -> EfficientNetLite0:
     """Load ``path`` ("imagenet" = the weights package's file) strictly through the filter."""
-    file = weights_path() if str(path) == "imagenet" else path
-    load_into(model, checkpoint_filter_fn(read_state_dict(file), model), source=str(file))
-    return model
+    return load_weights(model, weights_path() if str(path) == "imagenet" else path, checkpoint_filter_fn)
 
 
 @BACKBONES.register()
@@ -267,3 +267,13 @@ def efficientnet_lite0(pretrained: str | os.PathLike | None = None, num_classes:
     """EfficientNet-Lite0. ``pretrained``: "imagenet" (the weights package) or a local .pth path."""
     model = EfficientNetLite0(num_classes, output_stride, depth, drop_connect_rate)
     return load_pretrained(model, pretrained) if pretrained is not None else model
+
+
+@register_detector
+def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """This family's registered name and builder kwargs for a foreign state dict, or None when it is
+    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    if not is_efficientnet_lite(dict(sd)):
+        return None
+    fc = next((v for k, v in sd.items() if k.endswith("_fc.weight")), None)
+    return "efficientnet_lite0", ({"num_classes": int(fc.shape[0])} if fc is not None else {})

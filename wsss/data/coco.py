@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import IGNORE_INDEX, DataError, save_mask
+from .io import IGNORE_INDEX, DataError, dataset_root, save_mask
 from .voc import (
     IMAGE_EXTS,
     SegmentationDataset,
@@ -69,9 +69,7 @@ class COCODataset(SegmentationDataset):
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
     ) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset root not found: {root}")
+        root = dataset_root(root)
         sub = Path(str(split)).stem  # a list-file path "…/train.txt" picks the "train" folders
         image_dir = _first_dir(root / "JPEGImages", sub)
         if image_dir is None:

@@ -26,6 +26,14 @@ class DataError(ValueError):
     """A dataset file that is missing, unreadable or inconsistent."""
 
 
+def dataset_root(root: str | os.PathLike) -> Path:
+    """``root`` as a Path; a ``DataError`` naming it when it is not a folder."""
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"dataset root not found: {path}")
+    return path
+
+
 def voc_palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: uint8 ``(n, 3)``; index i's colour from the bit pattern of i."""
     idx = np.arange(n)

@@ -35,7 +35,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import IGNORE_INDEX, DataError, check_mask_values, check_same_size, load_image, load_mask
+from .io import (
+    IGNORE_INDEX,
+    DataError,
+    check_mask_values,
+    check_same_size,
+    dataset_root,
+    load_image,
+    load_mask,
+)
 from .transforms import EvalTransform
 
 VOC_CLASSES = (
@@ -435,9 +443,7 @@ class VOCDataset(SegmentationDataset):
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
     ) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset root not found: {root}")
+        root = dataset_root(root)
         names = read_split(root, split)
         explicit = mask_dir not in (None, "auto")
         if mask_dir == "auto":

@@ -26,20 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from wsss.checkpoint import CheckpointError, strip_prefix
+from wsss.model import unwrap
 
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 FORMAT_VERSION = 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 # ---------------------------------------------------------------------------------------------

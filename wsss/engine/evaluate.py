@@ -99,7 +99,7 @@ def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
 
     probs = logits.float().softmax(1).cpu()
     images = image01_to_uint8(image01).cpu().numpy()
-    out = [crf_preset(img, p, "afa").argmax(0) for img, p in zip(images, probs)]
+    out = [crf_preset(img, p).argmax(0) for img, p in zip(images, probs)]  # the default: AFA's test CRF
     return torch.stack(out).to(logits.device)
 
 
@@ -206,6 +206,22 @@ def predict_seg(
         raise ValueError("the model has no segmentation head")
     logits = logits[..., :h, :w]
     return crf_seg(logits, image.clamp(0.0, 1.0)) if crf else logits.argmax(1)
+
+
+@torch.no_grad()
+def label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.Tensor, map_name: str,
+                      scales: list[float], flip: bool, want_scores: bool) -> tuple[torch.Tensor, Any]:
+    """Label maps (B, H, W) of ``map_name`` for [0, 1] images (B, 3, H, W) of one size and, if
+    asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
+    if map_name == "seg":
+        label = predict_seg(method, net, image, scales, flip)
+        if not want_scores:
+            return label, None
+        x, (h, w) = net.pad(image)
+        return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
+    maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
+    scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
+    return maps[map_name], scores
 
 
 def miou_table(results: dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
-"""Optimisers, parameter groups and learning-rate schedules of the AFA and AReAM recipes.
+"""Optimisers and learning-rate schedules of the official recipes.
 
-Parameter groups are built from :class:`ParamRule` lists (first match wins). Every group carries an
-``lr_mult``; the schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)`` where ``base_lr`` is
-the group's initial lr divided by its ``lr_mult``. For multiplicative schedules (poly) this is the same
-as scaling each group's own lr; for schedules with absolute end points (AReAM's cosine from 1e-6 to
-1e-6) it reproduces the official "lr * lr_scale" behaviour, so a x10 head also starts at 10 * 1e-6.
+Parameter groups are built from :class:`~wsss.param_rules.ParamRule` lists (first match wins; the
+presets of each recipe are registered by the method files in ``wsss.registry.PARAM_RULES``). Every
+group carries an ``lr_mult``; the schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)``
+where ``base_lr`` is the group's initial lr divided by its ``lr_mult``. For multiplicative schedules
+(poly) this is the same as scaling each group's own lr; for schedules with absolute end points
+(AReAM's cosine from 1e-6 to 1e-6) it reproduces the official "lr * lr_scale" behaviour, so a x10
+head also starts at 10 * 1e-6.
 
 Schedulers are stepped once per optimiser step (``PolyWarmupLR``, ``WarmupCosineLR``) or once per
 epoch (``EpochCosineLR``), always *after* ``optimizer.step()``; the lr used for step ``t`` (0-based)
@@ -14,136 +16,17 @@ is the value at ``t``.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-Matcher = Callable[[str, nn.Parameter], bool]
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter groups
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    """Assigns an lr multiplier and a weight decay to the parameters it matches.
-
-    match: ``f(name, param) -> bool`` or a regular expression searched in the name.
-    weight_decay: None = the optimiser's default. exclude: drop matched parameters from the optimiser.
-    """
-
-    match: Matcher | str
-    lr_mult: float = 1.0
-    weight_decay: float | None = None
-    name: str = ""
-    exclude: bool = False
-
-    def matches(self, name: str, param: nn.Parameter) -> bool:
-        if isinstance(self.match, str):
-            return re.search(self.match, name) is not None
-        return bool(self.match(name, param))
-
-
-def prefix(*prefixes: str) -> Matcher:
-    """Matcher: the name starts with one of ``prefixes``."""
-    return lambda name, _p: name.startswith(prefixes)
-
-
-def contains(*parts: str) -> Matcher:
-    """Matcher: the name contains one of ``parts``."""
-    return lambda name, _p: any(s in name for s in parts)
-
-
-def both(a: Matcher, b: Matcher) -> Matcher:
-    return lambda name, p: a(name, p) and b(name, p)
-
-
-def no_decay(extra_names: Iterable[str] = ()) -> Matcher:
-    """Matcher of timm's ``add_weight_decay``: 1-D tensors, ``*.bias`` and the listed names (compared
-    with the last component of the parameter name, so ``backbone.cls_token`` matches ``cls_token``)."""
-    names = frozenset(extra_names)
-    return lambda name, p: p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in names
-
-
-def build_param_groups(
-    model: nn.Module, rules: Sequence[ParamRule], base_lr: float, weight_decay: float
-) -> list[dict[str, Any]]:
-    """Optimiser groups from ``rules`` (first match wins; unmatched parameters go to a default group
-    with lr x1 and ``weight_decay``). Parameters with ``requires_grad=False`` and excluded ones are left
-    out; empty groups are dropped. Each group: ``params, lr, weight_decay, lr_mult, name``."""
-    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
-    for pname, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        idx = next((i for i, r in enumerate(rules) if r.matches(pname, param)), len(rules))
-        if idx < len(rules) and rules[idx].exclude:
-            continue
-        buckets[idx].append(param)
-    specs = [(r.name or f"rule{i}", r.lr_mult, r.weight_decay) for i, r in enumerate(rules)]
-    specs.append(("default", 1.0, None))
-    groups = []
-    for params, (gname, mult, wd) in zip(buckets, specs):
-        if params:
-            groups.append({"params": params, "lr": base_lr * mult, "lr_mult": mult, "name": gname,
-                           "weight_decay": weight_decay if wd is None else wd})
-    return groups
-
-
-def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
-              head_mult: float = 10.0) -> list[ParamRule]:
-    """AFA ``WeTr.get_param_groups`` (afa.md 9).
-
-    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
-    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
-    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
-    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
-    """
-    enc = prefix(encoder_prefix)
-    norm_rule = {
-        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
-        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
-        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
-    }
-    if norm not in norm_rule:
-        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
-    return [norm_rule[norm], ParamRule(enc, name="encoder"),
-            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]
-
-
-def aream_rules(head_mult: float = 10.0, no_decay_names: Iterable[str] = ("cls_token",),
-                head_key: str = "head") -> list[ParamRule]:
-    """AReAM Conformer ``get_param_groups``: ``head_mult`` for names containing "head"; no weight decay
-    for 1-D parameters, biases and ``no_decay_names`` (Conformer's ``no_weight_decay``)."""
-    nd, head = no_decay(no_decay_names), contains(head_key)
-    return [ParamRule(both(head, nd), lr_mult=head_mult, weight_decay=0.0, name="head_no_decay"),
-            ParamRule(head, lr_mult=head_mult, name="head"),
-            ParamRule(nd, weight_decay=0.0, name="no_decay"),
-            ParamRule(lambda _n, _p: True, name="decay")]
-
-
-def mctformer_rules(no_decay_names: Iterable[str] = ("pos_embed", "cls_token")) -> list[ParamRule]:
-    """MCTformer (timm ``create_optimizer``): no weight decay for 1-D parameters, biases and the
-    ViT's ``no_weight_decay`` set (pos_embed, cls_token); one lr for everything."""
-    return [ParamRule(no_decay(no_decay_names), weight_decay=0.0, name="no_decay"),
-            ParamRule(lambda _n, _p: True, name="decay")]
-
-
-RULE_PRESETS: dict[str, Callable[..., list[ParamRule]]] = {
-    "afa": afa_rules, "aream": aream_rules, "mctformer": mctformer_rules,
-}
-
-
-def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+from wsss.methods import DEFAULT_PARAM_RULES, import_methods
+from wsss.param_rules import build_param_groups
+from wsss.registry import PARAM_RULES
+from wsss.schema import cfg_get
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.optim.AdamW:
@@ -153,16 +36,17 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.opt
     or a list of :class:`ParamRule`), ``param_rules_args`` (kwargs of the preset), optional ``betas``,
     ``eps``.
     """
-    rules = _get(cfg, "param_rules", "afa")
+    rules = cfg_get(cfg, "param_rules", DEFAULT_PARAM_RULES)
     if isinstance(rules, str):
-        if rules not in RULE_PRESETS:
-            raise ValueError(f"unknown param_rules '{rules}'; known: {sorted(RULE_PRESETS)}")
-        rules = RULE_PRESETS[rules](**dict(_get(cfg, "param_rules_args", None) or {}))
-    lr, wd = float(_get(cfg, "lr")), float(_get(cfg, "weight_decay", 0.01))
+        import_methods()  # each method file registers its recipe's presets
+        if rules not in PARAM_RULES:
+            raise ValueError(f"unknown param_rules '{rules}'; known: {PARAM_RULES.names()}")
+        rules = PARAM_RULES.get(rules)(**dict(cfg_get(cfg, "param_rules_args", None) or {}))
+    lr, wd = float(cfg_get(cfg, "lr")), float(cfg_get(cfg, "weight_decay", 0.01))
     groups = build_param_groups(model, list(rules), lr, wd)
-    betas = tuple(_get(cfg, "betas", (0.9, 0.999)))
+    betas = tuple(cfg_get(cfg, "betas", (0.9, 0.999)))
     return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
-                             eps=float(_get(cfg, "eps", 1e-8)), weight_decay=wd)
+                             eps=float(cfg_get(cfg, "eps", 1e-8)), weight_decay=wd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,18 +156,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | A
     ``warmup_epochs`` 1, ``start_lr`` 1e-6, ``final_lr`` 1e-6; per step) or ``"epoch_cosine"`` (MCTformer:
     ``epochs``, ``warmup_epochs`` 5, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, ``official_lag`` True; per
     epoch)."""
-    kind = _get(cfg, "schedule", "poly")
+    kind = cfg_get(cfg, "schedule", "poly")
     if kind == "poly":
-        max_iters = _get(cfg, "max_iters") or int(_get(cfg, "epochs")) * iters_per_epoch
-        return PolyWarmupLR(optimizer, int(max_iters), int(_get(cfg, "warmup_iters", 1500)),
-                            float(_get(cfg, "warmup_ratio", 1e-6)), float(_get(cfg, "power", 1.0)),
-                            bool(_get(cfg, "rebase", False)))
+        max_iters = cfg_get(cfg, "max_iters") or int(cfg_get(cfg, "epochs")) * iters_per_epoch
+        return PolyWarmupLR(optimizer, int(max_iters), int(cfg_get(cfg, "warmup_iters", 1500)),
+                            float(cfg_get(cfg, "warmup_ratio", 1e-6)), float(cfg_get(cfg, "power", 1.0)),
+                            bool(cfg_get(cfg, "rebase", False)))
     if kind == "cosine":
-        epochs, warm = int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 1))
+        epochs, warm = int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1))
         return WarmupCosineLR(optimizer, epochs * iters_per_epoch, warm * iters_per_epoch,
-                              float(_get(cfg, "start_lr", 1e-6)), float(_get(cfg, "final_lr", 1e-6)))
+                              float(cfg_get(cfg, "start_lr", 1e-6)), float(cfg_get(cfg, "final_lr", 1e-6)))
     if kind == "epoch_cosine":
-        return EpochCosineLR(optimizer, int(_get(cfg, "epochs")), int(_get(cfg, "warmup_epochs", 5)),
-                             float(_get(cfg, "warmup_lr", 1e-6)), float(_get(cfg, "min_lr", 1e-5)),
-                             bool(_get(cfg, "official_lag", True)))
+        return EpochCosineLR(optimizer, int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1)),
+                             float(cfg_get(cfg, "warmup_lr", 1e-6)), float(cfg_get(cfg, "min_lr", 1e-5)),
+                             bool(cfg_get(cfg, "official_lag", True)))
     raise ValueError(f"unknown schedule '{kind}'; choose poly, cosine or epoch_cosine")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from wsss.checkpoint import CheckpointError, load_into
-from wsss.config import DEFAULTS
+from wsss.config import defaults
 from wsss.methods import build_network
 from wsss.model import WSSSNet
 
@@ -24,7 +24,7 @@ from wsss.model import WSSSNet
 def config_from_dict(d: Mapping[str, Any]) -> DictConfig:
     """A full config from a stored config dict (merged over the defaults; ``model.pretrained`` cleared,
     since the stored weights replace the ImageNet ones and that file need not exist here)."""
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(dict(d)))
+    cfg = OmegaConf.merge(defaults(), OmegaConf.create(dict(d)))
     cfg.model.pretrained = None
     return cfg  # type: ignore[return-value]
 
@@ -142,3 +142,47 @@ def is_wsss_artifact(path: Path) -> bool:
             return False
         return isinstance(state, Mapping) and "model" in state and "extra" in state and "iteration" in state
     return False
+
+
+def run_dir_of(checkpoint: str | os.PathLike) -> Path:
+    """The run directory of a release dir (``<run>/model``), run dir or checkpoint file."""
+    p = Path(checkpoint).resolve()
+    if p.is_file():
+        p = p.parent
+    if p.name in ("model", "checkpoints"):
+        return p.parent
+    return p
+
+
+def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: str) -> None:
+    """One-line error when the checkpoint's class count differs from the dataset's."""
+    model_c, data_c = int(net.num_classes) + 1, int(dataset.num_classes)
+    if model_c != data_c:
+        where = getattr(dataset, "root", None) or getattr(dataset, "image_dir", "the dataset")
+        raise ValueError(
+            f"checkpoint {checkpoint} predicts {model_c} classes (background included) but the dataset "
+            f"{where} (split {split}) has {data_c}: use the data the model was trained on "
+            f"(its run's config, without data overrides) or a model trained for {data_c} classes"
+        )
+
+
+def open_run(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str],
+           device: str | None) -> tuple[Any, Any, Any, list[str], torch.device]:
+    """(cfg, net on device, method, class names, device): the checkpoint's weights and its run's config
+    (data, classes, method, model), with ``config``'s other settings and the overrides on top
+    (:func:`wsss.config.run_config`)."""
+    from wsss.config import run_config, split_config_arg
+    from wsss.engine.distributed import resolve_device, set_threads
+    from wsss.methods import build_method
+
+    config, overrides = split_config_arg(None if config is None else str(config), overrides)
+    dev = resolve_device(device)  # a bad device: before loading
+    net, run_cfg, names = load_run(checkpoint)
+    cfg = run_config(run_cfg, config, overrides)
+    set_threads(cfg.get("threads"))
+    if dev.type == "cpu":
+        from wsss.engine.hardware import keep_freed_memory
+
+        keep_freed_memory()  # large per-image temporaries: no fresh page faults for each
+    net = net.to(dev).eval()
+    return cfg, net, build_method(cfg, net), names, dev

@@ -15,6 +15,7 @@ from wsss.model import WSSSNet, build_model
 from wsss.registry import METHODS
 
 DEFAULT_METHOD = "afa"  # the config's ``method`` when none is given
+DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given
 
 
 def import_methods() -> None:
@@ -72,5 +73,5 @@ def build_method(cfg: Any, net: WSSSNet) -> Method:
     return method_class(str(cfg.method))(cfg, net)
 
 
-__all__ = ["DEFAULT_METHOD", "Method", "MethodConfig", "all_map_names", "build_method", "build_network",
-           "config_sections", "method_class", "method_names"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_PARAM_RULES", "Method", "MethodConfig", "all_map_names", "build_method",
+           "build_network", "config_sections", "method_class", "method_names"]

@@ -33,11 +33,11 @@ from wsss.methods.base import (
     present_mask,
     register_method,
     resize,
-    unwrap,
     with_background,
 )
-from wsss.model import NetOutput, WSSSNet
+from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
+from wsss.param_rules import ParamRule, both, contains, prefix
 from wsss.refine.labels import (
     affinity_labels,
     box_mask,
@@ -46,6 +46,7 @@ from wsss.refine.labels import (
     par_refine_scores_label,
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
+from wsss.registry import PARAM_RULES
 from wsss.schema import Rule
 
 SAMPLING = ("topleft", "center", "mode")
@@ -158,12 +159,10 @@ class AFAMethod(Method):
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
         warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
-        out = net(x, with_seg=not warm, heads=not warm)
-        l_cls = self.cls_loss(out, labels)
-        logs = {"cls": l_cls.item()}
+        out, l_cls, logs = self.classify(net, x, labels, with_seg=not warm, heads=not warm)
         if warm:
             return l_cls, logs
-        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
+        image01 = self.par_image(x)
         with torch.no_grad(), pass_mode(m, self.mode):
             cam, aff_top, grid_top = self.cam_and_affinity(m, x)
             cam = cam * labels[..., None, None]
@@ -247,3 +246,25 @@ class AFAMethod(Method):
         names = [f"L{i}h{h}" for i in self.head.attn_layers for h in range(net.backbone.num_heads[i])]
         return {"layers": list(self.head.attn_layers), "weights": w.tolist(), "heads": names,
                 "bias": float(self.head.proj.bias.detach())}
+
+
+@PARAM_RULES.register("afa")
+def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
+              head_mult: float = 10.0) -> list[ParamRule]:
+    """AFA ``WeTr.get_param_groups`` (afa.md 9).
+
+    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
+    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
+    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
+    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
+    """
+    enc = prefix(encoder_prefix)
+    norm_rule = {
+        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
+        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
+        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
+    }
+    if norm not in norm_rule:
+        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
+    return [norm_rule[norm], ParamRule(enc, name="encoder"),
+            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]

@@ -13,7 +13,7 @@ Per iteration, after a classification-only warm-up:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,9 @@ from wsss.methods.base import (
     option,
     pass_mode,
     register_method,
-    unwrap,
     with_background,
 )
-from wsss.model import WSSSNet
+from wsss.model import WSSSNet, unwrap
 from wsss.ops.attention import (
     aream_affinity_loss,
     attention_probs,
@@ -44,7 +43,9 @@ from wsss.ops.attention import (
     slice_patches,
 )
 from wsss.ops.losses import seg_loss_bg_fg
+from wsss.param_rules import ParamRule, both, contains, no_decay
 from wsss.refine.labels import affinity_labels, cam_to_label
+from wsss.registry import PARAM_RULES
 from wsss.schema import Rule
 
 
@@ -200,12 +201,13 @@ class AReAMMethod(Method):
         warm = it <= int(self.r.warmup_iters)
         seg_w = 0.0 if warm or m.seg_head is None else float(self.r.seg_weight)
         layers = () if warm else self.deep_layers()
-        out = net(x, layers, lambda layer, z: layer_logit_mean(z, T), with_seg=seg_w > 0)
-        l_cls = self.cls_loss(out, labels)
-        logs = {"cls": l_cls.item()}
+        out, l_cls, logs = self.classify(
+            net, x, labels, attn_layers=layers, attn_reduce=lambda layer, z: layer_logit_mean(z, T),
+            with_seg=seg_w > 0,
+        )
         if warm:
             return l_cls, logs
-        image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
+        image01 = self.par_image(x)
         with torch.no_grad(), pass_mode(m, self.mode):
             fw = None if self.weighting == "entropy_online" else self.fusion_w
             cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw)
@@ -271,3 +273,23 @@ class AReAMMethod(Method):
     def oracle_protocol(self) -> dict[str, Any]:
         return {"bkg_score": float(self.cfg.eval.bkg_score), "layers": list(self.layers),
                 "oracle": "same-class token pairs, rows normalised to 1", "sampling": str(self.r.sampling)}
+
+
+@PARAM_RULES.register("aream")
+def aream_rules(head_mult: float = 10.0, no_decay_names: Iterable[str] = ("cls_token",),
+                head_key: str = "head") -> list[ParamRule]:
+    """AReAM Conformer ``get_param_groups``: ``head_mult`` for names containing "head"; no weight decay
+    for 1-D parameters, biases and ``no_decay_names`` (Conformer's ``no_weight_decay``)."""
+    nd, head = no_decay(no_decay_names), contains(head_key)
+    return [ParamRule(both(head, nd), lr_mult=head_mult, weight_decay=0.0, name="head_no_decay"),
+            ParamRule(head, lr_mult=head_mult, name="head"),
+            ParamRule(nd, weight_decay=0.0, name="no_decay"),
+            ParamRule(lambda _n, _p: True, name="decay")]
+
+
+@PARAM_RULES.register("mctformer")
+def mctformer_rules(no_decay_names: Iterable[str] = ("pos_embed", "cls_token")) -> list[ParamRule]:
+    """MCTformer (timm ``create_optimizer``): no weight decay for 1-D parameters, biases and the
+    ViT's ``no_weight_decay`` set (pos_embed, cls_token); one lr for everything."""
+    return [ParamRule(no_decay(no_decay_names), weight_decay=0.0, name="no_decay"),
+            ParamRule(lambda _n, _p: True, name="decay")]

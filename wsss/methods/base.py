@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from wsss.backbones.base import Backbone
 from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
+from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
 from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, multiscale_cam, scaled_input
 from wsss.ops.losses import multilabel_soft_margin
-from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label
+from wsss.refine.labels import cam_to_label, channel_argmax, masked_softmax, par_pseudo_label, present_mask
 from wsss.refine.par import PAR
 from wsss.registry import METHODS
 from wsss.schema import Rule, default_rule
@@ -118,11 +119,6 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def unwrap(net: nn.Module) -> WSSSNet:
-    """The WSSSNet inside a DDP wrapper (no-grad passes bypass DDP)."""
-    return net.module if hasattr(net, "module") else net  # type: ignore[return-value]
-
-
 def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -193,6 +189,18 @@ class Method:
     @staticmethod
     def cls_loss(out: NetOutput, labels: Tensor) -> Tensor:
         return sum(multilabel_soft_margin(lg, labels) for lg in out.logits)  # type: ignore[return-value]
+
+    def classify(self, net: nn.Module, x: Tensor, labels: Tensor, **forward: Any
+                 ) -> tuple[NetOutput, Tensor, dict[str, float]]:
+        """The training forward ``net(x, **forward)``, its classification loss and the log {"cls": ...}."""
+        out = net(x, **forward)
+        l_cls = self.cls_loss(out, labels)
+        return out, l_cls, {"cls": l_cls.item()}
+
+    @staticmethod
+    def par_image(x: Tensor) -> Tensor:
+        """The [0, 1] image PAR reads: the batch's image (random erasing's noise may leave [0, 1])."""
+        return x.clamp(0.0, 1.0)
 
     # ----------------------------------------------------------------- CAM passes
     def fuse_kwargs(self) -> dict[str, Any]:
@@ -330,8 +338,3 @@ class Method:
 def with_background(cam: Tensor, score: float) -> Tensor:
     """Prepend a constant background channel: (B, K, H, W) -> (B, K+1, H, W)."""
     return torch.cat([cam.new_full((cam.shape[0], 1, *cam.shape[2:]), score), cam], dim=1)
-
-
-def present_mask(labels: Tensor) -> Tensor:
-    """(B, K+1) bool: background plus the present classes."""
-    return torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1) > 0

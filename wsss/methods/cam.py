@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from wsss.methods.afa import AFAConfig
-from wsss.methods.base import Method, pass_mode, register_method, unwrap
-from wsss.model import WSSSNet
+from wsss.methods.base import Method, pass_mode, register_method
+from wsss.model import WSSSNet, unwrap
 from wsss.ops.losses import seg_loss_bg_fg
 
 
@@ -36,14 +36,12 @@ class CAMMethod(Method):
         x, labels = batch["image"], batch["labels"]
         m = unwrap(net)
         use_seg = it > self.warmup and m.seg_head is not None and self.seg_weight > 0
-        out = net(x, with_seg=use_seg)
-        loss = self.cls_loss(out, labels)
-        logs = {"cls": loss.item()}
+        out, loss, logs = self.classify(net, x, labels, with_seg=use_seg)
         if not use_seg:
             return loss, logs
         with torch.no_grad(), pass_mode(m, self.mode):
             cam = self.multiscale_cam(m, x) * labels[..., None, None]
-            target = self.pseudo_label(x.clamp(0.0, 1.0), cam, labels, batch.get("img_box"))
+            target = self.pseudo_label(self.par_image(x), cam, labels, batch.get("img_box"))
         l_seg = seg_loss_bg_fg(out.seg, target)
         logs["seg"] = l_seg.item()
         return loss + self.seg_weight * l_seg, logs

@@ -17,7 +17,7 @@ from wsss.ops.cam import normalize_cam
 from wsss.ops.losses import affinity_loss_logits
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """float16 / bfloat16 -> float32 (softmax, log and sums of affinities need the range)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -32,7 +32,7 @@ def attention_probs(logits: Tensor) -> Tensor:
 
     Usable as a backbone ``attn_reduce`` (``lambda l, x: attention_probs(x)``) to avoid holding per-head maps.
     """
-    return _upcast(logits).softmax(dim=-1).mean(dim=1)
+    return upcast(logits).softmax(dim=-1).mean(dim=1)
 
 
 def layer_affinity(logits: Tensor, num_prefix: int, renormalize: bool = False) -> Tensor:
@@ -140,7 +140,7 @@ def layer_entropy(
     e_l = -sum p log_base(p + eps). With eps = 0 (MCTformer) the term 0 * log 0 is taken as 0 instead
     of the official NaN; the Conformer script uses eps = 1e-6. Returns (L, B).
     """
-    stacked = _upcast(_stack(affs))
+    stacked = upcast(_stack(affs))
     b, k, h, w = cam.shape
     # Refinement is linear, so sum_c A M_c = A (sum_c y_c M_c).
     summed = (cam.reshape(b, k, h * w).to(stacked.dtype) * labels.to(stacked.dtype).unsqueeze(-1)).sum(1)

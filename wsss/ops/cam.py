@@ -28,6 +28,7 @@ AFA_FUSE: dict[str, Any] = {"flip_fuse": "max", "relu": "each", "eps": 1e-5}
 AREAM_FUSE: dict[str, Any] = {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
 #: The fusion rules by name (the config's ``cam.fuse``).
 FUSE_PRESETS: dict[str, dict[str, Any]] = {"afa": AFA_FUSE, "aream": AREAM_FUSE}
+DEFAULT_FUSE = "afa"
 
 
 def normalize_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:

@@ -339,3 +339,8 @@ def pair_agreement(aff: Tensor, target: Tensor) -> Tensor:
         (a * pos).sum(), pos.sum().double(), (a * neg).sum(), neg.sum().double(),
         correct.sum().double(), (pos | neg).sum().double(),
     ]).cpu()
+
+
+def present_mask(labels: Tensor) -> Tensor:
+    """(B, K+1) bool: background plus the present classes."""
+    return torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1) > 0

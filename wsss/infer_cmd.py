@@ -1,4 +1,5 @@
-"""Inference commands: ``wsss evaluate`` and ``wsss pseudo-labels`` (predict: :mod:`wsss.predict_cmd`).
+"""Inference commands: ``wsss evaluate`` and ``wsss pseudo-labels`` (predict: :mod:`wsss.predict_cmd`), on top
+of the inference layer (:mod:`wsss.engine.evaluate`) and the run loader (:mod:`wsss.engine.runs`).
 
 * evaluate: mIoU + per-class IoU of every label map (:func:`wsss.engine.evaluate.evaluate`), with the
   protocol (split, scales, flip, CRF, checkpoint, images, thresholds) stated in the JSON and the table.
@@ -26,44 +27,12 @@ from PIL import Image
 
 from wsss.data.io import load_mask, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
-from wsss.engine.distributed import resolve_device
+from wsss.engine.evaluate import label_and_scores
+from wsss.engine.runs import check_classes, open_run, run_dir_of
 from wsss.methods import all_map_names, config_sections
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-
-
-def run_dir_of(checkpoint: str | os.PathLike) -> Path:
-    """The run directory of a release dir (``<run>/model``), run dir or checkpoint file."""
-    p = Path(checkpoint).resolve()
-    if p.is_file():
-        p = p.parent
-    if p.name in ("model", "checkpoints"):
-        return p.parent
-    return p
-
-
-def _setup(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str],
-           device: str | None) -> tuple[Any, Any, Any, list[str], torch.device]:
-    """(cfg, net on device, method, class names, device): the checkpoint's weights and its run's config
-    (data, classes, method, model), with ``config``'s other settings and the overrides on top
-    (:func:`wsss.config.run_config`)."""
-    from wsss.config import run_config, split_config_arg
-    from wsss.engine.distributed import set_threads
-    from wsss.engine.runs import load_run
-    from wsss.methods import build_method
-
-    config, overrides = split_config_arg(None if config is None else str(config), overrides)
-    dev = resolve_device(device)  # a bad device: before loading
-    net, run_cfg, names = load_run(checkpoint)
-    cfg = run_config(run_cfg, config, overrides)
-    set_threads(cfg.get("threads"))
-    if dev.type == "cpu":
-        from wsss.engine.hardware import keep_freed_memory
-
-        keep_freed_memory()  # large per-image temporaries: no fresh page faults for each
-    net = net.to(dev).eval()
-    return cfg, net, build_method(cfg, net), names, dev
 
 
 def config_note(config: str | os.PathLike | None) -> str:
@@ -72,18 +41,6 @@ def config_note(config: str | os.PathLike | None) -> str:
 
     named = split_config_arg(None if config is None else str(config), [])[0]
     return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
-
-
-def check_classes(net: Any, dataset: Any, checkpoint: str | os.PathLike, split: str) -> None:
-    """One-line error when the checkpoint's class count differs from the dataset's."""
-    model_c, data_c = int(net.num_classes) + 1, int(dataset.num_classes)
-    if model_c != data_c:
-        where = getattr(dataset, "root", None) or getattr(dataset, "image_dir", "the dataset")
-        raise ValueError(
-            f"checkpoint {checkpoint} predicts {model_c} classes (background included) but the dataset "
-            f"{where} (split {split}) has {data_c}: use the data the model was trained on "
-            f"(its run's config, without data overrides) or a model trained for {data_c} classes"
-        )
 
 
 def loading_options(ev: Any, batch_size: int | None, num_workers: int | None) -> dict[str, int]:
@@ -127,7 +84,7 @@ def run_evaluate(
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import evaluate
 
-    cfg, net, method, names, dev = _setup(config, checkpoint, overrides, opts.get("device"))
+    cfg, net, method, names, dev = open_run(config, checkpoint, overrides, opts.get("device"))
     ev = cfg.eval
     split = str(split or ev.split)
     scales = [float(s) for s in (opts.get("scales") or ev.scales)]
@@ -231,24 +188,6 @@ def downscale(scores: torch.Tensor, stride: int) -> torch.Tensor:
                          antialias=True)[0]
 
 
-@torch.no_grad()
-def _label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.Tensor, map_name: str,
-                      scales: list[float], flip: bool, want_scores: bool) -> tuple[torch.Tensor, Any]:
-    """Label maps (B, H, W) of ``map_name`` for [0, 1] images (B, 3, H, W) of one size and, if
-    asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
-    from wsss.engine.evaluate import multiscale_seg, predict_maps, predict_seg, sweep_cam
-
-    if map_name == "seg":
-        label = predict_seg(method, net, image, scales, flip)
-        if not want_scores:
-            return label, None
-        x, (h, w) = net.pad(image)
-        return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
-    maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
-    scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
-    return maps[map_name], scores
-
-
 MANIFEST = "manifest.json"
 
 
@@ -327,7 +266,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import num_images, same_size_batches
 
-    cfg, net, method, names, dev = _setup(config, checkpoint, overrides, device)
+    cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
     if map_name not in method.map_names(net):
         raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
                          f"{', '.join(method.map_names(net))}")
@@ -354,7 +293,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     skipped = n - len(pending)
     scorer.update_existing(dataset, sorted(set(range(n)) - set(pending)), out_dir)
     for batch in same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"]):
-        label_b, scores_b = _label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
+        label_b, scores_b = label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
                                               map_name, scales_l, flip_b, logits)
         scorer.update(label_b.cpu(), batch["mask"])
         for i, name in enumerate(batch["name"]):
