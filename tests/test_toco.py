@@ -141,3 +141,20 @@ def test_toco_paper_recipes() -> None:
     assert (c.seg_start_iter, c.contrast_start_iter, c.aux_seg_until) == (8000, 12000, 12000)
     assert c.temperature == 1.0
     assert "deit_base" in coco.model.pretrained and voc.model.backbone == coco.model.backbone == "vit_base"
+
+
+def test_toco_parameter_groups() -> None:
+    """The official groups: the whole encoder x1 with weight decay, every head x10, no teacher."""
+    from wsss.param_rules import build_param_groups
+    from wsss.registry import PARAM_RULES
+
+    cfg = load_config("toco_vit_micro_synthetic", ["model.backbone_kwargs.img_size=64"])
+    net = build_network(cfg, 5)
+    groups = {g["name"]: g for g in build_param_groups(net, PARAM_RULES.get("toco")(), 1e-4, 0.01)}
+    ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
+    assert set(groups) == {"encoder", "heads"} and groups["heads"]["lr"] == 1e-3
+    assert groups["encoder"]["weight_decay"] == 0.01 and groups["encoder"]["lr"] == 1e-4
+    assert id(net.backbone.norm.weight) in ids["encoder"] and id(net.backbone.cls_token) in ids["encoder"]
+    for module in (net.cam_head, net.seg_head, net.heads["aux_cam"], net.heads["ctc_proj"]):
+        assert {id(p) for p in module.parameters()} <= ids["heads"]
+    assert not {id(p) for p in net.heads["ctc_teacher"].parameters()} & (ids["encoder"] | ids["heads"])

@@ -52,7 +52,9 @@ from wsss.ops.contrast import (
 )
 from wsss.ops.losses import energy_loss, multilabel_soft_margin, seg_loss_bg_fg
 from wsss.ops.views import color_jitter, random_resized_crop, uniform
+from wsss.param_rules import ParamRule, prefix
 from wsss.refine.labels import box_mask, cam_to_label
+from wsss.registry import PARAM_RULES
 from wsss.schema import Rule
 
 SEG_HEADS = ("largefov", "model")
@@ -329,6 +331,15 @@ class ToCoMethod(Method):
             return super().segment(net, x)
         out = net.forward_cam(x, heads=[self.seg_name])
         return resize(out.heads[self.seg_name], tuple(x.shape[-2:]))
+
+
+@PARAM_RULES.register("toco")
+def toco_rules(encoder_prefix: str = "backbone.", head_mult: float = 10.0) -> list[ParamRule]:
+    """ToCo ``network.get_param_groups``: every encoder parameter (LayerNorms and class token included)
+    at lr x1 with the default weight decay; the classifiers, projection head and decoder at
+    ``head_mult``. The EMA teacher head takes no gradient and is left out."""
+    return [ParamRule(prefix(encoder_prefix), name="encoder"),
+            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]
 
 
 def _check_own_seg(cfg: Any, net: WSSSNet) -> None:
