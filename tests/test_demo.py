@@ -13,8 +13,9 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
     # two trainings at a time in worker processes; the second stage waits for AFA's labels
-    summary = run_demo(out, quick=True, methods=["cam", "afa", "second_stage", "aream"], jobs=2)
-    assert set(summary) == {"cam", "afa", "second_stage", "aream"}
+    summary = run_demo(out, quick=True, methods=["cam", "afa", "second_stage", "aream", "toco"], jobs=2)
+    assert set(summary) == {"cam", "afa", "second_stage", "aream", "toco"}
+    assert set(summary["toco"]["maps"]) >= {"cam", "cam_aux", "cam_par", "seg"}
     for method in summary:
         assert (out / method / "report.html").is_file()
         assert 0 <= summary[method]["maps"]["cam" if method != "second_stage" else "seg"] <= 1
@@ -63,6 +64,9 @@ def test_demo_backbones_name_shipped_configs():
     # the second stage is trained on the demo's backbone too
     assert demo_configs("hybrid")["second_stage"] == "second_stage_hybrid_lite0_synthetic"
     assert demo_configs("scratch")["second_stage"] == "second_stage_mit_tiny_synthetic"
+    # ToCo needs a class token: on the hybrid only (no toco_mit_tiny_synthetic config)
+    assert demo_configs("hybrid")["toco"] == "toco_hybrid_lite0_synthetic"
+    assert "toco" not in demo_configs("scratch")
     with pytest.raises(ValueError, match="demo backbone"):
         demo_configs("resnet")
 
