@@ -52,6 +52,10 @@ def test_demo_jobs_and_threads(monkeypatch):
     assert not demo._ready("second_stage", {"cam"}, ["cam", "afa", "second_stage"])
     assert demo._ready("second_stage", {"afa"}, ["cam", "afa", "second_stage"])
     assert demo._ready("second_stage", set(), ["second_stage"])  # AFA trained before, on disk
+    # the longest ready run starts first
+    listed = ["cam", "afa", "second_stage", "aream", "toco", "supervised"]
+    assert demo.start_order(listed, set(), listed) == ["toco", "afa", "aream", "cam", "supervised"]
+    assert demo.start_order(["second_stage", "supervised"], {"afa"}, listed) == ["supervised", "second_stage"]
 
 
 def test_demo_backbones_name_shipped_configs():
