@@ -1,11 +1,12 @@
 """What a config key may hold: :class:`Rule` (type, range, choices, null, list shape).
 
 The generic config schema (:mod:`wsss.config`) and every method's config section
-(:class:`wsss.methods.base.MethodConfig`) check their values with these rules.
+(:class:`MethodConfig`, a dataclass of :func:`option` fields) check their values with these rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,3 +83,57 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
         return default if value is None else value
     value = getattr(cfg, key, default)
     return default if value is None else value
+
+
+def option(default: Any, rule: Rule | None = None) -> Any:
+    """A :class:`MethodConfig` field: its default and the rule its values follow (default: the type of
+    the default, non-negative numbers)."""
+    meta = {"rule": rule}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """A method's config section: subclasses are dataclasses whose fields (declared with
+    :func:`option`) are the section's keys. :meth:`parse` checks a section: unknown keys, types,
+    ranges and choices, then :meth:`check` (relations between keys)."""
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls())
+
+    @classmethod
+    def parse(cls, section: Mapping[str, Any] | None, where: str) -> MethodConfig:
+        """The section ``where`` of a config as this dataclass; a ``KeyError`` names an unknown key, a
+        ``ValueError`` a bad value (key, value and what it should be)."""
+        values = _plain(section)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise KeyError(f"unknown config key '{where}.{unknown[0]}' (known: {', '.join(names)})")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            value = values.get(f.name, default)
+            problem = (f.metadata.get("rule") or default_rule(default)).problem(value)
+            if problem:
+                raise ValueError(f"config key '{where}.{f.name}' must be {problem}, got {value!r}")
+            kw[f.name] = value
+        opts = cls(**kw)
+        opts.check(where)
+        return opts
+
+    def check(self, where: str) -> None:
+        """Relations between keys (one ``ValueError`` naming them); none by default."""
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    if section is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)

@@ -24,16 +24,7 @@ from torch import Tensor, nn
 from wsss.backbones.base import Backbone, BackboneOutput
 from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
-from wsss.methods.base import (
-    MapInput,
-    Method,
-    MethodConfig,
-    option,
-    pass_mode,
-    register_method,
-    resize,
-    with_background,
-)
+from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.param_rules import ParamRule, both, contains, prefix
@@ -47,7 +38,7 @@ from wsss.refine.labels import (
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
 from wsss.registry import PARAM_RULES
-from wsss.schema import Rule
+from wsss.schema import MethodConfig, Rule, option
 
 SAMPLING = ("topleft", "center", "mode")
 

@@ -21,15 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss.methods.afa import SAMPLING
-from wsss.methods.base import (
-    MapInput,
-    Method,
-    MethodConfig,
-    option,
-    pass_mode,
-    register_method,
-    with_background,
-)
+from wsss.methods.base import MapInput, Method, pass_mode, register_method, with_background
 from wsss.model import WSSSNet, unwrap
 from wsss.ops.attention import (
     aream_affinity_loss,
@@ -46,7 +38,7 @@ from wsss.ops.losses import seg_loss_bg_fg
 from wsss.param_rules import ParamRule, both, contains, no_decay
 from wsss.refine.labels import affinity_labels, cam_to_label
 from wsss.registry import PARAM_RULES
-from wsss.schema import Rule
+from wsss.schema import MethodConfig, Rule, option
 
 
 def _attention_probs(layer: int, logits: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ The plugin interface (see "How to add a method" in docs/ARCHITECTURE.md): a meth
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -41,61 +41,8 @@ from wsss.refine.labels import (
 )
 from wsss.refine.par import PAR
 from wsss.registry import METHODS
-from wsss.schema import Rule, default_rule
-
-
-def option(default: Any, rule: Rule | None = None) -> Any:
-    """A :class:`MethodConfig` field: its default and the rule its values follow (default: the type of
-    the default, non-negative numbers)."""
-    meta = {"rule": rule}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-@dataclasses.dataclass
-class MethodConfig:
-    """A method's config section: subclasses are dataclasses whose fields (declared with
-    :func:`option`) are the section's keys. :meth:`parse` checks a section: unknown keys, types,
-    ranges and choices, then :meth:`check` (relations between keys)."""
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return dataclasses.asdict(cls())
-
-    @classmethod
-    def parse(cls, section: Mapping[str, Any] | None, where: str) -> MethodConfig:
-        """The section ``where`` of a config as this dataclass; a ``KeyError`` names an unknown key, a
-        ``ValueError`` a bad value (key, value and what it should be)."""
-        values = _plain(section)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            raise KeyError(f"unknown config key '{where}.{unknown[0]}' (known: {', '.join(names)})")
-        kw = {}
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            value = values.get(f.name, default)
-            problem = (f.metadata.get("rule") or default_rule(default)).problem(value)
-            if problem:
-                raise ValueError(f"config key '{where}.{f.name}' must be {problem}, got {value!r}")
-            kw[f.name] = value
-        opts = cls(**kw)
-        opts.check(where)
-        return opts
-
-    def check(self, where: str) -> None:
-        """Relations between keys (one ``ValueError`` naming them); none by default."""
-
-
-def _plain(section: Any) -> dict[str, Any]:
-    if section is None:
-        return {}
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(section, DictConfig):
-        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
-    return dict(section)
+from wsss.schema import MethodConfig as MethodConfig  # re-exported: the base of method sections
+from wsss.schema import option as option
 
 
 @dataclasses.dataclass

@@ -31,16 +31,7 @@ from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead
 from wsss.heads.largefov import LargeFOVHead
 from wsss.heads.projection import ProjectionHead, ema_update_
-from wsss.methods.base import (
-    MapInput,
-    Method,
-    MethodConfig,
-    option,
-    pass_mode,
-    register_method,
-    resize,
-    unwrap,
-)
+from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, unwrap
 from wsss.model import WSSSNet
 from wsss.ops.contrast import (
     class_token_contrast,
@@ -55,7 +46,7 @@ from wsss.ops.views import color_jitter, random_resized_crop, uniform
 from wsss.param_rules import ParamRule, prefix
 from wsss.refine.labels import box_mask, cam_to_label
 from wsss.registry import PARAM_RULES
-from wsss.schema import Rule
+from wsss.schema import MethodConfig, Rule, option
 
 SEG_HEADS = ("largefov", "model")
 
