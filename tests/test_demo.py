@@ -88,3 +88,13 @@ def test_second_stage_without_its_source_run_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="second_stage learns afa's pseudo labels"):
         run_demo(tmp_path / "demo", quick=True, methods=["cam", "second_stage"], backbone="scratch")
     assert not (tmp_path / "demo" / "cam").exists()
+
+
+def test_a_failing_worker_names_its_method_and_console_log(tmp_path):
+    from wsss import demo
+
+    log = tmp_path / "cam.log"
+    task = {"method": "cam", "config": "no_such_config", "out": str(tmp_path), "quick": True, "threads": 1,
+            "resume": False, "overwrite": False, "log": str(log)}
+    with pytest.raises(RuntimeError, match=f"demo: cam failed .*no_such_config.*{log}"):
+        demo._run_parallel({"cam": task}, jobs=2)

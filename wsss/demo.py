@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss.analysis.analyze import oracle_summary
-from wsss.config import load_config
+from wsss.config import load_config, resolve_config_path
 from wsss.methods import method_class
 
 # The demo's backbones: "hybrid" (default; ImageNet-pretrained EfficientNet-Lite0 + transformer
@@ -36,17 +36,16 @@ def demo_configs(backbone: str = "hybrid") -> dict[str, str]:
     """method -> shipped config name of the demo on ``backbone`` ("hybrid" or "scratch"): the methods
     with a ``<method>_<backbone>_synthetic`` config (ToCo needs a class token, which the scratch MiT
     lacks, so it runs on the hybrid only)."""
-    from wsss.config import resolve_config_path
-
     if backbone not in DEMO_BACKBONES:
         raise ValueError(f"demo backbone must be one of {sorted(DEMO_BACKBONES)}, got {backbone!r}")
     names = {m: f"{m}_{DEMO_BACKBONES[backbone]}_synthetic" for m in DEMO_METHODS}
-    return {m: n for m, n in names.items() if _shipped(resolve_config_path, n)}
+    return {m: n for m, n in names.items() if _shipped(n)}
 
 
-def _shipped(resolve: Any, name: str) -> bool:
+def _shipped(name: str) -> bool:
+    """Whether a config of that name ships with wsss (or lies in the working directory)."""
     try:
-        return resolve(name).is_file()
+        return resolve_config_path(name).is_file()
     except FileNotFoundError:
         return False
 
