@@ -69,6 +69,18 @@ def test_resolve_amp_uses_native_bf16_silently(monkeypatch) -> None:
         assert hardware.resolve_amp(None, "cpu") is None
 
 
+def test_resolve_amp_auto_is_bf16_only_where_native(monkeypatch) -> None:
+    """train.amp=auto: bf16 on a CPU with native bf16, fp32 without a warning elsewhere."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fake_cpu(monkeypatch, {"avx2", "amx_bf16"})
+        assert hardware.resolve_amp("auto", "cpu") is torch.bfloat16
+        _fake_cpu(monkeypatch, {"avx2"})
+        assert hardware.resolve_amp("auto", "cpu") is None
+        assert hardware.resolve_amp("auto", "cpu") is None
+
+
 def test_resolve_amp_rejects_unknown_values() -> None:
     with pytest.raises(ValueError, match="train.amp.*'fp16'"):
         hardware.resolve_amp("fp16", "cpu")

@@ -651,6 +651,27 @@ def test_attend_paths_match_the_definition(dtype, keys, tol):
     torch.testing.assert_close(logits2.double(), exact, atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.parametrize(("dtype", "keys", "tol"), [(torch.float32, 300, 1e-5), (torch.bfloat16, 300, 5e-2),
+                                                   (torch.bfloat16, 17, 5e-2)])
+def test_attend_gradients_match_the_definition(dtype, keys, tol):
+    """With autograd (bf16 on the CPU: the matmul path, fp32: the fused kernel) the output and the
+    gradients of q, k, v are those of softmax(q k^T s) v."""
+    from wsss.backbones._layers import _cpu_bf16_matmuls, attend
+
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(2, 2, n, 16, generator=g) for n in (40, keys, keys)]
+    grad_out = torch.randn(2, 2, 40, 16, generator=g)
+    q64, k64, v64 = (t.double().requires_grad_() for t in base)
+    ((q64 @ k64.transpose(-2, -1) * 0.25).softmax(-1) @ v64).backward(grad_out.double())
+    q, k, v = (t.to(dtype).requires_grad_() for t in base)
+    assert _cpu_bf16_matmuls(q, k, v) == (dtype == torch.bfloat16)
+    out, logits = attend(q, k, v, 0.25, capture=False)
+    assert logits is None
+    out.backward(grad_out.to(dtype))
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
 # ------------------------------------------------------------------------------------------------
 # The fused oneDNN inference path (no autograd on the CPU) against the plain ops
 

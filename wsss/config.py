@@ -101,7 +101,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 2000,
         "ckpt_every": 2000,
         "keep_ckpts": 2,
-        "amp": None,  # null | bf16
+        "amp": None,  # null | bf16 | auto (bf16 where native, else fp32: wsss.engine.hardware)
         "cam_pass_mode": "train",  # train (official) | eval
     },
     "cam": {
@@ -255,7 +255,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": _r("int", 1),
     "train.eval_every": _r("int", 1),
     "train.ckpt_every": _r("int", 1),
-    "train.amp": _r("str", choices=("bf16",), null=True),
+    "train.amp": _r("str", choices=("bf16", "auto"), null=True),
     "train.cam_pass_mode": _r("str", choices=("train", "eval")),
     "cam.scales": _r("list", 0.0, min_len=1),
     "cam.fuse": _r("str", choices=tuple(FUSE_PRESETS)),

@@ -103,6 +103,19 @@ class Mlp(nn.Module):
 SHORT_KEYS = 256
 
 
+def _cpu_bf16_matmuls(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether bf16 attention on the CPU should run as two matmuls instead of PyTorch's flash kernel.
+
+    The CPU flash kernel in bf16 is about 2x slower than the matmuls when the keys are few (MiT's
+    spatially reduced keys; no-grad passes), and its backward is 2-12x slower at every size measured
+    (17 to 1025 tokens, ``benchmarks/bench_attention.py``): with autograd the matmuls always win, at
+    the cost of keeping the (B, h, Nq, Nk) probabilities for the backward."""
+    if q.device.type != "cpu" or torch.bfloat16 not in (q.dtype, k.dtype):
+        return False
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return grad or k.shape[-2] <= SHORT_KEYS
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, capture: bool) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention core.
 
@@ -111,9 +124,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, capture: bool) -> tupl
     logits are never materialised.
     """
     if not capture:
-        if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype) and k.shape[-2] <= SHORT_KEYS:
-            # PyTorch's CPU flash kernel is about 2x slower than two matmuls in bf16 when the keys are
-            # few (MiT's spatially reduced keys); the logits are small then
+        if _cpu_bf16_matmuls(q, k, v):
             return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v, None
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     logits = (q * scale) @ k.transpose(-2, -1)  # scale the (N, d) side, not the (N, N) product

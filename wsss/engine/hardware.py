@@ -57,19 +57,26 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     return bool(cpu_info()[1] & BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
 
 
+#: train.amp values besides null: "bf16" (warns where bf16 is emulated), "auto" (bf16 where native)
+AMP_CHOICES = ("bf16", "auto")
+
+
 def resolve_amp(amp: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for ``train.amp`` on ``device``: bfloat16, or None for fp32.
 
     ``amp="bf16"`` where bf16 is not native falls back to fp32 and warns once per device type
-    (emulated bf16 costs about 15x the fp32 time).
+    (emulated bf16 costs about 15x the fp32 time); ``amp="auto"`` is bf16 where native and fp32
+    elsewhere without a warning (the demo's setting: results then depend on the machine).
     """
     if amp is None or str(amp).lower() in ("none", "null", "fp32", ""):
         return None
-    if str(amp) != "bf16":
-        raise ValueError(f"train.amp must be null or 'bf16', got {amp!r}")
+    if str(amp) not in AMP_CHOICES:
+        raise ValueError(f"train.amp must be null, 'bf16' or 'auto', got {amp!r}")
     device = torch.device(device)
     if bf16_native(device):
         return torch.bfloat16
+    if str(amp) == "auto":  # asked for bf16 only where it pays: fp32 here, silently
+        return None
     if device.type not in _warned:
         _warned.add(device.type)
         what = cpu_info()[0] if device.type == "cpu" else str(device)
