@@ -50,9 +50,10 @@ def _shipped(name: str) -> bool:
         return False
 
 
-# Relative training cost on the demo's configs (measured minutes, 2-core CPU): with --jobs > 1 the
-# longest ready runs start first, so the slowest one does not run alone at the end.
-DEMO_COST = {"toco": 6.6, "afa": 4.0, "aream": 4.0, "cam": 3.4, "supervised": 1.9, "second_stage": 1.0}
+# Relative training cost on the demo's configs (measured minutes at one thread, 2-core CPU with native
+# bf16): with --jobs > 1 the longest ready runs start first, so the slowest one does not run alone at
+# the end.
+DEMO_COST = {"toco": 4.3, "afa": 2.6, "aream": 2.6, "cam": 1.9, "supervised": 1.2, "second_stage": 0.6}
 SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
