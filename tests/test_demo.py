@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsss.demo import demo_configs, run_demo, summary_table
+from wsss.demo import demo_configs, run_demo, seeds_table, summary_table
 
 
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
@@ -98,3 +98,39 @@ def test_a_failing_worker_names_its_method_and_console_log(tmp_path):
             "resume": False, "overwrite": False, "log": str(log)}
     with pytest.raises(RuntimeError, match=f"demo: cam failed .*no_such_config.*{log}"):
         demo._run_parallel({"cam": task}, jobs=2)
+
+
+def test_seeds_table_means_and_per_seed_values():
+    def row(pseudo, seg, cam):
+        return {"pseudo_miou": pseudo, "seg_miou": seg, "maps": {} if cam is None else {"cam": cam}}
+
+    summaries = {0: {"cam": row(0.5, 0.4, 0.3), "supervised": row(None, 0.6, None)},
+                 3: {"cam": row(0.7, 0.2, 0.5)},
+                 7: {"cam": row(0.6, 0.3, None), "supervised": row(None, 0.8, None)}}
+    lines = seeds_table(summaries).splitlines()
+    assert lines[0].startswith("Mean over seeds 0, 3, 7")
+    cam = next(line for line in lines if line.startswith("| cam |")).split(" | ")
+    assert cam[1] == "60.0 (50.0 / 70.0 / 60.0)" and cam[2] == "30.0 (40.0 / 20.0 / 30.0)"
+    assert cam[3].rstrip(" |") == "40.0 (30.0 / 50.0 / -)"  # a missing value is left out of the mean
+    sup = next(line for line in lines if line.startswith("| supervised |")).split(" | ")
+    assert sup[1] == "-" and sup[2] == "70.0 (60.0 / - / 80.0)"
+
+
+def test_quick_demo_per_seed(tmp_path):
+    from wsss.cli import build_parser
+    from wsss.demo import run_seeds
+
+    args = build_parser().parse_args(["demo", "--quick", "--seeds", "0", "5"])
+    assert args.seeds == [0, 5]
+    with pytest.raises(ValueError, match="distinct seeds"):
+        run_seeds(tmp_path / "d", [1, 1], quick=True)
+    out = tmp_path / "demo"
+    summaries = run_seeds(out, [0, 5], quick=True, methods=["cam", "supervised"], backbone="scratch", jobs=1)
+    assert list(summaries) == [0, 5]
+    for seed in (0, 5):
+        cfg = (out / f"seed{seed}" / "cam" / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in cfg and f"root: {out / 'data'}\n" in cfg
+        assert (out / f"seed{seed}" / "summary.md").is_file()
+    assert not (out / "seed0" / "data").exists()  # one synthetic set for every seed
+    assert (out / "seeds.md").read_text() == seeds_table(summaries) + "\n"
+    assert set(json.loads((out / "seeds.json").read_text())) == {"0", "5"}

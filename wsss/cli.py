@@ -25,10 +25,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from wsss.demo import run_demo
+    from wsss.demo import run_demo, run_seeds
 
-    run_demo(args.out, quick=args.quick, methods=args.methods, backbone=args.backbone, resume=args.resume,
-             overwrite=args.overwrite, jobs=args.jobs, threads=args.threads)
+    kwargs = {"quick": args.quick, "methods": args.methods, "backbone": args.backbone, "resume": args.resume,
+              "overwrite": args.overwrite, "jobs": args.jobs, "threads": args.threads}
+    if args.seeds:
+        run_seeds(args.out, args.seeds, **kwargs)
+    else:
+        run_demo(args.out, **kwargs)
     return 0
 
 
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="trainings run at the same time, each in its own process with cores/N threads "
                         "(default: 2 on a machine with two or more cores, else 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="run the demo once per seed (into --out/seed<N>) and print each method's mean "
+                        "over the seeds: single runs of the demo's short schedules differ by up to 20 points")
     p.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():
         command.add_argument(

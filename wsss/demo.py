@@ -130,10 +130,13 @@ def demo_jobs(jobs: int | None, threads: int | None) -> tuple[int, int | None]:
     return jobs, threads
 
 
-def _method_overrides(method: str, out: Path, quick: bool, threads: int | None) -> list[str]:
-    overrides = [f"data.root={out / 'data'}", f"out_dir={out / method}", f"name={method}"]
+def _method_overrides(method: str, out: Path, quick: bool, threads: int | None, data: str | None = None,
+                      seed: int | None = None) -> list[str]:
+    overrides = [f"data.root={data or out / 'data'}", f"out_dir={out / method}", f"name={method}"]
     if threads is not None:
         overrides.append(f"threads={threads}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
     if quick:
         overrides += [
             "train.max_iters=4",
@@ -166,7 +169,8 @@ def _run_method(task: dict[str, Any]) -> dict[str, Any]:
 
     set_threads(task["threads"])
     method, out = task["method"], Path(task["out"])
-    overrides = _method_overrides(method, out, task["quick"], task["threads"])
+    overrides = _method_overrides(method, out, task["quick"], task["threads"], task.get("data"),
+                                  task.get("seed"))
     labels = None
     if method == "second_stage":
         labels = write_stage_labels(out, SECOND_STAGE_FROM, overwrite=task["overwrite"])
@@ -233,12 +237,14 @@ def _run_parallel(tasks: dict[str, dict[str, Any]], jobs: int) -> dict[str, dict
 def run_demo(
     out: str | Path = "runs/demo", quick: bool = False, methods: list[str] | None = None,
     backbone: str = "hybrid", resume: bool = False, overwrite: bool = False,
-    jobs: int | None = None, threads: int | None = None,
+    jobs: int | None = None, threads: int | None = None, data: str | Path | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """The demo into ``out``. ``resume``: methods whose run finished (``model/`` and ``metrics.json``)
     are kept, an interrupted one continues from its newest checkpoint; ``overwrite``: every method
     is trained again. Without either, an ``out`` that holds a method's run is an error. ``jobs``
-    trainings run at a time, each with ``threads`` torch threads (:func:`demo_jobs`)."""
+    trainings run at a time, each with ``threads`` torch threads (:func:`demo_jobs`). ``data``: the
+    synthetic set's folder (default ``out/data``); ``seed``: every config's seed (default: its own)."""
     from wsss.data.build import build_dataset
 
     configs = demo_configs(backbone)
@@ -250,12 +256,13 @@ def run_demo(
     methods = list(methods or configs)
     check_demo_methods(out, methods, list(configs), resume or overwrite)
     jobs, threads = demo_jobs(jobs, threads)
+    data = None if data is None else str(data)
     tasks = {m: {"method": m, "config": configs[m], "out": str(out), "quick": quick, "threads": threads,
-                 "resume": resume, "overwrite": overwrite} for m in methods}
+                 "resume": resume, "overwrite": overwrite, "data": data, "seed": seed} for m in methods}
     if jobs > 1 and len(methods) > 1:
         # the synthetic set is written once here, not by two workers at the same time
-        build_dataset(load_config(configs[methods[0]], _method_overrides(methods[0], out, quick, None)).data,
-                      split="train", train=False)
+        first = _method_overrides(methods[0], out, quick, None, data)
+        build_dataset(load_config(configs[methods[0]], first).data, split="train", train=False)
         for m, task in tasks.items():
             (out / m).mkdir(parents=True, exist_ok=True)
             task["log"] = str(out / m / "console.log")
@@ -273,6 +280,47 @@ def run_demo(
     for method in summary:
         write_report(out / method)
     return summary
+
+
+def run_seeds(out: str | Path, seeds: list[int], **kwargs: Any) -> dict[int, dict[str, Any]]:
+    """The demo once per seed, into ``out/seed<N>`` (one synthetic set, ``out/data``), then the table of
+    every method's mean and per-seed mIoU (``out/seeds.md``, ``out/seeds.json``): on the demo's short
+    schedules single runs of one config differ by up to 20 points, so a method helps only where it
+    helps on average. ``kwargs``: those of :func:`run_demo`. Returns the summaries by seed."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"demo --seeds needs distinct seeds, got {seeds}")
+    out = Path(out)
+    summaries = {}
+    for seed in seeds:
+        print(f"demo: seed {seed} into {out / f'seed{seed}'}", flush=True)
+        summaries[seed] = run_demo(out / f"seed{seed}", data=out / "data", seed=seed, **kwargs)
+    table = seeds_table(summaries)
+    print(table)
+    (out / "seeds.json").write_text(json.dumps({str(k): v for k, v in summaries.items()}, indent=2))
+    (out / "seeds.md").write_text(table + "\n")
+    return summaries
+
+
+def seeds_table(summaries: dict[int, dict[str, Any]]) -> str:
+    """Markdown: per method the mean mIoU over the seeds of its pseudo label, seg head and CAM, each
+    with the per-seed values (in seed order); a value missing in some seed is averaged over the rest."""
+    seeds = list(summaries)
+    methods = list(dict.fromkeys(m for s in seeds for m in summaries[s]))
+
+    def cell(method: str, get: Any) -> str:
+        vals = [get(summaries[s][method]) if method in summaries[s] else None for s in seeds]
+        got = [v for v in vals if v is not None]
+        if not got:
+            return "-"
+        each = " / ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+        return f"{100 * sum(got) / len(got):.1f} ({each})"
+
+    rows = [f"Mean over seeds {', '.join(map(str, seeds))} (each seed's value in brackets), mIoU:", "",
+            "| method | pseudo label | seg | CAM |", "|---|---:|---:|---:|"]
+    for m in methods:
+        rows.append(f"| {m} | {cell(m, lambda r: r['pseudo_miou'])} | {cell(m, lambda r: r['seg_miou'])} | "
+                    f"{cell(m, lambda r: r['maps'].get('cam'))} |")
+    return "\n".join(rows)
 
 
 def summary_table(summary: dict[str, Any]) -> str:
