@@ -124,6 +124,12 @@ def test_quick_demo_per_seed(tmp_path):
     assert args.seeds == [0, 5]
     with pytest.raises(ValueError, match="distinct seeds"):
         run_seeds(tmp_path / "d", [1, 1], quick=True)
+    used = tmp_path / "used"
+    (used / "seed5" / "cam").mkdir(parents=True)
+    (used / "seed5" / "cam" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="seed5 already holds demo runs"):
+        run_seeds(used, [0, 5], quick=True, methods=["cam"], backbone="scratch", jobs=1)
+    assert not (used / "seed0").exists()  # checked before seed 0 trained
     out = tmp_path / "demo"
     summaries = run_seeds(out, [0, 5], quick=True, methods=["cam", "supervised"], backbone="scratch", jobs=1)
     assert list(summaries) == [0, 5]

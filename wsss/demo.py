@@ -290,6 +290,10 @@ def run_seeds(out: str | Path, seeds: list[int], **kwargs: Any) -> dict[int, dic
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"demo --seeds needs distinct seeds, got {seeds}")
     out = Path(out)
+    configs = demo_configs(kwargs.get("backbone", "hybrid"))
+    reuse = bool(kwargs.get("resume") or kwargs.get("overwrite"))
+    for seed in seeds:  # every seed's folder is checked before the first training
+        check_demo_methods(out / f"seed{seed}", list(kwargs.get("methods") or configs), list(configs), reuse)
     summaries = {}
     for seed in seeds:
         print(f"demo: seed {seed} into {out / f'seed{seed}'}", flush=True)
