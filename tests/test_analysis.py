@@ -228,7 +228,8 @@ def test_pair_agreement_matches_loops():
     aff = torch.rand(2, 7, 7, generator=g)
     target = torch.randint(0, 3, (2, 7, 7), generator=g)
     target[target == 2] = 255
-    ref = [0.0] * 6
+    background = torch.rand(2, 7, generator=g) < 0.6
+    ref = [0.0] * 8
     for b in range(2):
         for i in range(7):
             for j in range(7):
@@ -239,9 +240,15 @@ def test_pair_agreement_matches_loops():
                 ref[1 if t == 1 else 3] += 1
                 ref[4] += float((a > 0.5) == (t == 1))
                 ref[5] += 1
-    assert torch.allclose(pair_agreement(aff, target), torch.tensor(ref, dtype=torch.float64))
-    perfect = pair_agreement((target == 1).float(), target)
+                if t == 1 and not background[b, i]:
+                    ref[6] += a
+                    ref[7] += 1
+    assert torch.allclose(pair_agreement(aff, target, background), torch.tensor(ref, dtype=torch.float64))
+    without = pair_agreement(aff, target)
+    assert torch.equal(without[:6], torch.tensor(ref[:6], dtype=torch.float64)) and not without[6:].any()
+    perfect = pair_agreement((target == 1).float(), target, background)
     assert perfect[0] == perfect[1] and perfect[2] == 0 and perfect[4] == perfect[5]
+    assert perfect[6] == perfect[7]
 
 
 def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
@@ -278,6 +285,7 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
     q2 = affinity_quality(method, net, ds, 6, max_images=2)
     assert q2["miou"]["learned_par"] == pytest.approx(q2["miou"]["oracle_par"])
     assert q2["pairs"]["accuracy"] == 1.0
+    assert q2["pairs"]["mean_same_class_foreground"] == 1.0  # the synthetic images have objects
 
 
 def test_refinement_quality_oracle(aream_net, data_root):

@@ -153,6 +153,35 @@ def test_affinity_loss_loop_batch_pooled(b, n):
     assert abs(float(affinity_loss_logits(logits, target)) - ref) < 1e-6
 
 
+@pytest.mark.parametrize("b,n", [(1, 5), (2, 9)])
+def test_affinity_loss_balanced_positives_loop(b, n):
+    """background=...: background and foreground positives averaged apart (0.25 each), negatives 0.5,
+    checked against a loop over token labels; the pooled loss is the official one."""
+    from wsss.refine.labels import affinity_labels
+
+    g = torch.Generator().manual_seed(n)
+    tok = torch.randint(0, 3, (b, 1, n), generator=g)
+    tok[torch.rand(b, 1, n, generator=g) < 0.15] = 255
+    target = affinity_labels(tok, (1, n))
+    aff = torch.rand(b, n, n, generator=g, dtype=torch.float64)
+    sums = {"bg": [0.0, 0], "fg": [0.0, 0], "neg": [0.0, 0]}
+    for i in range(b):
+        for p in range(n):
+            for q in range(n):
+                tp, tq, a = int(tok[i, 0, p]), int(tok[i, 0, q]), float(aff[i, p, q])
+                if 255 in (tp, tq):
+                    continue
+                key = "neg" if tp != tq else ("bg" if tp == 0 else "fg")
+                sums[key][0] += a if key == "neg" else 1 - a
+                sums[key][1] += 1
+    ref = sum(w * s / (c + 1) for w, (s, c) in zip((0.25, 0.25, 0.5), (sums["bg"], sums["fg"], sums["neg"])))
+    background = tok.flatten(1) == 0
+    assert abs(float(affinity_loss(aff, target, background)) - ref) < 1e-6  # the loss runs in float32
+    pooled = 0.5 * (sums["bg"][0] + sums["fg"][0]) / (sums["bg"][1] + sums["fg"][1] + 1)
+    pooled += 0.5 * sums["neg"][0] / (sums["neg"][1] + 1)
+    assert abs(float(affinity_loss(aff, target)) - pooled) < 1e-6
+
+
 def test_affinity_loss_logits_bf16_and_saturation():
     torch.manual_seed(0)
     logits = (torch.randn(2, 5, 5) * 40).to(torch.bfloat16).requires_grad_(True)

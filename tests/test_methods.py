@@ -119,3 +119,33 @@ def test_aream_refined_maps_use_their_own_background_score() -> None:
         assert torch.equal(maps["refined"], cam_to_label(refined, labels, bkg_score=score))
         seen.add(int((maps["refined"] == 0).sum()))
     assert len(seen) == 2  # the score changed the background
+
+
+def test_afa_balanced_positives_pass_the_background_tokens(monkeypatch) -> None:
+    """afa.aff_positives=balanced: the affinity loss gets the background tokens of the label that made
+    its targets (those rows' positives are exactly the background pairs); pooled (official): none."""
+    import wsss.methods.afa as afa_module
+
+    seen = []
+
+    def spy(aff, target, background=None):
+        seen.append((target, background))
+        return affinity_loss(aff, target, background)
+
+    monkeypatch.setattr(afa_module, "affinity_loss", spy)
+    labels = torch.zeros(2, 5)
+    labels[0, 1] = labels[1, 3] = 1
+    box = torch.tensor([[0, 64, 0, 64]] * 2)
+    batch = {"image": torch.rand(2, 3, 64, 64), "labels": labels, "img_box": box}
+    for mode in ("pooled", "balanced"):
+        torch.manual_seed(0)
+        cfg = load_config("afa_mit_tiny_synthetic", [f"afa.aff_positives={mode}"])
+        net = build_network(cfg, 5)
+        loss, _ = build_method(cfg, net).training_step(net, batch, int(cfg.afa.warmup_iters) + 1)
+        assert torch.isfinite(loss)
+    (_, none), (target, background) = seen
+    assert none is None and background.shape == target.shape[:2] and background.dtype == torch.bool
+    rows = background[:, :, None].expand_as(target)
+    # a background row's positives are its background partners, a foreground row's are not
+    assert torch.equal((target == 1) & rows, (target == 1) & rows & background[:, None, :])
+    assert not ((target == 1) & ~rows & background[:, None, :]).any()

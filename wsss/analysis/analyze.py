@@ -152,7 +152,9 @@ def oracle_summary(q: dict[str, Any]) -> str:
     m = {k: f"{100 * v:.2f}" for k, v in q["miou"].items()}
     if "pairs" in q:  # a learned affinity, propagated
         p = q["pairs"]
-        return (f"learned affinity: mean {p['mean_same_class']:.3f} on same-class pairs, "
+        fg = p.get("mean_same_class_foreground")
+        fg = "" if fg is None else f" ({fg:.3f} on those of object tokens)"
+        return (f"learned affinity: mean {p['mean_same_class']:.3f} on same-class pairs{fg}, "
                 f"{p['mean_different_class']:.3f} on different-class pairs, "
                 f"accuracy {100 * p['accuracy']:.1f}%\nmIoU with PAR: CAM {m['cam_par']}, "
                 f"propagated with the learned affinity {m['learned_par']}, "

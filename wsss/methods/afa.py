@@ -35,6 +35,7 @@ from wsss.refine.labels import (
     pair_agreement,
     par_refine_scores_label,
     present_mask,
+    token_labels,
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
 from wsss.registry import PARAM_RULES
@@ -60,6 +61,9 @@ class AFAConfig(MethodConfig):
     window: str = option("square", Rule("str", choices=("square", "circle")))
     sampling: str = option("topleft", Rule("str", choices=SAMPLING))
     crop_to_box: bool = option(True)
+    # "pooled" (official): one mean over all positive pairs, mostly background-background;
+    # "balanced": background and foreground positives averaged apart (affinity_loss(background=...))
+    aff_positives: str = option("pooled", Rule("str", choices=("pooled", "balanced")))
 
 
 class AFAHead(AffinityHead, MethodHead):
@@ -173,7 +177,11 @@ class AFAMethod(Method):
             self.window(grid, x.device),
             sampling=str(self.a.sampling),
         )
-        l_aff = affinity_loss(out.heads[self.HEAD], target_aff)
+        background = None
+        if self.a.aff_positives == "balanced":
+            source = aff_label if switch_aff else par_label
+            background = token_labels(source, grid, str(self.a.sampling)).flatten(1) == 0
+        l_aff = affinity_loss(out.heads[self.HEAD], target_aff, background)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
         l_seg = seg_loss_bg_fg(out.seg, seg_target)
         loss = l_cls + float(self.a.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
@@ -219,7 +227,8 @@ class AFAMethod(Method):
         for name, a in (("learned_par", aff), ("oracle_par", (target == 1).to(aff.dtype))):
             scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
             maps[name] = self.par_argmax(x, scores, labels)
-        return maps, pair_agreement(aff, target)
+        background = token_labels(gt, grid, str(self.a.sampling)).flatten(1) == 0
+        return maps, pair_agreement(aff, target, background)
 
     def oracle_protocol(self) -> dict[str, Any]:
         return {"window_radius": int(self.a.radius), "aff_bkg_score": float(self.cfg.eval.aff_bkg_score),

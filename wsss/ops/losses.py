@@ -51,19 +51,31 @@ def seg_loss_bg_fg(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Te
     return 0.5 * (bg_loss + fg_loss)
 
 
-def affinity_loss(aff: Tensor, target: Tensor) -> Tensor:
+def affinity_loss(aff: Tensor, target: Tensor, background: Tensor | None = None) -> Tensor:
     """Affinity loss on predicted affinities.
 
     aff: (B, N, N) in (0, 1); target: (B, N, N) with 1 = same label, 0 = different, 255 = ignored pair.
     Returns 0.5 * sum(pos * (1 - A)) / (N+ + 1) + 0.5 * sum(neg * A) / (N- + 1), the counts N+ / N-
-    taken over the whole batch (linear in A, not BCE).
+    taken over the whole batch (linear in A, not BCE): AFA's loss, where background-background pairs
+    are most of the positives.
+
+    background: optional (B, N) bool, the tokens labelled background. Then the positives are split
+    into background pairs (row token background) and foreground pairs, each averaged over its own
+    count and weighted 0.25 (PSA's balance), so that object tokens learn to join their own object
+    even where the background outnumbers them.
     """
     pos = target == 1
     neg = target == 0
     aff = aff.float()
-    pos_loss = ((1.0 - aff) * pos).sum() / (pos.sum() + 1)
     neg_loss = (aff * neg).sum() / (neg.sum() + 1)
-    return 0.5 * pos_loss + 0.5 * neg_loss
+    if background is None:
+        pos_loss = ((1.0 - aff) * pos).sum() / (pos.sum() + 1)
+        return 0.5 * pos_loss + 0.5 * neg_loss
+    bg_rows = background[:, :, None]
+    pos_bg, pos_fg = pos & bg_rows, pos & ~bg_rows
+    loss_bg = ((1.0 - aff) * pos_bg).sum() / (pos_bg.sum() + 1)
+    loss_fg = ((1.0 - aff) * pos_fg).sum() / (pos_fg.sum() + 1)
+    return 0.25 * loss_bg + 0.25 * loss_fg + 0.5 * neg_loss
 
 
 def affinity_loss_logits(logits: Tensor, target: Tensor) -> Tensor:

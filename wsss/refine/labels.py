@@ -293,8 +293,8 @@ def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) 
     return _to_class_ids(refined, idx)
 
 
-def _sample_tokens(label: Tensor, grid: tuple[int, int], sampling: str) -> Tensor:
-    """(B, H, W) label -> (B, h, w) token labels."""
+def token_labels(label: Tensor, grid: tuple[int, int], sampling: str = "topleft") -> Tensor:
+    """(B, H, W) pixel labels -> (B, h, w) token labels, sampled as in :func:`affinity_labels`."""
     hh, ww = label.shape[-2:]
     if sampling == "topleft":
         # PyTorch nearest: pixel floor(i * H / h), the top-left pixel of each cell (official)
@@ -334,7 +334,7 @@ def affinity_labels(
     """
     if sampling not in _SAMPLING:
         raise ValueError(f"sampling must be one of {_SAMPLING}, got {sampling!r}")
-    tok = _sample_tokens(label, tuple(grid), sampling).flatten(1)  # (B, N)
+    tok = token_labels(label, tuple(grid), sampling).flatten(1)  # (B, N)
     aff = (tok[:, :, None] == tok[:, None, :]).long()
     ign = tok == ignore_index
     ign = ign[:, :, None] | ign[:, None, :]
@@ -343,22 +343,27 @@ def affinity_labels(
     return aff.masked_fill_(ign, ignore_index)
 
 
-def pair_agreement(aff: Tensor, target: Tensor) -> Tensor:
+def pair_agreement(aff: Tensor, target: Tensor, background: Tensor | None = None) -> Tensor:
     """Sums over the labelled token pairs, to be accumulated over a dataset.
 
     Args:
         aff: (B, N, N) predicted affinity in [0, 1].
         target: (B, N, N) long in {0, 1, 255 = ignored} (:func:`wsss.refine.labels.affinity_labels`).
+        background: optional (B, N) bool, the tokens whose label is background: the positives of the
+            other rows are the foreground (same-object-class) pairs, usually few beside the
+            background pairs.
     Returns:
-        float64 (6,): [sum of aff on positives, #positives, sum of aff on negatives, #negatives,
-        #pairs whose (aff > 0.5) equals the label, #labelled pairs].
+        float64 (8,): [sum of aff on positives, #positives, sum of aff on negatives, #negatives,
+        #pairs whose (aff > 0.5) equals the label, #labelled pairs, sum of aff on foreground
+        positives, #foreground positives] (the last two 0 without ``background``).
     """
     a = aff.double()
     pos, neg = target == 1, target == 0
     correct = ((a > 0.5) == pos) & (pos | neg)
+    fg = pos & ~background[:, :, None] if background is not None else torch.zeros_like(pos)
     return torch.stack([
         (a * pos).sum(), pos.sum().double(), (a * neg).sum(), neg.sum().double(),
-        correct.sum().double(), (pos | neg).sum().double(),
+        correct.sum().double(), (pos | neg).sum().double(), (a * fg).sum(), fg.sum().double(),
     ]).cpu()
 
 
