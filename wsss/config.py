@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from wsss.engine.hardware import AMP_CHOICES
 from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES, config_sections, import_methods, method_names
 from wsss.ops.cam import DEFAULT_FUSE, FUSE_PRESETS
 from wsss.registry import PARAM_RULES
@@ -255,7 +256,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": _r("int", 1),
     "train.eval_every": _r("int", 1),
     "train.ckpt_every": _r("int", 1),
-    "train.amp": _r("str", choices=("bf16", "auto"), null=True),
+    "train.amp": _r("str", choices=AMP_CHOICES, null=True),
     "train.cam_pass_mode": _r("str", choices=("train", "eval")),
     "cam.scales": _r("list", 0.0, min_len=1),
     "cam.fuse": _r("str", choices=tuple(FUSE_PRESETS)),

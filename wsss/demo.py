@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,7 @@ def seeds_table(summaries: dict[int, dict[str, Any]]) -> str:
     seeds = list(summaries)
     methods = list(dict.fromkeys(m for s in seeds for m in summaries[s]))
 
-    def cell(method: str, get: Any) -> str:
+    def cell(method: str, get: Callable[[dict[str, Any]], float | None]) -> str:
         vals = [get(summaries[s][method]) if method in summaries[s] else None for s in seeds]
         got = [v for v in vals if v is not None]
         if not got:
