@@ -26,11 +26,6 @@ from wsss.predictor import Segmenter
 PREDICT_MAX_SIZE = 2048  # `wsss predict` default long side: a 24 MP photo is predicted as 3 MP
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files given directly, plus the image files (by extension) of the directories given, sorted."""
-    return [f for f, _ in _listed(inputs)]
-
-
 def _listed(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, int]]:
     """(file, index of the input argument it came from), directories listed by extension, sorted; a
     file given twice is listed once."""

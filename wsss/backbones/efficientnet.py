@@ -92,10 +92,12 @@ class SameConv2d(nn.Conv2d):
         sym = (kernel - 1) * dilation // 2 if stride == 1 else 0
         super().__init__(cin, cout, kernel, stride, sym, dilation, groups, bias=False)
 
+    def pad_input(self, x: Tensor) -> Tensor:
+        """x padded for the "same" rule (strided convolutions; stride 1 pads inside the convolution)."""
+        return same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0]) if self.stride[0] > 1 else x
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.stride[0] > 1:
-            x = same_pad(x, self.kernel_size[0], self.stride[0], self.dilation[0])
-        return super().forward(x)
+        return super().forward(self.pad_input(x))
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
@@ -116,9 +118,7 @@ def conv_bn(x: Tensor, conv: SameConv2d, bn: nn.BatchNorm2d, relu6: bool) -> Ten
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     bias = bn.bias - bn.running_mean * scale
-    if conv.stride[0] > 1:
-        x = same_pad(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(conv.pad_input(x), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return y.clamp_(0.0, 6.0) if relu6 else y  # in place: the convolution's backward needs no output
 
 

@@ -171,16 +171,16 @@ class AFAMethod(Method):
             )
         grid = out.grids[self.head.attn_layers[-1]]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)
+        aff_source = aff_label if switch_aff else par_label
         target_aff = affinity_labels(
-            aff_label if switch_aff else par_label,
+            aff_source,
             grid,
             self.window(grid, x.device),
             sampling=str(self.a.sampling),
         )
         background = None
         if self.a.aff_positives == "balanced":
-            source = aff_label if switch_aff else par_label
-            background = token_labels(source, grid, str(self.a.sampling)).flatten(1) == 0
+            background = token_labels(aff_source, grid, str(self.a.sampling)).flatten(1) == 0
         l_aff = affinity_loss(out.heads[self.HEAD], target_aff, background)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
         l_seg = seg_loss_bg_fg(out.seg, seg_target)

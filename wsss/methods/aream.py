@@ -94,11 +94,7 @@ class AReAMMethod(Method):
                 f"got {self.k}"
             )
         self.T = bb.num_prefix_tokens
-        self.weighting = str(self.r.weighting)
-        if self.weighting not in ("uniform", "entropy_offline", "entropy_online"):
-            raise ValueError(
-                f"aream.weighting must be uniform, entropy_offline or entropy_online, got {self.weighting}"
-            )
+        self.weighting = str(self.r.weighting)  # one of WEIGHTINGS (the section's Rule)
         ent = torch.ones(self.L)
         if self.weighting == "entropy_offline":
             if self.r.entropy is None or len(self.r.entropy) != self.L:
