@@ -26,6 +26,10 @@ SHAPES = {
     "ToCo local crops (64 x 4x4)": (64, 6, 17, 17, 32),
     "ViT-B 448, batch 2": (2, 12, 785, 785, 64),
     "MiT-B1 stage 1, crop 320, batch 2": (2, 1, 6400, 100, 64),
+    "MiT-B1 stage 2, scale 1.5 + flip": (4, 2, 3600, 225, 64),
+    "MiT-B1 stage 3, scale 1.5 + flip": (4, 5, 900, 225, 64),
+    "MiT-B1 stage 4 (stride 1), scale 1.5 + flip": (4, 8, 900, 900, 64),
+    "MiT-B1 stage 4 (stride 1), crop 320, batch 2": (2, 8, 400, 400, 64),
 }
 
 

@@ -20,6 +20,11 @@ into phases by timing the method's own functions: ``cam_pass`` (multi-scale CAM 
 ``labels`` (pseudo labels, PAR, propagation, affinity labels), ``forward`` (the gradient forward),
 ``loss`` (the rest of ``training_step``), ``backward`` and ``step`` (AdamW).
 
+The passes' arithmetic is counted (``FlopCounterMode``, with formulas for the CPU's fused oneDNN
+kernels and flash attention; the gradient forward x3 for its backward) and set against the best rate
+of a 2048^3 matmul in the same dtype and threads: "passes at GEMM peak" is the time the passes would
+take if every FLOP ran at that rate, a floor no kernel tuning goes below.
+
     python benchmarks/bench_train.py                                  # every case, CPU
     python benchmarks/bench_train.py --only afa_320 afa_320_bf16      # the acceptance cases
     python benchmarks/bench_train.py --only afa_320 --threads 1 --iters 7
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -161,6 +167,68 @@ def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
         for s in method.scales:
             net.forward_cam(method.scale_inputs(x, s))
     net.zero_grad(set_to_none=True)
+
+
+def _flop_table() -> dict:
+    """Flop formulas for the CPU kernels FlopCounterMode does not know: the fused oneDNN linear and
+    convolution of the no-grad passes, and the CPU flash attention."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    def linear(x_shape, w_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+    def conv(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return 2 * math.prod(out_shape) * math.prod(w_shape[1:])  # per output: C_in / groups x k x k
+
+    def sdpa(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    ops = torch.ops
+    return {
+        ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+        ops.mkldnn._linear_pointwise: linear,
+        ops.mkldnn._convolution_pointwise: conv,
+    }
+
+
+def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:
+    """Floating-point work of :func:`_passes` in GFLOP: the gradient forward counted x3 (forward +
+    backward), plus every no-grad CAM forward (matmuls, convolutions and attention; elementwise ops
+    are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wsss.methods.base import pass_mode
+
+    x = batch["image"]
+    table = _flop_table()
+    cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    with torch.no_grad(), cast:
+        with FlopCounterMode(display=False, custom_mapping=table) as grad_fwd:
+            net(x, with_seg=net.seg_head is not None, heads=True)
+        with FlopCounterMode(display=False, custom_mapping=table) as cams, pass_mode(net, method.mode):
+            for s in method.scales:
+                net.forward_cam(method.scale_inputs(x, s))
+    return (3 * grad_fwd.get_total_flops() + cams.get_total_flops()) / 1e9
+
+
+def gemm_peak_gflops(dtype_name: str, device: Any, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n matmul in the run's dtype and threads: what the passes' GEMMs
+    could reach at most on this machine."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> float:
@@ -294,6 +362,8 @@ def run_case(name: str, device_name: str, iters: int, profile_top: int = 0) -> d
         row["passes_s"] = statistics.median(passes)
         row["ratio"] = statistics.median(t / p for t, p in zip(times, passes))
         row["phases"] = _phase_medians(per_phase)
+        row["passes_gflop"] = passes_gflop(net, method, batch, amp)
+        row["gemm_peak_gflops"] = gemm_peak_gflops(row["amp"], device)
     if kind == "eval":
         row["images_per_s"] = int(cfg.data.batch_size) / row["median_s"]
     if profile_top:
@@ -369,6 +439,7 @@ def _report(rows: list[dict]) -> None:
             f"| {r['case']} | {r['kind']} | {r['crop']} | {r['batch']} | {r['amp']} | {r['median_s']:.3f} | "
             f"{r['iters_per_s']:.2f} | {passes} | {ratio} | {speed} | {r['peak_mib']:.0f} |"
         )
+    _report_flops(rows)
     phased = [r for r in rows if "phases" in r]
     if phased:
         names = list(phased[0]["phases"])
@@ -382,6 +453,19 @@ def _report(rows: list[dict]) -> None:
             what = f"{r['amp']}, {r['crop']} px, batch {r['batch']}"
             print(f"\n{r['case']}: {r['images_per_s']:.3g} images/s ({what})")
     _report_profiles(rows)
+
+
+def _report_flops(rows: list[dict]) -> None:
+    """The passes' arithmetic against the machine's GEMM peak: how far a faster kernel could go."""
+    counted = [r for r in rows if "passes_gflop" in r]
+    if not counted:
+        return
+    print("\nArithmetic of the passes (matmuls, convolutions, attention; x3 for the gradient forward):\n")
+    print("| case | passes GFLOP | passes GFLOP/s | GEMM peak GFLOP/s | passes at GEMM peak s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in counted:
+        g, peak = r["passes_gflop"], r["gemm_peak_gflops"]
+        print(f"| {r['case']} | {g:.0f} | {g / r['passes_s']:.0f} | {peak:.0f} | {g / peak:.2f} |")
 
 
 def _report_profiles(rows: list[dict]) -> None:

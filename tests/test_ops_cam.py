@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.ops.cam import AFA_FUSE, AREAM_FUSE, fuse_multiscale, multiscale_cam, normalize_cam
+from wsss.ops.cam import AFA_FUSE, AREAM_FUSE, fuse_multiscale, kept_channels, multiscale_cam, normalize_cam
 
 
 def _normalize_loop(cam: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,6 +100,38 @@ def test_multiscale_cam_aream_official(scales):
     fn = _toy_cam_fn(3, k=4)
     out = multiscale_cam(fn, x, scales, **AREAM_FUSE)
     torch.testing.assert_close(out, _official_aream(fn, x, scales))
+
+
+@pytest.mark.parametrize("fuse", ["afa", "aream"])
+@pytest.mark.parametrize("flip", [True, False])
+def test_keep_fuses_only_the_kept_classes(fuse, flip):
+    """keep=labels gives the full fusion masked by the labels: the kept classes as if every class was
+    fused, zeros elsewhere (rows with 0, 1 and all classes kept)."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, 18, 22, dtype=torch.float64)
+    fn = _toy_cam_fn(5, k=5)
+    labels = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    kw = AFA_FUSE if fuse == "afa" else AREAM_FUSE
+    full = multiscale_cam(fn, x, (1.0, 0.5, 1.5), flip=flip, **kw)
+    kept = multiscale_cam(fn, x, (1.0, 0.5, 1.5), flip=flip, keep=labels, **kw)
+    torch.testing.assert_close(kept, full * labels[..., None, None])
+    with pytest.raises(ValueError, match="keep"):
+        multiscale_cam(fn, x, (1.0,), keep=labels[:2], **kw)
+
+
+def test_kept_channels_matches_loop():
+    torch.manual_seed(6)
+    keep = torch.rand(7, 6) < 0.4
+    idx, valid = kept_channels(keep)
+    m = int(keep.sum(1).max())
+    assert idx.shape == valid.shape == (7, m)
+    for row in range(7):
+        kept = [c for c in range(6) if keep[row, c]]
+        assert idx[row, : len(kept)].tolist() == kept  # ascending, first
+        assert valid[row].tolist() == [True] * len(kept) + [False] * (m - len(kept))
+        assert len(set(idx[row].tolist())) == m  # the padding repeats no channel
+    idx, valid = kept_channels(torch.zeros(2, 4, dtype=torch.bool))
+    assert idx.shape == valid.shape == (2, 0)
 
 
 def test_multiscale_cam_calls_once_per_scale_with_flipped_half():

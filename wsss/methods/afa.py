@@ -129,8 +129,10 @@ class AFAMethod(Method):
         )
 
     @torch.no_grad()
-    def cam_and_affinity(self, net: WSSSNet, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
-        """Multi-scale CAM (B, K, H, W) and the affinity (B, N, N) of the largest scale on its grid.
+    def cam_and_affinity(self, net: WSSSNet, x: Tensor, keep: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """Multi-scale CAM (B, K, H, W) and the affinity (B, N, N) of the largest scale on its grid;
+        with ``keep`` (B, K) only those classes' CAMs are computed, the others are zeros.
 
         At the largest scale the un-flipped images (the only ones the propagation uses) run with
         attention capture and the flipped copies without: explicit attention (the (B, heads, N, N)
@@ -146,7 +148,7 @@ class AFAMethod(Method):
                 continue
             aff, grid, out = self.affinity(net, xs[:b])
             cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
-        return self.fuse_cams(cams, tuple(x.shape[-2:]), b), aff, grid  # type: ignore[return-value]
+        return self.fuse_cams(cams, tuple(x.shape[-2:]), b, keep), aff, grid  # type: ignore[return-value]
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int
@@ -159,7 +161,7 @@ class AFAMethod(Method):
             return l_cls, logs
         image01 = self.par_image(x)
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam, aff_top, grid_top = self.cam_and_affinity(m, x)
+            cam, aff_top, grid_top = self.cam_and_affinity(m, x, labels)
             cam = cam * labels[..., None, None]
             par_label = self.pseudo_label(image01, cam, labels, box)
             size = tuple(x.shape[-2:])
@@ -220,7 +222,7 @@ class AFAMethod(Method):
         """The 'aff_par' map with the learned affinity and with the oracle one (1 for token pairs of the
         same class, 0 otherwise, inside the window), through the same propagation and PAR."""
         bkg, aff_bkg = float(self.cfg.eval.bkg_score), float(self.cfg.eval.aff_bkg_score)
-        cam = self.multiscale_cam(net, x, [1.0]) * labels[..., None, None]
+        cam = self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
         maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels)}

@@ -171,7 +171,7 @@ class AReAMMethod(Method):
             aff = None if affinity is None else affinity(grid)
             return self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff)
 
-        return self.fused_cam(refined, x, scales) * labels[..., None, None]
+        return self.fused_cam(refined, x, scales, keep=labels) * labels[..., None, None]
 
     def online_weights(
         self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor
@@ -256,7 +256,7 @@ class AReAMMethod(Method):
             return same / same.sum(-1, keepdim=True).clamp(min=1)
 
         cams = {
-            "cam": self.multiscale_cam(net, x, [1.0]) * labels[..., None, None],
+            "cam": self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None],
             "refined": self.aream_cam(net, x, labels, self.layers, None, [1.0]),
             "oracle": self.aream_cam(net, x, labels, self.layers, None, [1.0], affinity=oracle),
         }

@@ -163,19 +163,23 @@ class Method:
         """x at scale ``s`` (+ its flipped copy when the CAM passes flip): (B or 2B, 3, h, w)."""
         return scaled_input(x, s, self.flip)
 
-    def fuse_cams(self, cams: list[Tensor], size: tuple[int, int], batch: int) -> Tensor:
-        """Raw CAMs of [x_s, flip(x_s)] (2B rows) or of x_s alone (B rows) -> normalised (B, K, H, W)."""
-        return fuse_multiscale(cams, size, batch, **self.fuse_kwargs())
+    def fuse_cams(self, cams: list[Tensor], size: tuple[int, int], batch: int, keep: Tensor | None = None
+                  ) -> Tensor:
+        """Raw CAMs of [x_s, flip(x_s)] (2B rows) or of x_s alone (B rows) -> normalised (B, K, H, W);
+        with ``keep`` (B, K) (the labels, when the caller masks by them) absent classes are zeros."""
+        return fuse_multiscale(cams, size, batch, keep=keep, **self.fuse_kwargs())
 
     @torch.no_grad()
-    def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None) -> Tensor:
-        """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1]."""
-        return self.fused_cam(lambda xs: net.forward_cam(xs).cam, x, scales)
+    def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,
+                       keep: Tensor | None = None) -> Tensor:
+        """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1] (only the ``keep`` classes, see
+        :meth:`fuse_cams`)."""
+        return self.fused_cam(lambda xs: net.forward_cam(xs).cam, x, scales, keep)
 
-    def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None
-                  ) -> Tensor:
+    def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None,
+                  keep: Tensor | None = None) -> Tensor:
         """:func:`wsss.ops.cam.multiscale_cam` of ``cam_fn`` with this method's scales, flip and fusion."""
-        return multiscale_cam(cam_fn, x, scales or self.scales, self.flip, **self.fuse_kwargs())
+        return multiscale_cam(cam_fn, x, scales or self.scales, self.flip, keep=keep, **self.fuse_kwargs())
 
     def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
         """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain."""
@@ -223,7 +227,7 @@ class Method:
         out: dict[str, Tensor] = {}
         if want & {*self.MAPS, *self.EXTRA_MAPS}:
             with self.flipping(flip):
-                cam = self.multiscale_cam(net, x, scales) * labels[..., None, None]
+                cam = self.multiscale_cam(net, x, scales, keep=labels) * labels[..., None, None]
                 bkg = float(self.cfg.eval.bkg_score)
                 if "cam" in want:
                     out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
@@ -256,7 +260,7 @@ class Method:
         """The CAM (B, K, H, W) in [0, 1], masked by ``labels``, that the background-threshold sweep and
         the saved pseudo-label scores use: the multi-scale CAM (a method with a refined CAM returns
         that)."""
-        return self.multiscale_cam(net, x, scales) * labels[..., None, None]
+        return self.multiscale_cam(net, x, scales, keep=labels) * labels[..., None, None]
 
 
     # ----------------------------------------------------------------- analysis hooks (wsss analyze)

@@ -40,7 +40,7 @@ class CAMMethod(Method):
         if not use_seg:
             return loss, logs
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam = self.multiscale_cam(m, x) * labels[..., None, None]
+            cam = self.multiscale_cam(m, x, keep=labels) * labels[..., None, None]
             target = self.pseudo_label(self.par_image(x), cam, labels, batch.get("img_box"))
         l_seg = seg_loss_bg_fg(out.seg, target)
         logs["seg"] = l_seg.item()

@@ -204,15 +204,17 @@ class ToCoMethod(Method):
 
     # ----------------------------------------------------------------- CAM passes
     @torch.no_grad()
-    def both_cams(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None) -> tuple[Tensor, Tensor]:
-        """Normalised multi-scale (+flip) final and auxiliary CAMs, each (B, K, H, W) in [0, 1]."""
+    def both_cams(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,
+                  keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Normalised multi-scale (+flip) final and auxiliary CAMs, each (B, K, H, W) in [0, 1] (only
+        the ``keep`` classes, see :meth:`fuse_cams`)."""
         cams, auxs = [], []
         for s in scales or self.scales:
             out = net.forward_cam(self.scale_inputs(x, s), heads=[self.AUX])
             cams.append(out.cam)
             auxs.append(AuxCAMHead.split(out.heads[self.AUX], tuple(out.cam.shape[-2:]))[1])
         size, b = tuple(x.shape[-2:]), x.shape[0]
-        return self.fuse_cams(cams, size, b), self.fuse_cams(auxs, size, b)
+        return self.fuse_cams(cams, size, b, keep), self.fuse_cams(auxs, size, b, keep)
 
     # ----------------------------------------------------------------- contrast
     def global_view(self, image01: Tensor) -> Tensor:
@@ -274,7 +276,7 @@ class ToCoMethod(Method):
             return loss, logs
         image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam, cam_aux = self.both_cams(m, x)
+            cam, cam_aux = self.both_cams(m, x, keep=labels)
             cam, cam_aux = cam * labels[..., None, None], cam_aux * labels[..., None, None]
         if use_con:
             l_ptc = self.ptc_loss(out, cam_aux, labels, box)
@@ -308,7 +310,7 @@ class ToCoMethod(Method):
         """'cam_aux': the multi-scale auxiliary CAM thresholded at ``eval.bkg_score``."""
         if "cam_aux" not in want:
             return {}
-        _, cam_aux = self.both_cams(net, inp.x, inp.scales)
+        _, cam_aux = self.both_cams(net, inp.x, inp.scales, keep=inp.labels)
         labels = inp.labels
         return {"cam_aux": cam_to_label(cam_aux * labels[..., None, None], labels, bkg_score=self.bkg)}
 

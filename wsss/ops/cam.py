@@ -49,6 +49,7 @@ def fuse_multiscale(
     flip_fuse: FlipFuse = "max",
     relu: ReluMode = "each",
     eps: float = 1e-5,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Fuse raw per-scale CAMs into one normalised CAM.
 
@@ -59,6 +60,9 @@ def fuse_multiscale(
         (AReAM) adds them (the flipped map is just one more map in the sum).
     relu: ``"each"`` (AFA) applies ReLU to every scale's flip-fused map before the sum over scales;
         ``"after"`` (AReAM) applies it once to the sum; ``"none"`` never.
+    keep: (B, K) multi-hot (e.g. the image labels) or None: only these classes are fused, the others
+        come out as zeros. Every class is fused and normalised on its own, so a caller that masks the
+        CAM by the labels anyway gets the same result for the work of the present classes only.
     Returns the normalised CAM (B, K, H, W).
     """
     if flip_fuse not in ("max", "sum"):
@@ -67,6 +71,8 @@ def fuse_multiscale(
         raise ValueError(f"relu must be 'each', 'after' or 'none', got {relu!r}")
     if len(cams) == 0:
         raise ValueError("fuse_multiscale needs at least one CAM")
+    if keep is not None:
+        return _fuse_kept(cams, size, batch, keep, flip_fuse=flip_fuse, relu=relu, eps=eps)
     total: Tensor | None = None
     for cam in cams:
         if cam.shape[0] not in (batch, 2 * batch):
@@ -86,6 +92,35 @@ def fuse_multiscale(
     return normalize_cam(total, eps)
 
 
+def kept_channels(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Compact index of the kept channels of each row.
+
+    keep: (B, C) bool. Returns idx (B, M) long, each row's kept channels first in ascending order,
+    then (padding) unkept ones, and valid (B, M) bool, False on the padding; M = most kept in a row.
+    """
+    # a stable sort of the "dropped" flags puts the kept channels first, each group in channel order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    idx = order[:, : int(keep.sum(dim=1).max()) if keep.numel() else 0]
+    return idx, keep.gather(1, idx)
+
+
+def _fuse_kept(cams: Sequence[Tensor], size: tuple[int, int], batch: int, keep: Tensor,
+               **fuse: Any) -> Tensor:
+    """:func:`fuse_multiscale` of the ``keep`` channels only, scattered into zeros (B, K, H, W)."""
+    if keep.shape != (batch, cams[0].shape[1]):
+        raise ValueError(f"keep must be (B, K) = {(batch, cams[0].shape[1])}, got {tuple(keep.shape)}")
+    idx, valid = kept_channels(keep.bool())
+    m = idx.shape[1]
+
+    def take(cam: Tensor) -> Tensor:  # (n, K, h, w) -> (n, M, h, w); the flipped half has the same rows
+        rows = idx if cam.shape[0] == batch else idx.repeat(cam.shape[0] // batch, 1)
+        return cam.gather(1, rows[:, :, None, None].expand(-1, -1, *cam.shape[-2:]))
+
+    fused = fuse_multiscale([take(c) for c in cams], size, batch, **fuse)
+    out = fused.new_zeros(batch, cams[0].shape[1], *size)
+    return out.scatter_(1, idx[:, :, None, None].expand(-1, m, *size), fused * valid[:, :, None, None])
+
+
 def multiscale_cam(
     cam_fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -99,7 +134,8 @@ def multiscale_cam(
     x: (B, 3, H, W) normalised images. Each scale s resizes x to (int(s*H), int(s*W)) bilinearly
     (align_corners False; no resize when that is (H, W)) and runs ``cam_fn`` once on
     ``cat([x_s, x_s.flip(-1)])`` (or on x_s alone when ``flip`` is False).
-    fuse: keyword arguments of :func:`fuse_multiscale` (e.g. ``**AFA_FUSE`` or ``**AREAM_FUSE``).
+    fuse: keyword arguments of :func:`fuse_multiscale` (e.g. ``**AFA_FUSE`` or ``**AREAM_FUSE``, and
+        ``keep``).
     Returns the normalised CAM (B, K, H, W). The caller chooses ``no_grad`` and the model mode.
     """
     batch, _, height, width = x.shape

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.ops.cam import kept_channels
 from wsss.refine.par import PAR
 
 _SAMPLING = ("topleft", "center", "mode")
@@ -64,12 +65,7 @@ def present_index(labels: Tensor) -> tuple[Tensor, Tensor]:
         idx: (B, M) long class ids (0 = background first, then present classes ascending, then padding
             with absent ids); valid: (B, M) bool, False on padding. M = 1 + max number present.
     """
-    keep = _keep_with_bkg(labels)
-    # stable sort of "absent" flags puts kept channels first, each group in ascending class order
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-    m = int(keep.sum(dim=1).max())
-    idx = order[:, :m]
-    return idx, keep.gather(1, idx)
+    return kept_channels(_keep_with_bkg(labels))
 
 
 def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
