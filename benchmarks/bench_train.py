@@ -262,15 +262,13 @@ def _eval_batch(method: Any, net: Any, batch: dict, cfg: Any) -> None:
     """One batch of `wsss evaluate` (model part): every label map, then the multi-scale seg map."""
     import torch
 
-    from wsss.engine.evaluate import predict_maps, predict_seg
+    from wsss.engine.evaluate import predict_maps
 
     scales, flip = [float(s) for s in cfg.eval.scales], bool(cfg.eval.flip)
     was = net.training
     net.eval()
-    with torch.no_grad():
-        predict_maps(method, net, batch["image"], batch["labels"], scales, flip)
-        if net.seg_head is not None:
-            predict_seg(method, net, batch["image"], scales, flip)
+    with torch.no_grad():  # as `wsss evaluate`: the multi-scale seg map shares the CAM's forwards
+        predict_maps(method, net, batch["image"], batch["labels"], scales, flip, msc_seg=True)
     net.train(was)
 
 

@@ -275,3 +275,38 @@ def test_batched_pseudo_labels_scored_with_skipped_ones(setup: dict) -> None:
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         run_pseudo_labels(CFG, setup["release"], setup["over"], "train", bad, map_name="pseudo", batch_size=0)
     assert not bad.exists()  # refused before the folder and its manifest were written
+
+
+@pytest.mark.parametrize("method_name", ["cam", "afa"])
+def test_multiscale_seg_shares_the_cam_forwards(setup: dict, method_name: str) -> None:
+    """With msc_seg the 'seg' map equals the multi-scale (+flip) seg computed on its own (AFA test_msc_flip
+    written out here), and the backbone runs once per scale for the CAM and the seg map together."""
+    import torch.nn.functional as F
+
+    from wsss.engine.evaluate import predict_maps
+    from wsss.methods import build_method
+
+    cfg = load_config(f"{method_name}_mit_tiny_synthetic", setup["over"] + ["model.seg_head.enabled=true"])
+    torch.manual_seed(1)
+    net = build_network(cfg, int(cfg.data.num_classes) - 1).eval()
+    method = build_method(cfg, net)
+    g = torch.Generator().manual_seed(2)
+    image, labels = torch.rand(2, 3, 96, 80, generator=g), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    scales = [1.0, 0.5, 1.5]
+    calls = []
+    hook = net.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        shared = predict_maps(method, net, image, labels, scales, True, maps=["cam", "seg"], msc_seg=True)
+    hook.remove()
+    assert sorted(calls) == sorted((4, 3, int(s * 96), int(s * 80)) for s in scales)
+    with torch.no_grad():
+        best = None
+        for s in scales:
+            xs = F.interpolate(image, size=(int(s * 96), int(s * 80)), mode="bilinear", align_corners=False)
+            seg = net(torch.cat([xs, xs.flip(-1)]), with_seg=True, heads=False).seg
+            seg = F.interpolate((seg[:2] + seg[2:].flip(-1)) / 2, size=(96, 80), mode="bilinear",
+                                align_corners=False)
+            best = seg if best is None else torch.maximum(best, seg)
+        alone = predict_maps(method, net, image, labels, scales, True, maps=["cam"])
+    assert torch.equal(shared["seg"], best.argmax(1))
+    assert torch.equal(shared["cam"], alone["cam"])

@@ -23,9 +23,8 @@ from wsss.data.build import collate
 from wsss.data.transforms import image01_to_uint8
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
-from wsss.methods.base import Method, resize
+from wsss.methods.base import Method
 from wsss.model import WSSSNet
-from wsss.ops.cam import scaled_input
 
 # How a map's mIoU treats its uncertain pixels (printed in the tables).
 MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
@@ -63,34 +62,23 @@ def leave_out_uncertain(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tenso
 @torch.no_grad()
 def predict_maps(
     method: Method, net: WSSSNet, image: Tensor, labels: Tensor, scales: list[float], flip: bool,
-    maps: Collection[str] | None = None,
+    maps: Collection[str] | None = None, msc_seg: bool = False,
 ) -> dict[str, Tensor]:
     """Label maps (B, H, W) for a [0, 1] image batch (B, 3, H, W) of any size; only the named
-    ``maps`` are computed (None: every map of the method)."""
+    ``maps`` are computed (None: every map of the method). ``msc_seg``: 'seg' is the multi-scale
+    (+flip) prediction, from the CAM's own forwards (:meth:`~wsss.methods.base.Method.predict`)."""
     x, (h, w) = net.pad(image)
-    out = method.predict(net, x, labels, scales, flip, maps=maps)
+    out = method.predict(net, x, labels, scales, flip, maps=maps, msc_seg=msc_seg)
     return {k: v[:, :h, :w] for k, v in out.items()}
 
 
-@torch.no_grad()
 def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float], flip: bool) -> Tensor | None:
     """Segmentation logits (B, C, H, W) at the size of ``x`` (padded [0, 1] images), or None.
 
     AFA ``test_msc_flip``: per scale, the mean of the logits of x and of flip(x) (un-flipped),
     upsampled to the scale-1 size; element-wise max over scales.
     """
-    if net.seg_head is None:
-        return None
-    size = tuple(x.shape[-2:])
-    best: Tensor | None = None
-    for s in scales:
-        seg = net(scaled_input(x, s, flip), with_seg=True, heads=False).seg
-        if flip:
-            b = x.shape[0]
-            seg = (seg[:b] + seg[b:].flip(-1)) / 2
-        seg = resize(seg, size)
-        best = seg if best is None else torch.maximum(best, seg)
-    return best
+    return method.multiscale_segment(net, x, scales, flip)
 
 
 def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
@@ -162,8 +150,9 @@ def evaluate(
         sweeper = SweepAccumulator(num_classes, **thr)
     for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
         image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
-        preds = predict_maps(method, net, image, labels, scales, flip, maps=want)
-        if msc_seg and "seg" in preds:
+        # the multi-scale seg map shares the CAM's forwards; the CRF needs its logits, kept apart
+        preds = predict_maps(method, net, image, labels, scales, flip, maps=want, msc_seg=msc_seg and not crf)
+        if crf and "seg" in preds:
             preds["seg"] = predict_seg(method, net, image, scales, flip, crf)
         if sweeper is not None:
             sweeper.update(sweep_cam(method, net, image, labels, scales, flip), labels, gt)

@@ -32,7 +32,7 @@ from wsss.backbones.base import Backbone
 from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
 from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
-from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, multiscale_cam, scaled_input
+from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, fuse_multiscale_seg, multiscale_cam, scaled_input
 from wsss.ops.losses import multilabel_soft_margin
 from wsss.refine.labels import (
     cam_to_label,
@@ -171,10 +171,19 @@ class Method:
 
     @torch.no_grad()
     def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,
-                       keep: Tensor | None = None) -> Tensor:
+                       keep: Tensor | None = None, segs: list[Tensor] | None = None) -> Tensor:
         """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1] (only the ``keep`` classes, see
-        :meth:`fuse_cams`)."""
-        return self.fused_cam(lambda xs: net.forward_cam(xs).cam, x, scales, keep)
+        :meth:`fuse_cams`). With a list ``segs`` the same forwards also run the segmentation head and
+        append each scale's seg logits to it (for :meth:`multiscale_segment`)."""
+
+        def cam_fn(xs: Tensor) -> Tensor:
+            if segs is None:
+                return net.forward_cam(xs).cam
+            out = net(xs, with_seg=True, heads=False)
+            segs.append(out.seg)  # type: ignore[arg-type]
+            return out.cam
+
+        return self.fused_cam(cam_fn, x, scales, keep)
 
     def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None,
                   keep: Tensor | None = None) -> Tensor:
@@ -215,19 +224,23 @@ class Method:
 
     def predict(
         self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
-        maps: Collection[str] | None = None,
+        maps: Collection[str] | None = None, msc_seg: bool = False,
     ) -> dict[str, Tensor]:
         """Label maps (B, H, W) for evaluation: CAM, CAM+PAR, pseudo label, segmentation head; only
         those named in ``maps`` are computed (None: all of :meth:`map_names`).
 
         labels are the ground-truth image labels (the standard protocol for CAM / pseudo-label
-        evaluation); the segmentation head does not use them.
+        evaluation); the segmentation head does not use them. 'seg' is single-scale, or with
+        ``msc_seg`` :meth:`multiscale_segment` on ``scales`` and ``flip``: then the CAM's forwards,
+        which run on the same inputs, also give the seg logits (one backbone pass per scale, not two).
         """
         want = set(self.map_names(net) if maps is None else maps)
         out: dict[str, Tensor] = {}
+        # the net's seg head rides on the CAM forwards (a method's own seg head does not)
+        segs: list[Tensor] | None = [] if msc_seg and "seg" in want and net.seg_head is not None else None
         if want & {*self.MAPS, *self.EXTRA_MAPS}:
             with self.flipping(flip):
-                cam = self.multiscale_cam(net, x, scales, keep=labels) * labels[..., None, None]
+                cam = self.multiscale_cam(net, x, scales, keep=labels, segs=segs) * labels[..., None, None]
                 bkg = float(self.cfg.eval.bkg_score)
                 if "cam" in want:
                     out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
@@ -237,10 +250,25 @@ class Method:
                     out["pseudo"] = self.pseudo_label(x, cam, labels, None)
                 out.update(self.extra_maps(net, MapInput(x, labels, cam, scales), want))
         if "seg" in want:
-            seg = self.segment(net, x)
+            if msc_seg:
+                seg = self.multiscale_segment(net, x, scales, flip, segs or None)
+            else:
+                seg = self.segment(net, x)
             if seg is not None:
                 out["seg"] = seg.argmax(1)
         return out
+
+    @torch.no_grad()
+    def multiscale_segment(self, net: WSSSNet, x: Tensor, scales: list[float], flip: bool,
+                           segs: list[Tensor] | None = None) -> Tensor | None:
+        """Multi-scale (+flip) segmentation logits (B, C, H, W) at the size of ``x``
+        (:func:`~wsss.ops.cam.fuse_multiscale_seg`), or None without the net's seg head. ``segs``: the
+        per-scale logits already computed on :func:`~wsss.ops.cam.scaled_input` of these scales."""
+        if net.seg_head is None:
+            return None
+        if segs is None:
+            segs = [net(scaled_input(x, s, flip), with_seg=True, heads=False).seg for s in scales]
+        return fuse_multiscale_seg(segs, tuple(x.shape[-2:]), x.shape[0])  # type: ignore[arg-type]
 
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """A method's own evaluation maps named in ``want``, given the normalised multi-scale CAM

@@ -5,13 +5,10 @@ The classification loss is kept so the CAM head is trained too (its CAMs can the
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.methods.base import Method, register_method, resize
-from wsss.model import WSSSNet
 
 
 @register_method
@@ -33,12 +30,3 @@ class SupervisedMethod(Method):
         return l_cls + l_seg, {"cls": l_cls.item(), "seg": l_seg.item()}
 
     MAPS = ()  # the segmentation head only
-
-    def predict(
-        self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
-        maps: Collection[str] | None = None,
-    ) -> dict[str, Tensor]:
-        if maps is not None and "seg" not in maps:
-            return {}
-        seg = self.segment(net, x)
-        return {"seg": seg.argmax(1)}  # type: ignore[union-attr]

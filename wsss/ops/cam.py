@@ -143,6 +143,27 @@ def multiscale_cam(
     return fuse_multiscale(cams, (height, width), batch, **fuse)
 
 
+def fuse_multiscale_seg(segs: Sequence[Tensor], size: tuple[int, int], batch: int) -> Tensor:
+    """Multi-scale (+ flip) segmentation logits (AFA ``test_msc_flip``).
+
+    segs: one (2B, C, h_s, w_s) logit map per scale computed on ``[x_s, hflip(x_s)]``, or (B, C, h_s,
+        w_s) without the flipped copy. Per scale the mean of a map and its un-flipped twin, upsampled to
+        ``size`` bilinearly (align_corners False); then the element-wise max over scales.
+    Returns (B, C, H, W).
+    """
+    best: Tensor | None = None
+    for seg in segs:
+        if seg.shape[0] not in (batch, 2 * batch):
+            raise ValueError(f"seg batch {seg.shape[0]} is neither B={batch} nor 2B")
+        if seg.shape[0] == 2 * batch:
+            seg = (seg[:batch] + seg[batch:].flip(-1)) / 2
+        seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+        best = seg if best is None else torch.maximum(best, seg)
+    if best is None:
+        raise ValueError("fuse_multiscale_seg needs at least one map")
+    return best
+
+
 def scaled_input(x: Tensor, s: float, flip: bool) -> Tensor:
     """x (B, 3, H, W) resized to (int(s*H), int(s*W)) bilinearly (align_corners False; untouched when
     that is (H, W)), then ``cat([x_s, x_s.flip(-1)])`` (2B rows) with ``flip``."""
