@@ -37,8 +37,10 @@ def seg_loss_bg_fg(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Te
     over the valid foreground pixels (label 1..C-1). A half without any pixel contributes 0 (the official
     code returns NaN there, ToCo#8); otherwise the value equals the official one.
     """
-    # resize in fp32 at least (bf16 autocast: faster and more exact), CE in fp32 as before
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # resize in fp32 at least (bf16 autocast: faster and more exact), CE in fp32 as before; a
+    # channels-last map (a conv head's output) is made contiguous while small: the CE's softmax over
+    # channels would otherwise transpose the full-size copy
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).contiguous()
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
     label = label.long()
