@@ -74,6 +74,9 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     # evaluation (`wsss evaluate`'s per-batch work, eval mode): every AFA map with the eval protocol
     # (scales 1, 0.5, 1.5 + flip) and the multi-scale + flip segmentation map; reported as images/s
     "afa_eval_512": ("afa_mit_b1_voc", ["data.crop_size=512", "data.batch_size=2"], "eval"),
+    # AReAM's maps (CAM, refined, its pseudo label) and ToCo's (CAM, auxiliary CAM, seg) the same way
+    "aream_eval_448": ("aream_mctformer_deit_s_voc", ["data.crop_size=448", "data.batch_size=2"], "eval"),
+    "toco_eval_448": ("toco_vit_b_voc", ["data.batch_size=2"], "eval"),
     "afa_pseudo_512_batched": (
         "afa_mit_b1_voc",
         ["data.crop_size=512", "data.batch_size=2", "afa.crop_to_box=false"],

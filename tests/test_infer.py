@@ -310,3 +310,39 @@ def test_multiscale_seg_shares_the_cam_forwards(setup: dict, method_name: str) -
         alone = predict_maps(method, net, image, labels, scales, True, maps=["cam"])
     assert torch.equal(shared["seg"], best.argmax(1))
     assert torch.equal(shared["cam"], alone["cam"])
+
+
+@pytest.mark.parametrize("config", ["afa_mit_tiny_synthetic", "aream_mit_tiny_synthetic",
+                                    "aream_mctformer_micro_synthetic", "toco_vit_micro_synthetic"])
+def test_every_map_from_one_forward_per_scale(setup: dict, config: str) -> None:
+    """A method's own maps read its evaluation's CAM forwards (eval_capture / eval_keep): every map
+    equals the one computed with forwards of its own (MapInput without ``kept``), and the backbone
+    runs once per scale (plus, for ToCo, nothing: its auxiliary CAM rides on the same forwards)."""
+    from wsss.methods import build_method
+    from wsss.methods.base import MapInput
+
+    size = 64 if "vit" in config or "mctformer" in config else 96
+    over = [f"data.num_classes={setup['cfg'].data.num_classes}", "par.num_iter=2"]
+    if "vit" in config:
+        over += ["model.backbone_kwargs.img_size=64"]
+    cfg = load_config(config, over)
+    torch.manual_seed(3)
+    net = build_network(cfg, int(cfg.data.num_classes) - 1).eval()
+    method = build_method(cfg, net)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, size, size, generator=g)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 1, 0]])
+    scales, names = [1.0, 0.75], [m for m in method.map_names(net) if m != "seg"]
+    calls: list[tuple[int, ...]] = []
+    hook = net.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        shared = method.predict(net, x, labels, scales, True, maps=names)
+    hook.remove()
+    assert len(calls) == len(scales)
+    own = set(names) - set(method.MAPS) | ({"pseudo"} if method.OWN_PSEUDO else set())
+    assert own, "the method has maps of its own"
+    with torch.no_grad(), method.flipping(True):
+        cam = method.multiscale_cam(net, x, scales, keep=labels) * labels[..., None, None]
+        alone = method.extra_maps(net, MapInput(x, labels, cam, scales), own)
+    for name in own:
+        assert (shared[name] != alone[name]).float().mean() < 1e-3, name  # batched rows: rare ties

@@ -195,15 +195,27 @@ class AFAMethod(Method):
             logs["reg"] = l_reg.item()
         return loss, logs
 
+    def eval_capture(self, scale: float, want: set[str]) -> dict[str, Any]:
+        """The affinity head on the scale-1 CAM forward, when 'aff' / 'aff_par' are wanted."""
+        return {"heads": [self.HEAD]} if scale == 1.0 and {"aff", "aff_par"} & want else {}
+
+    def eval_keep(self, out: NetOutput, scale: float, labels: Tensor, want: set[str]) -> Any:
+        """(affinity (B, N, N) of the un-flipped images, its grid) from the scale-1 forward."""
+        if self.HEAD not in out.heads:
+            return None
+        return out.heads[self.HEAD][: labels.shape[0]], out.grids[self.head.attn_layers[-1]]
+
     @torch.no_grad()
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'aff': the CAM propagated with the single-scale affinity of the full image (official
-        validation); 'aff_par': the same after PAR."""
+        validation; taken from the evaluation's scale-1 CAM forward when it ran one); 'aff_par': the
+        same after PAR."""
         x, image01, labels, cam = inp.x, inp.image01, inp.labels, inp.cam
         maps: dict[str, Tensor] = {}
         if not {"aff", "aff_par"} & set(want):
             return maps
-        aff, grid, _ = self.affinity(net, x)
+        kept = inp.kept.get(1.0)
+        aff, grid = kept if kept is not None else self.affinity(net, x)[:2]
         scores = resize(
             self.propagate(cam, aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
             tuple(x.shape[-2:]),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from wsss.methods.afa import SAMPLING
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, with_background
-from wsss.model import WSSSNet, unwrap
+from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.attention import (
     aream_affinity_loss,
     attention_probs,
@@ -160,18 +160,28 @@ class AReAMMethod(Method):
 
         affinity: maps a token grid to an (n, Np, Np) affinity that replaces the fused attention
         (``wsss analyze``: the ground-truth ceiling)."""
-        need = self.layers if self.class_attention else sorted(set(layers))
+        need = self._needed(layers)
 
         def refined(xs: Tensor) -> Tensor:
-            out = net.forward_cam(xs, need, _attention_probs)
-            grid = out.grids[need[-1]]
-            w = weights
-            if self.weighting == "entropy_online" and weights is None and affinity is None:
-                w = self.online_weights(out.cam, out.attn, grid, labels)
-            aff = None if affinity is None else affinity(grid)
-            return self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff)
+            return self.refine_output(net.forward_cam(xs, need, _attention_probs), labels, layers, weights,
+                                      affinity)
 
         return self.fused_cam(refined, x, scales, keep=labels) * labels[..., None, None]
+
+    def _needed(self, layers: list[int]) -> list[int]:
+        """The layers whose attention refining with ``layers`` reads."""
+        return self.layers if self.class_attention else sorted(set(layers))
+
+    def refine_output(self, out: NetOutput, labels: Tensor, layers: list[int], weights: Tensor | None,
+                      affinity: Callable[[tuple[int, int]], Tensor] | None = None) -> Tensor:
+        """The raw CAM of one forward (n rows, attention of :meth:`_needed` captured as head-mean
+        probabilities) refined by the fused ``layers`` (or by ``affinity``): (n, K, h, w)."""
+        grid = out.grids[self._needed(layers)[-1]]
+        w = weights
+        if self.weighting == "entropy_online" and weights is None and affinity is None:
+            w = self.online_weights(out.cam, out.attn, grid, labels)
+        aff = None if affinity is None else affinity(grid)
+        return self.refined_cam_single(out.cam, out.attn, grid, layers, w, aff)
 
     def online_weights(
         self, cam: Tensor, affs: dict[int, Tensor], grid: tuple[int, int], labels: Tensor
@@ -222,24 +232,53 @@ class AReAMMethod(Method):
         """Background score of the refined maps: ``aream.bkg_score``, else ``eval.bkg_score``."""
         return float(self.cfg.eval.bkg_score if self.r.bkg_score is None else self.r.bkg_score)
 
+    def _eval_sets(self, want: Collection[str]) -> dict[str, tuple[list[int], Tensor | None]]:
+        """The refined CAMs the maps in ``want`` read: name -> (layers, fusion weights)."""
+        sets: dict[str, tuple[list[int], Tensor | None]] = {}
+        if {"refined", "refined_par"} & set(want):
+            sets["refined"] = (self.layers, None)
+        if "pseudo" in want:
+            fw = None if self.weighting == "entropy_online" else self.fusion_w
+            sets["shallow"] = (self.shallow_layers(), fw)
+        return sets
+
+    def eval_capture(self, scale: float, want: set[str]) -> dict[str, Any]:
+        """The attention the refined maps read, as head-mean probabilities, on every CAM forward."""
+        sets = self._eval_sets(want)
+        if not sets:
+            return {}
+        need = sorted({i for layers, _ in sets.values() for i in self._needed(layers)})
+        return {"attn_layers": need, "attn_reduce": _attention_probs}
+
+    def eval_keep(self, out: NetOutput, scale: float, labels: Tensor, want: set[str]) -> Any:
+        """Each wanted refined CAM of this scale's forward (2B or B rows, before fusion)."""
+        sets = self._eval_sets(want)
+        if not sets or not out.attn:
+            return None
+        return {name: self.refine_output(out, labels, layers, w) for name, (layers, w) in sets.items()}
+
     @torch.no_grad()
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """'refined': CAM refined by the uniform mean of all layers (the official inference);
         'refined_par': the same after PAR; 'pseudo' (replacing the base one): the training rule
-        (shallow fusion, high/low scores)."""
+        (shallow fusion, high/low scores). From the evaluation's CAM forwards when they ran."""
         x, image01, labels, scales = inp.x, inp.image01, inp.labels, inp.scales
         bkg = self.refined_bkg_score()
+        kept = inp.kept_all()
+        cams: dict[str, Tensor] = {}
+        for name, (layers, w) in self._eval_sets(want).items():
+            if kept is None:
+                cams[name] = self.aream_cam(net, x, labels, layers, w, scales)
+            else:
+                fused = self.fuse_cams([k[name] for k in kept], tuple(x.shape[-2:]), x.shape[0], keep=labels)
+                cams[name] = fused * labels[..., None, None]
         maps: dict[str, Tensor] = {}
-        if {"refined", "refined_par"} & set(want):
-            refined = self.aream_cam(net, x, labels, self.layers, None, scales)
-            if "refined" in want:
-                maps["refined"] = cam_to_label(refined, labels, bkg_score=bkg)
-            if "refined_par" in want:
-                maps["refined_par"] = self.par_argmax(image01, with_background(refined, bkg), labels)
+        if "refined" in want:
+            maps["refined"] = cam_to_label(cams["refined"], labels, bkg_score=bkg)
+        if "refined_par" in want:
+            maps["refined_par"] = self.par_argmax(image01, with_background(cams["refined"], bkg), labels)
         if "pseudo" in want:
-            fw = None if self.weighting == "entropy_online" else self.fusion_w
-            shallow = self.aream_cam(net, x, labels, self.shallow_layers(), fw, scales)
-            maps["pseudo"] = self.pseudo_label(image01, shallow, labels, None)
+            maps["pseudo"] = self.pseudo_label(image01, cams["shallow"], labels, None)
         return maps
 
     # ----------------------------------------------------------------- analysis hooks

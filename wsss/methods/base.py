@@ -14,7 +14,8 @@ The plugin interface (see "How to add a method" in docs/ARCHITECTURE.md): a meth
 - ``MAPS`` / ``EXTRA_MAPS``: the label maps it evaluates, ``PSEUDO_MAP``: the one that is its pseudo
   label (what a second stage learns from), ``REFINED_MAP``: its refined CAM map (reports);
 - ``training_step`` and, for its own maps, ``extra_maps``; ``score_cam`` for the CAM its sweep and
-  saved scores use.
+  saved scores use; ``eval_capture`` / ``eval_keep`` to compute its own maps from the evaluation's
+  CAM forwards instead of forwards of their own.
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ class MapInput:
 
     x: padded [0, 1] RGB images (B, 3, H, W) (the network's input and PAR's image); labels: (B, K)
     ground-truth image labels; cam: the normalised multi-scale CAM (B, K, H, W) masked by ``labels``;
-    scales: the CAM scales."""
+    scales: the CAM scales; kept: per scale, what :meth:`Method.eval_keep` took from that scale's CAM
+    forward (empty when the maps are asked for without those forwards: compute them afresh)."""
 
     x: Tensor
     labels: Tensor
     cam: Tensor
     scales: list[float]
+    kept: dict[float, Any] = dataclasses.field(default_factory=dict)
+
+    def kept_all(self) -> list[Any] | None:
+        """What was kept from every scale's forward, in the order of ``scales``, or None if any is
+        missing."""
+        kept = [self.kept.get(s) for s in self.scales]
+        return None if any(k is None for k in kept) else kept
 
     @property
     def image01(self) -> Tensor:
@@ -171,19 +180,10 @@ class Method:
 
     @torch.no_grad()
     def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,
-                       keep: Tensor | None = None, segs: list[Tensor] | None = None) -> Tensor:
+                       keep: Tensor | None = None) -> Tensor:
         """Normalised multi-scale (+flip) CAM (B, K, H, W) in [0, 1] (only the ``keep`` classes, see
-        :meth:`fuse_cams`). With a list ``segs`` the same forwards also run the segmentation head and
-        append each scale's seg logits to it (for :meth:`multiscale_segment`)."""
-
-        def cam_fn(xs: Tensor) -> Tensor:
-            if segs is None:
-                return net.forward_cam(xs).cam
-            out = net(xs, with_seg=True, heads=False)
-            segs.append(out.seg)  # type: ignore[arg-type]
-            return out.cam
-
-        return self.fused_cam(cam_fn, x, scales, keep)
+        :meth:`fuse_cams`)."""
+        return self.fused_cam(lambda xs: net.forward_cam(xs).cam, x, scales, keep)
 
     def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None,
                   keep: Tensor | None = None) -> Tensor:
@@ -240,7 +240,7 @@ class Method:
         segs: list[Tensor] | None = [] if msc_seg and "seg" in want and net.seg_head is not None else None
         if want & {*self.MAPS, *self.EXTRA_MAPS}:
             with self.flipping(flip):
-                cam = self.multiscale_cam(net, x, scales, keep=labels, segs=segs) * labels[..., None, None]
+                cam, kept = self._eval_forwards(net, x, labels, scales, want, segs)
                 bkg = float(self.cfg.eval.bkg_score)
                 if "cam" in want:
                     out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
@@ -248,7 +248,7 @@ class Method:
                     out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
                 if "pseudo" in want and not self.OWN_PSEUDO:
                     out["pseudo"] = self.pseudo_label(x, cam, labels, None)
-                out.update(self.extra_maps(net, MapInput(x, labels, cam, scales), want))
+                out.update(self.extra_maps(net, MapInput(x, labels, cam, scales, kept), want))
         if "seg" in want:
             if msc_seg:
                 seg = self.multiscale_segment(net, x, scales, flip, segs or None)
@@ -257,6 +257,39 @@ class Method:
             if seg is not None:
                 out["seg"] = seg.argmax(1)
         return out
+
+    @torch.no_grad()
+    def _eval_forwards(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], want: set[str],
+                       segs: list[Tensor] | None) -> tuple[Tensor, dict[float, Any]]:
+        """One forward per scale for every evaluation map: the masked multi-scale CAM (B, K, H, W),
+        and per scale what :meth:`eval_keep` takes for the method's own maps; with a list ``segs`` the
+        forwards run the seg head too and append each scale's logits to it."""
+        cams, kept = [], {}
+        for s in scales:
+            cap = self.eval_capture(s, want)
+            kw = {"attn_layers": cap.get("attn_layers", ()), "attn_reduce": cap.get("attn_reduce"),
+                  "heads": list(cap.get("heads", ()))}
+            xs = self.scale_inputs(x, s)
+            fwd = net(xs, with_seg=True, **kw) if segs is not None else net.forward_cam(xs, **kw)
+            if segs is not None:
+                segs.append(fwd.seg)  # type: ignore[arg-type]
+            cams.append(fwd.cam)
+            kept[s] = self.eval_keep(fwd, s, labels, want)
+        cam = self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0], keep=labels) * labels[..., None, None]
+        return cam, kept
+
+    def eval_capture(self, scale: float, want: set[str]) -> dict[str, Any]:
+        """What the method's own maps in ``want`` need from the evaluation's CAM forward at ``scale``:
+        keyword arguments of :meth:`WSSSNet.forward_cam` (``attn_layers``, ``attn_reduce``,
+        ``heads``). Default: nothing beyond the CAM."""
+        return {}
+
+    def eval_keep(self, out: NetOutput, scale: float, labels: Tensor, want: set[str]) -> Any:
+        """What the method's own maps keep from the evaluation's CAM forward ``out`` at ``scale`` (its
+        rows are [x_s, flip(x_s)] with flip, else x_s): it reaches :meth:`extra_maps` as
+        ``MapInput.kept[scale]``. Keep little (e.g. a per-scale refined CAM, not the attention): every
+        scale's is held until the maps are made. Default: None."""
+        return None
 
     @torch.no_grad()
     def multiscale_segment(self, net: WSSSNet, x: Tensor, scales: list[float], flip: bool,

@@ -32,7 +32,7 @@ from wsss.heads.cam import CAMHead
 from wsss.heads.largefov import LargeFOVHead
 from wsss.heads.projection import ProjectionHead, ema_update_
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, unwrap
-from wsss.model import WSSSNet
+from wsss.model import NetOutput, WSSSNet
 from wsss.ops.contrast import (
     class_token_contrast,
     patch_token_contrast,
@@ -305,13 +305,27 @@ class ToCoMethod(Method):
         return loss
 
     # ----------------------------------------------------------------- evaluation
+    def eval_capture(self, scale: float, want: set[str]) -> dict[str, Any]:
+        """The auxiliary CAM head on every CAM forward, when 'cam_aux' is wanted."""
+        return {"heads": [self.AUX]} if "cam_aux" in want else {}
+
+    def eval_keep(self, out: NetOutput, scale: float, labels: Tensor, want: set[str]) -> Any:
+        """This scale's raw auxiliary CAM (2B or B rows)."""
+        if self.AUX not in out.heads:
+            return None
+        return AuxCAMHead.split(out.heads[self.AUX], tuple(out.cam.shape[-2:]))[1]
+
     @torch.no_grad()
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
-        """'cam_aux': the multi-scale auxiliary CAM thresholded at ``eval.bkg_score``."""
+        """'cam_aux': the multi-scale auxiliary CAM thresholded at ``eval.bkg_score`` (from the
+        evaluation's CAM forwards when they ran)."""
         if "cam_aux" not in want:
             return {}
-        _, cam_aux = self.both_cams(net, inp.x, inp.scales, keep=inp.labels)
-        labels = inp.labels
+        labels, kept = inp.labels, inp.kept_all()
+        if kept is None:
+            _, cam_aux = self.both_cams(net, inp.x, inp.scales, keep=labels)
+        else:
+            cam_aux = self.fuse_cams(kept, tuple(inp.x.shape[-2:]), inp.x.shape[0], keep=labels)
         return {"cam_aux": cam_to_label(cam_aux * labels[..., None, None], labels, bkg_score=self.bkg)}
 
     def map_names(self, net: WSSSNet) -> tuple[str, ...]:
