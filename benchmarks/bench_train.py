@@ -187,12 +187,15 @@ def _flop_table() -> dict:
     def sdpa(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
         return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
 
-    ops = torch.ops
-    return {
-        ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
-        ops.mkldnn._linear_pointwise: linear,
-        ops.mkldnn._convolution_pointwise: conv,
-    }
+    table = {}
+    for namespace, op, formula in (("aten", "_scaled_dot_product_flash_attention_for_cpu", sdpa),
+                                   ("mkldnn", "_linear_pointwise", linear),
+                                   ("mkldnn", "_convolution_pointwise", conv)):
+        try:
+            table[getattr(getattr(torch.ops, namespace), op)] = formula
+        except (AttributeError, RuntimeError):  # a build without oneDNN: those kernels never run
+            pass
+    return table
 
 
 def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:

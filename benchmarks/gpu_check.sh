@@ -38,7 +38,7 @@ fi
 
 step "cuda tests" 200 cuda_tests.log "$PY" -m pytest -p no:xdist -m cuda tests/test_cuda.py -q -rs
 step "bench_train (cuda)" 180 bench_train_cuda.md "$PY" benchmarks/bench_train.py --device cuda \
-    --only afa_320 afa_320_bf16 afa_512 afa_pseudo_512 --iters 10 --json "$LOG/bench_train_cuda.json"
+    --only afa_320 afa_320_bf16 afa_512 afa_pseudo_512 afa_eval_512 --iters 10 --json "$LOG/bench_train_cuda.json"
 step "bench_core (cuda)" 60 bench_core_cuda.md "$PY" benchmarks/bench_core.py --device cuda --quick
 step "bench_backbones (cuda)" 120 bench_backbones_cuda.md "$PY" benchmarks/bench_backbones.py --device cuda
 echo "exit status $status" | tee -a "$LOG/summary.txt"
