@@ -241,7 +241,7 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
     """One run of AFA's no-grad pseudo-label path (CAM pass excluded, as in the official figure): seconds."""
     import torch
 
-    from wsss.methods.base import pass_mode, resize
+    from wsss.methods.base import pass_mode
     from wsss.refine.labels import affinity_labels, par_refine_scores_label
 
     x, labels, box = batch["image"], batch["labels"], batch["img_box"]
@@ -254,8 +254,8 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
         cam = cam * labels[..., None, None]
         par_label = method.pseudo_label(image01, cam, labels, box)
         size = tuple(x.shape[-2:])
-        high = resize(method.propagate(cam, aff, grid, labels, method.high), size)
-        low = resize(method.propagate(cam, aff, grid, labels, method.low), size)
+        high = method.propagate(cam, aff, grid, labels, method.high)  # upsampled by the refinement
+        low = method.propagate(cam, aff, grid, labels, method.low)
         par_refine_scores_label(
             image01, high, low, labels, method.par, box, crop_to_box=bool(cfg.afa.crop_to_box)
         )

@@ -456,14 +456,15 @@ def test_par_argmax_label_equals_refining_every_channel():
 
 @pytest.mark.parametrize("down", [2, 1, 3])
 def test_par_refine_scores_label_faithful_matches_reference(down):
-    """par.downscale governs the propagated label's PAR too (official 2)."""
+    """par.downscale governs the propagated label's PAR too (official 2); images sharing a box (refined
+    in one call) equal the per-image reference."""
     gen = torch.Generator().manual_seed(11)
-    b, k, h, w = 3, 4, 16, 18
+    b, k, h, w = 5, 4, 16, 18
     img = torch.rand(b, 3, h, w, generator=gen)
     labels = _labels(b, k, gen)
     sh, sl = _scores(b, k, h, w, labels, gen), _scores(b, k, h, w, labels, gen)
     sh[0, 2] = 0.9  # an absent class with large values must be ignored (official zeroes it)
-    box = torch.tensor([[0, 16, 0, 18], [3, 14, 2, 17], [0, 10, 5, 18]])
+    box = torch.tensor([[0, 16, 0, 18], [3, 14, 2, 17], [0, 10, 5, 18], [0, 16, 0, 18], [3, 14, 2, 17]])
     par = PAR(num_iter=3)
     kw = {} if down == 2 else {"downscale": down}
     out = par_refine_scores_label(img, sh, sl, labels, par, box, **kw)

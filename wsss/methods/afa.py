@@ -165,8 +165,10 @@ class AFAMethod(Method):
             cam = cam * labels[..., None, None]
             par_label = self.pseudo_label(image01, cam, labels, box)
             size = tuple(x.shape[-2:])
-            high = resize(self.propagate(cam, aff_top, grid_top, labels, self.high), size)
-            low = resize(self.propagate(cam, aff_top, grid_top, labels, self.low), size)
+            # token-grid scores: par_refine_scores_label upsamples them (bilinear, as the official
+            # caller) after keeping the present classes
+            high = self.propagate(cam, aff_top, grid_top, labels, self.high)
+            low = self.propagate(cam, aff_top, grid_top, labels, self.low)
             aff_label = par_refine_scores_label(
                 image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
                 downscale=int(self.cfg.par.downscale),

@@ -187,10 +187,10 @@ def par_pseudo_label(
     b, _, h, w = image01.shape
     size = (h // downscale, w // downscale)
     image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
-    cam_s = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
     idx, valid = present_index(labels)
-    # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1
-    fg = _gather_channels(cam_s, idx[:, 1:] - 1)
+    # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1. Gathered before the
+    # (per-channel) resize: absent classes are never resized
+    fg = F.interpolate(_gather_channels(cam, idx[:, 1:] - 1), size=size, mode="bilinear", align_corners=False)
     stacks = [torch.cat([fg.new_full((b, 1, *size), s), fg], dim=1) for s in (high, low)]
     stack = torch.cat([_softmax_keep(s, valid) for s in stacks], dim=1)
     lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
@@ -200,13 +200,13 @@ def par_pseudo_label(
 def _refine_in_box(
     image01: Tensor, maps: Tensor, idx: Tensor, par: PAR, box: tuple[int, int, int, int], downscale: int
 ) -> tuple[Tensor, Tensor]:
-    """One image: crop to the box, PAR at 1/downscale of the box size, back to box size -> (Lh, Ll)."""
+    """Images with one box: crop to it, PAR at 1/downscale of the box size, back to box size -> (Lh,
+    Ll), each (n, bh, bw)."""
     r0, r1, c0, c1 = box
     img = image01[:, :, r0:r1, c0:c1]
     bh, bw = img.shape[-2:]
     img_s = F.interpolate(img, size=(bh // downscale, bw // downscale), mode="bilinear", align_corners=False)
-    lab_h, lab_l = _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
-    return lab_h[0], lab_l[0]
+    return _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
 
 
 def par_refine_scores_label(
@@ -228,10 +228,11 @@ def par_refine_scores_label(
 
     ``crop_to_box=True`` (faithful): per image, the image and maps are cropped to the box, the image is
     downsampled to half of the box size, PAR resizes the maps to it (align_corners=True), and the
-    result is upsampled back to the box. This is the one per-image loop of the module: box sizes
-    differ between images, so the crops cannot be batched. ``crop_to_box=False`` (fast): one batched
-    PAR call over the whole crop at half resolution; identical when every box is the whole crop, and
-    slightly different near box borders otherwise. ``downscale``: PAR runs at 1/downscale resolution
+    result is upsampled back to the box. This is the one loop over images of the module: boxes
+    differ between images, so only images with the same box (e.g. all that fill the crop) are
+    batched. ``crop_to_box=False`` (fast): one batched PAR call over the whole crop at half
+    resolution; identical when every box is the whole crop, and slightly different near box borders
+    otherwise. ``downscale``: PAR runs at 1/downscale resolution
     (official: 2, as for :func:`par_pseudo_label`; the config's ``par.downscale`` governs both).
 
     Args:
@@ -249,17 +250,24 @@ def par_refine_scores_label(
     # scores are >= 0 and padding channels hold absent classes' values: zero them, as the official
     # code scatters the refined present classes into a zero tensor
     stack = torch.cat([scores_high, scores_low], dim=0)
+    # gathered before the (per-channel) resize: absent classes are never resized
+    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
     if stack.shape[-2:] != (h, w):
         stack = F.interpolate(stack, size=(h, w), mode="bilinear", align_corners=False)
-    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
     stack = torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
     if crop_to_box:
         lab_h = torch.zeros((b, h, w), dtype=torch.long, device=image01.device)
         lab_l = torch.zeros_like(lab_h)
+        # images with the same box (e.g. every one that fills the crop) are refined in one call: each
+        # image's result is the same as alone
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, box in enumerate(img_box.tolist()):
+            groups.setdefault(tuple(box), []).append(i)
+        for box, rows in groups.items():
             r0, r1, c0, c1 = box
-            lab_h[i, r0:r1, c0:c1], lab_l[i, r0:r1, c0:c1] = _refine_in_box(
-                image01[i : i + 1], stack[i : i + 1], idx[i : i + 1], par, box, downscale
+            sel = torch.tensor(rows, device=image01.device)
+            lab_h[sel, r0:r1, c0:c1], lab_l[sel, r0:r1, c0:c1] = _refine_in_box(
+                image01[sel], stack[sel], idx[sel], par, box, downscale  # type: ignore[arg-type]
             )
     else:
         size = (h // downscale, w // downscale)
