@@ -20,7 +20,7 @@ from wsss.infer_cmd import run_evaluate, run_pseudo_labels
 from wsss.methods import build_network
 from wsss.model import WSSSNet
 from wsss.predict_cmd import run_predict
-from wsss.predictor import Segmenter
+from wsss.predictor import MIN_SIDE, Segmenter
 from wsss.registry import BACKBONES
 
 CFG = "cam_mit_tiny_synthetic"
@@ -346,3 +346,25 @@ def test_every_map_from_one_forward_per_scale(setup: dict, config: str) -> None:
         alone = method.extra_maps(net, MapInput(x, labels, cam, scales), own)
     for name in own:
         assert (shared[name] != alone[name]).float().mean() < 1e-3, name  # batched rows: rare ties
+
+
+@pytest.mark.parametrize("scales", [[1.0, 0.5], [0.75]])
+def test_segmenter_one_forward_per_scale(setup: dict, scales: list[float]) -> None:
+    """The Segmenter's class scores, CAMs and seg logits come from one forward per scale (plus one for
+    the scores when 1.0 is not a scale), equal to computing each on its own."""
+    from wsss.engine.evaluate import multiscale_seg
+
+    seg = Segmenter.from_pretrained(setup["release"], device="cpu")
+    net, method = seg.net, seg.method
+    x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(5))
+    calls: list[tuple[int, ...]] = []
+    hook = net.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        scores, _, cams, logits = seg._score_maps(x, None, scales, True)
+    hook.remove()
+    assert len(calls) == len(scales) + (1.0 not in scales)
+    with torch.no_grad(), method.flipping(True):
+        xp, _ = net.pad(x, min_size=MIN_SIDE)
+        torch.testing.assert_close(scores, net(xp, with_seg=False, heads=False).logits[0].sigmoid())
+        torch.testing.assert_close(cams, method.multiscale_cam(net, xp, scales)[..., :64, :80])
+        torch.testing.assert_close(logits, multiscale_seg(method, net, xp, scales, True)[..., :64, :80])

@@ -27,7 +27,7 @@ from torch import Tensor
 from wsss.data.io import load_image
 from wsss.data.transforms import to_image01
 from wsss.engine.distributed import resolve_device
-from wsss.engine.evaluate import crf_seg, multiscale_seg
+from wsss.engine.evaluate import crf_seg
 from wsss.methods import build_method
 from wsss.methods.base import resize, with_background
 from wsss.model import WSSSNet
@@ -188,17 +188,26 @@ class Segmenter:
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Class scores (B, K), the classes kept (B, K) multi-hot, CAMs (B, K, h, w) in [0, 1] and seg
         logits (B, K+1, h, w) (None without a seg head) of a [0, 1]
-        batch (B, 3, h, w). No pass computes attention maps."""
+        batch (B, 3, h, w). One forward per scale gives the CAM and the seg logits, the scale-1 one
+        the class scores; no pass computes attention maps."""
         h, w = x.shape[-2:]
         xp, _ = self.net.pad(x, min_size=MIN_SIDE)  # small images: every backbone's strides must fit
-        net = self.net
-        scores = net(xp, with_seg=False, heads=False).logits[0].sigmoid()  # (B, K)
+        net, b, with_seg = self.net, x.shape[0], self.net.seg_head is not None
+        cams, segs, scores = [], [], None
+        with self.method.flipping(flip):
+            for s in scales:
+                out = net(self.method.scale_inputs(xp, s), with_seg=with_seg, heads=False)
+                cams.append(out.cam)
+                segs.append(out.seg)
+                if s == 1.0:  # the un-flipped rows are the padded images themselves
+                    scores = out.logits[0][:b].sigmoid()  # (B, K)
+            cam = self.method.fuse_cams(cams, tuple(xp.shape[-2:]), b)[..., :h, :w]
+        if scores is None:
+            scores = net(xp, with_seg=False, heads=False).logits[0].sigmoid()
         lab = (self.label_vector(labels).to(self.device).expand_as(scores) if labels is not None
                else (scores > 0.5).float())
-        with self.method.flipping(flip):
-            cams = self.method.multiscale_cam(net, xp, scales)[..., :h, :w]
-        seg = multiscale_seg(self.method, net, xp, scales, flip)
-        return scores, lab, cams, (seg[..., :h, :w] if seg is not None else None)
+        seg = self.method.multiscale_segment(net, xp, scales, flip, segs) if with_seg else None
+        return scores, lab, cam, (seg[..., :h, :w] if seg is not None else None)
 
     def _mask(self, cams: Tensor, seg: Tensor | None, lab: Tensor, image01: Tensor | None) -> Tensor:
         """Label map (B, H, W): the seg head's argmax, else the CAM of the kept classes against the
