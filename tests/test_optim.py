@@ -87,6 +87,35 @@ def test_frozen_norm_does_not_move():
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_update_matches_reference(fused):
+    """build_optimizer's AdamW (default and fused) against the update written out: m, v with bias
+    correction, decoupled weight decay, per-group lr (the afa rules: x10 heads, lr 0 norms)."""
+    torch.manual_seed(1)
+    m = ToyAFA()
+    opt = build_optimizer(m, {"lr": 1e-2, "weight_decay": 0.05, "param_rules": "afa", "fused": fused})
+    assert opt.defaults["fused"] is (True if fused else None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ref = {id(p): (p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
+                   torch.zeros_like(p, dtype=torch.float64)) for p in params}
+    (b1, b2), eps = opt.defaults["betas"], opt.defaults["eps"]
+    for t in range(1, 4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                w, mom, var = ref[id(p)]
+                grad = p.grad.double()
+                w.mul_(1 - g["lr"] * g["weight_decay"])
+                mom.mul_(b1).add_(grad * (1 - b1))
+                var.mul_(b2).add_(grad * grad * (1 - b2))
+                m_hat, v_hat = mom / (1 - b1**t), var / (1 - b2**t)
+                w.sub_(g["lr"] * m_hat / (v_hat.sqrt() + eps))
+        opt.step()
+        for p in params:
+            torch.testing.assert_close(p.detach().double(), ref[id(p)][0], rtol=1e-5, atol=1e-6)
+
+
 class ToyConformer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
