@@ -117,6 +117,10 @@ def test_toco_largefov_decoder_as_method_head() -> None:
     batch = _batch()
     maps = method.predict(net.eval(), batch["image"], batch["labels"], [1.0], False)
     assert maps["seg"].shape == (2, 64, 64)
+    same = method.predict(net, batch["image"], batch["labels"], [1.0], False, msc_seg=True)
+    assert torch.equal(same["seg"], maps["seg"])
+    with pytest.raises(ValueError, match="single-scale without flip"):  # e.g. wsss evaluate --flip
+        method.predict(net, batch["image"], batch["labels"], [1.0, 0.5], True, maps=["seg"], msc_seg=True)
     for extra, match in ((["eval.flip=true"], "single-scale"), (["model.seg_head.enabled=true"], "its own")):
         bad = load_config("toco_vit_micro_synthetic", [*TINY, *own, *extra])
         with pytest.raises(ValueError, match=match):

@@ -339,6 +339,17 @@ class ToCoMethod(Method):
         out = net.forward_cam(x, heads=[self.seg_name])
         return resize(out.heads[self.seg_name], tuple(x.shape[-2:]))
 
+    def multiscale_segment(self, net: WSSSNet, x: Tensor, scales: list[float], flip: bool,
+                           segs: list[Tensor] | None = None) -> Tensor | None:
+        """The network's multi-scale seg map; the LargeFOV head has none (single scale, no flip)."""
+        if self.seg_name is None:
+            return super().multiscale_segment(net, x, scales, flip, segs)
+        if [float(s) for s in scales] == [1.0] and not flip:
+            return self.segment(net, x)
+        raise ValueError(f"toco.seg_head 'largefov' is evaluated single-scale without flip, not at scales "
+                         f"{list(scales)} with flip={flip}: evaluate with --scales 1.0 and without --flip, "
+                         "or train with toco.seg_head: model")
+
 
 @PARAM_RULES.register("toco")
 def toco_rules(encoder_prefix: str = "backbone.", head_mult: float = 10.0) -> list[ParamRule]:
