@@ -352,8 +352,6 @@ def test_every_map_from_one_forward_per_scale(setup: dict, config: str) -> None:
 def test_segmenter_one_forward_per_scale(setup: dict, scales: list[float]) -> None:
     """The Segmenter's class scores, CAMs and seg logits come from one forward per scale (plus one for
     the scores when 1.0 is not a scale), equal to computing each on its own."""
-    from wsss.engine.evaluate import multiscale_seg
-
     seg = Segmenter.from_pretrained(setup["release"], device="cpu")
     net, method = seg.net, seg.method
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(5))
@@ -367,4 +365,19 @@ def test_segmenter_one_forward_per_scale(setup: dict, scales: list[float]) -> No
         xp, _ = net.pad(x, min_size=MIN_SIDE)
         torch.testing.assert_close(scores, net(xp, with_seg=False, heads=False).logits[0].sigmoid())
         torch.testing.assert_close(cams, method.multiscale_cam(net, xp, scales)[..., :64, :80])
-        torch.testing.assert_close(logits, multiscale_seg(method, net, xp, scales, True)[..., :64, :80])
+        torch.testing.assert_close(logits, method.multiscale_segment(net, xp, scales, True)[..., :64, :80])
+
+
+def test_seg_label_and_scores_from_one_pass(setup: dict) -> None:
+    """The 'seg' label and its saved scores come from one multi-scale pass: the label is the scores'
+    argmax, the backbone runs once per scale."""
+    from wsss.engine.evaluate import label_and_scores
+
+    seg = Segmenter.from_pretrained(setup["release"], device="cpu")
+    x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(6))
+    calls: list[tuple[int, ...]] = []
+    hook = seg.net.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    label, scores = label_and_scores(seg.method, seg.net, x, torch.ones(2, 5), "seg", [1.0, 0.5], True, True)
+    hook.remove()
+    assert len(calls) == 2 and scores.shape[-2:] == (64, 80)
+    assert torch.equal(label, scores.argmax(1))

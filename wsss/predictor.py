@@ -195,8 +195,7 @@ class Segmenter:
         net, b, with_seg = self.net, x.shape[0], self.net.seg_head is not None
         cams, segs, scores = [], [], None
         with self.method.flipping(flip):
-            for s in scales:
-                out = net(self.method.scale_inputs(xp, s), with_seg=with_seg, heads=False)
+            for s, out in self.method.scale_forwards(net, xp, scales, seg=with_seg):
                 cams.append(out.cam)
                 segs.append(out.seg)
                 if s == 1.0:  # the un-flipped rows are the padded images themselves

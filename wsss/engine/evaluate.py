@@ -72,15 +72,6 @@ def predict_maps(
     return {k: v[:, :h, :w] for k, v in out.items()}
 
 
-def multiscale_seg(method: Method, net: WSSSNet, x: Tensor, scales: list[float], flip: bool) -> Tensor | None:
-    """Segmentation logits (B, C, H, W) at the size of ``x`` (padded [0, 1] images), or None.
-
-    AFA ``test_msc_flip``: per scale, the mean of the logits of x and of flip(x) (un-flipped),
-    upsampled to the scale-1 size; element-wise max over scales.
-    """
-    return method.multiscale_segment(net, x, scales, flip)
-
-
 def crf_seg(logits: Tensor, image01: Tensor) -> Tensor:
     """Dense CRF (AFA test preset) on softmax(logits): (B, C, H, W), (B, 3, H, W) -> labels (B, H, W)."""
     from wsss.refine.crf import crf_preset
@@ -127,7 +118,8 @@ def evaluate(
     batch_size: images of one size evaluated together; num_workers: DataLoader workers reading them.
     maps: only these label maps are computed ('pseudo_strict' comes with 'pseudo'; None: all).
 
-    With several scales or flip, the 'seg' map is the multi-scale seg prediction (:func:`multiscale_seg`);
+    With several scales or flip, the 'seg' map is the multi-scale seg prediction
+    (:meth:`~wsss.methods.base.Method.multiscale_segment`);
     ``crf``: the 'seg' map is post-processed with the dense CRF (AFA test preset);
     ``sweep``: the AReAM background-threshold sweep on the (refined) CAM, reported under '_sweep'.
     """
@@ -144,15 +136,16 @@ def evaluate(
             raise CRFUnavailableError(f"--crf needs the pydensecrf2 package: {INSTALL_HINT}")
     msc_seg = crf or flip or scales != [1.0]
     want = None if maps is None else {"pseudo" if m == "pseudo_strict" else m for m in maps}
+    crf_seg_map, now = _crf_split(method, net, want, crf)
     sweeper = None
     if sweep:
         thr = {"thresholds": sweep_thresholds} if sweep_thresholds else {}
         sweeper = SweepAccumulator(num_classes, **thr)
     for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
         image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
-        # the multi-scale seg map shares the CAM's forwards; the CRF needs its logits, kept apart
-        preds = predict_maps(method, net, image, labels, scales, flip, maps=want, msc_seg=msc_seg and not crf)
-        if crf and "seg" in preds:
+        # the multi-scale seg map shares the CAM's forwards; the CRF needs its logits: computed apart
+        preds = predict_maps(method, net, image, labels, scales, flip, maps=now, msc_seg=msc_seg)
+        if crf_seg_map:
             preds["seg"] = predict_seg(method, net, image, scales, flip, crf)
         if sweeper is not None:
             sweeper.update(sweep_cam(method, net, image, labels, scales, flip), labels, gt)
@@ -183,18 +176,35 @@ def evaluate(
     return results
 
 
+def _crf_split(method: Method, net: WSSSNet, want: set[str] | None, crf: bool
+               ) -> tuple[bool, set[str] | None]:
+    """Whether the 'seg' map goes through the CRF, and the maps ``predict_maps`` computes: without
+    'seg' then (the CRF's seg map, from its own logits, is not computed twice)."""
+    names = set(method.map_names(net)) if want is None else want
+    if crf and "seg" in names:
+        return True, names - {"seg"}
+    return False, want
+
+
 @torch.no_grad()
 def predict_seg(
     method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool, crf: bool = False
 ) -> Tensor:
     """Segmentation label map (B, H, W) for a [0, 1] image batch of any size (multi-scale, flip,
     optional CRF)."""
+    logits = seg_logits(method, net, image, scales, flip)
+    return crf_seg(logits, image.clamp(0.0, 1.0)) if crf else logits.argmax(1)
+
+
+@torch.no_grad()
+def seg_logits(method: Method, net: WSSSNet, image: Tensor, scales: list[float], flip: bool) -> Tensor:
+    """Multi-scale (+flip) segmentation logits (B, C, H, W) of a [0, 1] image batch of any size
+    (:meth:`~wsss.methods.base.Method.multiscale_segment` on the padded batch, cropped back)."""
     x, (h, w) = net.pad(image)
-    logits = multiscale_seg(method, net, x, scales, flip)
+    logits = method.multiscale_segment(net, x, scales, flip)
     if logits is None:
         raise ValueError("the model has no segmentation head")
-    logits = logits[..., :h, :w]
-    return crf_seg(logits, image.clamp(0.0, 1.0)) if crf else logits.argmax(1)
+    return logits[..., :h, :w]
 
 
 @torch.no_grad()
@@ -203,11 +213,8 @@ def label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.T
     """Label maps (B, H, W) of ``map_name`` for [0, 1] images (B, 3, H, W) of one size and, if
     asked, their scores: seg logits (B, C, H, W) for 'seg', else the masked multi-scale CAM (B, K, H, W)."""
     if map_name == "seg":
-        label = predict_seg(method, net, image, scales, flip)
-        if not want_scores:
-            return label, None
-        x, (h, w) = net.pad(image)
-        return label, multiscale_seg(method, net, x, scales, flip)[..., :h, :w]  # type: ignore[index]
+        logits = seg_logits(method, net, image, scales, flip)  # one multi-scale pass for both
+        return logits.argmax(1), (logits if want_scores else None)
     maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
     scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
     return maps[map_name], scores

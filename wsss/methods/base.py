@@ -265,18 +265,27 @@ class Method:
         and per scale what :meth:`eval_keep` takes for the method's own maps; with a list ``segs`` the
         forwards run the seg head too and append each scale's logits to it."""
         cams, kept = [], {}
-        for s in scales:
-            cap = self.eval_capture(s, want)
-            kw = {"attn_layers": cap.get("attn_layers", ()), "attn_reduce": cap.get("attn_reduce"),
-                  "heads": list(cap.get("heads", ()))}
-            xs = self.scale_inputs(x, s)
-            fwd = net(xs, with_seg=True, **kw) if segs is not None else net.forward_cam(xs, **kw)
+        forwards = self.scale_forwards(net, x, scales, seg=segs is not None,
+                                       capture=lambda s: self.eval_capture(s, want))
+        for s, fwd in forwards:
             if segs is not None:
                 segs.append(fwd.seg)  # type: ignore[arg-type]
             cams.append(fwd.cam)
             kept[s] = self.eval_keep(fwd, s, labels, want)
         cam = self.fuse_cams(cams, tuple(x.shape[-2:]), x.shape[0], keep=labels) * labels[..., None, None]
         return cam, kept
+
+    def scale_forwards(self, net: WSSSNet, x: Tensor, scales: list[float], seg: bool = False,
+                       capture: Callable[[float], dict[str, Any]] | None = None
+                       ) -> Iterator[tuple[float, NetOutput]]:
+        """One forward per scale on :meth:`scale_inputs` (2B rows [x_s, flip(x_s)] with flip, else B):
+        yields (scale, output) with the CAM and class logits, the seg logits when ``seg``, and what
+        ``capture(scale)`` asks (``attn_layers``, ``attn_reduce``, ``heads``). One scale's output at
+        a time: a caller keeps what it needs of each."""
+        for s in scales:
+            cap = capture(s) if capture is not None else {}
+            yield s, net(self.scale_inputs(x, s), with_seg=seg, attn_layers=cap.get("attn_layers", ()),
+                         attn_reduce=cap.get("attn_reduce"), heads=list(cap.get("heads", ())))
 
     def eval_capture(self, scale: float, want: set[str]) -> dict[str, Any]:
         """What the method's own maps in ``want`` need from the evaluation's CAM forward at ``scale``:
