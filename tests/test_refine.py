@@ -273,7 +273,8 @@ def test_par_blocked_propagation_matches_loop_reference(monkeypatch, block_bytes
     blocks) gives the loop reference for every image and channel."""
     import wsss.refine.par as par_mod
 
-    monkeypatch.setattr(par_mod, "CPU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(par_mod, "CPU_BLOCK_BYTES_PER_THREAD", block_bytes)
+    monkeypatch.setattr(par_mod.torch, "get_num_threads", lambda: 1)
     torch.manual_seed(5)
     img = torch.rand(3, 3, 5, 6)
     maps = torch.rand(3, 4, 5, 6)

@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: maps larger than this are propagated in blocks on CPU (see PAR.propagate); about a core's L2 share
-CPU_BLOCK_BYTES = 512 * 1024
+#: on CPU, maps are propagated in blocks of about this many bytes per intra-op thread (see
+#: PAR.propagate): each elementwise pass splits a block between the threads, so a block of
+#: threads x 512 KiB keeps each core's share in its L2. Measured with 2 threads (2 MiB L2 per core):
+#: 1 MiB blocks beat 512 KiB ones by 10-30%, and with 1 thread 512 KiB beats 1 MiB.
+CPU_BLOCK_BYTES_PER_THREAD = 512 * 1024
 
 # 3x3 ring without the centre, row-major (the order of the official one-hot conv kernel)
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -173,12 +176,13 @@ class PAR(nn.Module):
         """
         b, c = maps.shape[:2]
         plane = maps.shape[-2] * maps.shape[-1] * maps.element_size()
-        if maps.device.type != "cpu" or b * c * plane <= CPU_BLOCK_BYTES:
+        block = CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
+        if maps.device.type != "cpu" or b * c * plane <= block:
             return self._propagate(kernel, maps)
         # On CPU the 48 x num_iter passes over the maps are bound by memory traffic: run them on blocks
-        # of images and channels (all independent) small enough to stay in the core's cache.
-        chans = min(c, max(1, CPU_BLOCK_BYTES // plane))
-        imgs = max(1, CPU_BLOCK_BYTES // (chans * plane))
+        # of images and channels (all independent) small enough to stay in the cores' caches.
+        chans = min(c, max(1, block // plane))
+        imgs = max(1, block // (chans * plane))
         out = torch.empty_like(maps)
         for i in range(0, b, imgs):
             for j in range(0, c, chans):
