@@ -195,8 +195,9 @@ class PAR(nn.Module):
         size = maps.shape[-2:]
         weights = kernel.unsqueeze(2).unbind(1)  # 48 x (B, 1, H, W)
         for _ in range(self.num_iter):
-            out = torch.zeros_like(maps)
-            for wn, xn in zip(weights, self._shifted(self._pad(maps), size)):
+            shifted = self._shifted(self._pad(maps), size)
+            out = torch.mul(weights[0], shifted[0])  # the first term starts the sum: no zero-filled pass
+            for wn, xn in zip(weights[1:], shifted[1:]):
                 out.addcmul_(wn, xn)
             maps = out
         return maps
