@@ -708,6 +708,40 @@ def test_fused_helpers_match_plain_ops():
         linear(x, lin, "relu")
 
 
+@pytest.mark.parametrize("act", ["none", "gelu", "relu6"])
+@pytest.mark.parametrize("groups,stride,dilation", [(1, 1, 1), (8, 2, 1), (8, 1, 2)])
+def test_conv2d_act_matches_plain_ops(act, groups, stride, dilation):
+    """The fused no-grad convolution (+ activation) equals conv2d then the activation written out,
+    in fp32 and under bf16 autocast; with autograd the plain ops run and have a backward."""
+    from wsss.backbones._layers import conv2d_act
+
+    torch.manual_seed(11)
+    x = (torch.randn(2, 8, 9, 11) * 4).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 8 // groups, 3, 3), torch.randn(16)
+    args = ((stride, stride), (dilation, dilation), (dilation, dilation), groups)
+
+    def ref(inp: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(inp.double(), w.double(), b.double(), args[0], args[1], args[2], groups)
+        if act == "gelu":
+            return _exact_gelu(y)
+        return torch.minimum(torch.maximum(y, torch.zeros(())), torch.full((), 6.0)) if act == "relu6" else y
+
+    with torch.no_grad():
+        out = conv2d_act(x, w, b, *args, act=act)
+        torch.testing.assert_close(out.double(), ref(x), atol=1e-4, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = conv2d_act(x, w, b, *args, act=act)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.double(), ref(x), atol=0.3, rtol=0.03)
+    xg = x.clone().requires_grad_()
+    out = conv2d_act(xg, w, b, *args, act=act)
+    torch.testing.assert_close(out.detach().double(), ref(x), atol=1e-4, rtol=1e-5)
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="act"):
+        conv2d_act(x, w, b, *args, act="relu")
+
+
 def test_drop_path_add_is_the_residual_with_drop_path():
     from wsss.backbones._layers import DropPath
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -69,19 +69,38 @@ def linear(x: Tensor, layer: nn.Linear, act: str = "none") -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), layer.weight.to(dtype), bias, act, [], algorithm)
 
 
-def conv_gelu(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``F.gelu(conv(x))`` (exact GELU), x: (B, C, H, W) -> (B, C', H', W').
+#: activations :func:`conv2d_act` fuses: name -> (oneDNN post-op, its scalars)
+_CONV_ACTS = {"none": ("none", []), "gelu": ("gelu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 
-    Without autograd on the CPU the GELU runs inside the oneDNN convolution (one pass over the
-    output instead of two; the memory format of ``x``, e.g. channels-last, is kept)."""
+
+def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, act: str = "none") -> Tensor:
+    """``act(F.conv2d(x, weight, bias, ...))`` with ``act`` "none", "gelu" (exact, erf) or "relu6";
+    x: (B, C, H, W) -> (B, C', H', W'), numeric (zero) padding.
+
+    Without autograd on the CPU the activation runs inside the oneDNN convolution (one pass over
+    the output instead of two; the memory format of ``x``, e.g. channels-last, is kept). With
+    autograd the ReLU6 clamps in place: the convolution's backward needs its input, not its output."""
+    if act not in _CONV_ACTS:
+        raise ValueError(f"act must be one of {sorted(_CONV_ACTS)}, got {act!r}")
     dtype = fused_dtype(x)
-    if dtype is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return F.gelu(conv(x))
-    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    if dtype is None:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return F.gelu(y) if act == "gelu" else y.clamp_(0.0, 6.0) if act == "relu6" else y
+    attr, scalars = _CONV_ACTS[act]
     return torch.ops.mkldnn._convolution_pointwise(
-        x.to(dtype), conv.weight.to(dtype), bias, list(conv.padding), list(conv.stride),
-        list(conv.dilation), conv.groups, "gelu", [], "none",
+        x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, list(padding),
+        list(stride), list(dilation), groups, attr, scalars, "none" if act == "gelu" else "",
     )
+
+
+def conv_gelu(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``F.gelu(conv(x))`` (exact GELU), x: (B, C, H, W) -> (B, C', H', W'), fused where
+    :func:`conv2d_act` fuses."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return F.gelu(conv(x))
+    return conv2d_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                      "gelu")
 
 
 class Mlp(nn.Module):

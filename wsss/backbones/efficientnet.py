@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.backbones._layers import drop_path
+from wsss.backbones._layers import conv2d_act, drop_path
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.checkpoint import CheckpointError, strip_prefix
 from wsss.checkpoint import load_pretrained as load_weights
@@ -118,8 +118,9 @@ def conv_bn(x: Tensor, conv: SameConv2d, bn: nn.BatchNorm2d, relu6: bool) -> Ten
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     bias = bn.bias - bn.running_mean * scale
-    y = F.conv2d(conv.pad_input(x), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return y.clamp_(0.0, 6.0) if relu6 else y  # in place: the convolution's backward needs no output
+    # the ReLU6 runs inside the oneDNN convolution without autograd on the CPU (no-grad CAM passes)
+    return conv2d_act(conv.pad_input(x), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                      "relu6" if relu6 else "none")
 
 
 class MBConv(nn.Module):
