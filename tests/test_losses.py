@@ -12,6 +12,7 @@ from wsss.ops.losses import (
     affinity_loss,
     affinity_loss_logits,
     energy_loss,
+    exp_flushed,
     multilabel_soft_margin,
     seg_loss_bg_fg,
     window_bilateral_filter,
@@ -267,6 +268,35 @@ def test_energy_loss_matches_dense_reference(b, c, h, w, scale, radius, dilation
     probs, image, roi, label = _energy_inputs(b, c, h, w, seed=h * w)
     label = label if use_label else None
     kw = dict(sigma_rgb=40.0, sigma_xy=6.0, scale=scale, weight=1e-3, radius=radius, dilation=dilation)
+    ref_loss, ref_grad = _dense_energy(probs, image, roi, label, **kw)
+    p = probs.double().requires_grad_(True)
+    out = energy_loss(p.float(), image, roi, label, **kw)
+    out.backward()
+    assert abs(ref_loss) > 1e-6 and abs(float(out.detach()) - ref_loss) < 1e-5 * abs(ref_loss)
+    torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_flushed_is_exp_above_the_floor_and_zero_below(dtype):
+    """exp where exp(x) >= e^0.5 x the smallest normal number, 0 below (never a subnormal)."""
+    # the floor as the tensor's dtype holds it
+    floor = torch.tensor(math.log(torch.finfo(dtype).smallest_normal) + 0.5, dtype=dtype).item()
+    x = torch.cat([torch.linspace(floor - 50, 5, 997, dtype=dtype),
+                   torch.tensor([floor, floor - 1e-3, floor + 1e-3, -1e4, 0.0], dtype=dtype)])
+    out = exp_flushed(x)
+    for xi, oi in zip(x.tolist(), out.tolist()):
+        want = math.exp(xi) if xi >= floor else 0.0
+        assert oi == pytest.approx(want, rel=1e-6, abs=0.0), xi
+    assert (out[out > 0] >= torch.finfo(dtype).smallest_normal).all()
+
+
+def test_energy_loss_across_sharp_edges_matches_dense_reference():
+    """A small colour sigma: most window weights fall below float32's normal range (flushed to 0);
+    the loss and gradient still match the float64 dense reference, whose weights do not."""
+    probs, image, roi, label = _energy_inputs(2, 3, 8, 10, seed=7)
+    kw = dict(sigma_rgb=4.0, sigma_xy=6.0, scale=1.0, weight=1e-3, radius=2, dilation=1)
+    rgb = image * 255
+    assert ((rgb[:, :, :, 1:] - rgb[:, :, :, :-1]).square().sum(1) / (2 * 4.0**2) > 88).float().mean() > 0.3
     ref_loss, ref_grad = _dense_energy(probs, image, roi, label, **kw)
     p = probs.double().requires_grad_(True)
     out = energy_loss(p.float(), image, roi, label, **kw)

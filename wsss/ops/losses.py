@@ -113,6 +113,17 @@ def window_offsets(radius: int, dilation: int, height: int, width: int) -> tuple
     )
 
 
+def exp_flushed(x: Tensor) -> Tensor:
+    """exp(x), with the results below e^0.5 times the dtype's smallest normal number (float32: 1.9e-38)
+    set to 0, much as a CPU flushing denormals would.
+
+    PyTorch's CPU exp leaves its vector path for arguments whose exp is subnormal or 0: measured
+    100-200x slower (1.2-2.3 ms against 0.011 ms for 32K floats). Across strong edges the bilateral
+    weights are such numbers; they stand for nothing next to the window's other weights."""
+    floor = math.log(torch.finfo(x.dtype).smallest_normal) + 0.5  # exp(floor) is a normal number
+    return torch.exp(x.clamp(min=floor)).mul_(x >= floor)
+
+
 def _filter(
     x: Tensor,
     rgb: Tensor,
@@ -134,7 +145,7 @@ def _filter(
         rows = slice(reach + dy, reach + dy + height)
         cols = slice(reach + dx, reach + dx + width)
         dist_rgb = (rgb - rp[:, :, rows, cols]).square().sum(1, keepdim=True)
-        w = torch.exp(-dist_rgb * inv_rgb - (dy * dy + dx * dx) / (2.0 * sigma_xy**2))
+        w = exp_flushed(-dist_rgb * inv_rgb - (dy * dy + dx * dx) / (2.0 * sigma_xy**2))
         out.add_(w * xp[:, :, rows, cols])
     return out * cell
 
