@@ -573,10 +573,27 @@ def test_segformer_head_matches_reference(shapes):
     head = SegFormerHead(chans, num_classes=3, embed_dim=8).eval()
     _randomise_norms(head)
     feats = [torch.randn(2, c, h, w) for c, h, w in shapes]
-    with torch.no_grad():
+    with torch.no_grad():  # embeddings and BatchNorm folded into the fuse conv's blocks
         got = head(feats)
     assert got.shape == (2, 3, *shapes[0][1:])
-    torch.testing.assert_close(got, _head_ref(head, feats), atol=1e-5, rtol=1e-5)
+    ref = _head_ref(head, feats)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head(feats).detach(), ref, atol=1e-5, rtol=1e-5)  # with autograd: unfolded
+    bn = head.linear_fuse.bn = torch.nn.BatchNorm2d(8, affine=False).eval()  # no weight / bias to fold
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(head(feats), _head_ref_plain_bn(head, feats), atol=1e-5, rtol=1e-5)
+
+
+def _head_ref_plain_bn(head: SegFormerHead, feats: list[torch.Tensor]) -> torch.Tensor:
+    """_head_ref with an affine-free BatchNorm (unit weight, zero bias)."""
+    bn = head.linear_fuse.bn
+    bn.weight, bn.bias = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.zeros(8))
+    try:
+        return _head_ref(head, feats)
+    finally:
+        bn.weight = bn.bias = None
 
 
 def test_segformer_head_names_train_and_errors():

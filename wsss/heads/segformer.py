@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -70,20 +71,55 @@ class SegFormerHead(nn.Module):
         """Official order: embed, resize, concatenate, 1x1 fuse conv. The fuse conv (no bias) is split
         into one block per map and applied before the resize: bilinear resizing and a per-pixel
         linear map commute, so each map is mixed at its own (smaller) size and the 4D-channel
-        concatenation at full size is never built. Same function, a fraction of the work."""
+        concatenation at full size is never built. Same function, a fraction of the work.
+
+        Without autograd (evaluation, ``predict``) two more linear maps are folded: each map's
+        embedding into its block of the fuse conv (one C_i -> D product per token instead of two),
+        and an eval-mode BatchNorm into those products (no pass over the full-size fused map)."""
         if len(features) != len(self.in_channels):
             raise ValueError(f"SegFormerHead expects {len(self.in_channels)} maps, got {len(features)}")
         size = features[0].shape[-2:]
         n = len(features)
         weight = self.linear_fuse.conv.weight.flatten(1)  # (D, n*D): input blocks in the order c_n..c_1
         d = weight.shape[1] // n
+        folded = not torch.is_grad_enabled()
+        affine = self._bn_affine() if folded else None
         fused: Tensor | None = None
         for i, feat in enumerate(features):
             block = weight[:, (n - 1 - i) * d : (n - i) * d]
-            tokens = getattr(self, f"linear_c{i + 1}")(feat)  # (B, h_i, w_i, D)
-            z = F.linear(tokens, block).permute(0, 3, 1, 2)  # its share of the fuse conv, (B, D, h_i, w_i)
+            embed: LinearEmbed = getattr(self, f"linear_c{i + 1}")
+            if folded:
+                z = self._folded_block(feat, embed.proj, block, affine, shift=i == 0)
+            else:
+                z = F.linear(embed(feat), block).permute(0, 3, 1, 2)  # its share of the fuse conv
             if z.shape[-2:] != size:
                 z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-            fused = z if fused is None else fused + z
-        fused = self.linear_fuse.norm_act(fused)
+            # in place: no full-size temporary per map (linear and resize keep nothing for backward)
+            fused = z if fused is None else fused.add_(z)
+        assert fused is not None
+        fused = self.linear_fuse.act(fused) if affine is not None else self.linear_fuse.norm_act(fused)
         return self.linear_pred(self.dropout(fused))
+
+    def _bn_affine(self) -> tuple[Tensor, Tensor] | None:
+        """The fuse BatchNorm as y = x * scale + shift, (D,) each, when it uses running statistics."""
+        bn = self.linear_fuse.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return None
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        return scale, shift + bn.bias if bn.bias is not None else shift
+
+    @staticmethod
+    def _folded_block(feat: Tensor, proj: nn.Linear, block: Tensor, affine: tuple[Tensor, Tensor] | None,
+                      shift: bool) -> Tensor:
+        """(B, C_i, h, w) -> (B, D, h, w): block @ (proj(x)), scaled by the BatchNorm when ``affine``
+        (plus its shift when ``shift``), as one Linear(C_i -> D) with a composed weight and bias."""
+        if affine is not None:
+            block = block * affine[0][:, None]
+        w = block @ proj.weight
+        b = block @ proj.bias if proj.bias is not None else None
+        if affine is not None and shift:
+            b = affine[1] if b is None else b + affine[1]
+        return F.linear(feat.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
