@@ -219,9 +219,12 @@ def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:
     x = batch["image"]
     table = _flop_table()
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    # the gradient forward with autograd on: the same kernels and head paths as in training (some
+    # layers fold linear maps when autograd is off); its backward is not run
+    with cast, FlopCounterMode(display=False, custom_mapping=table) as grad_fwd:
+        net(x, with_seg=net.seg_head is not None, heads=True)
+    net.zero_grad(set_to_none=True)
     with torch.no_grad(), cast:
-        with FlopCounterMode(display=False, custom_mapping=table) as grad_fwd:
-            net(x, with_seg=net.seg_head is not None, heads=True)
         with FlopCounterMode(display=False, custom_mapping=table) as cams, pass_mode(net, method.mode):
             for s in method.scales:
                 net.forward_cam(method.scale_inputs(x, s))
