@@ -335,10 +335,16 @@ def test_every_map_from_one_forward_per_scale(setup: dict, config: str) -> None:
     scales, names = [1.0, 0.75], [m for m in method.map_names(net) if m != "seg"]
     calls: list[tuple[int, ...]] = []
     hook = net.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    kernels: list[tuple[int, ...]] = []
+    kernel = method.par._kernel
+    method.par._kernel = lambda img: kernels.append(tuple(img.shape)) or kernel(img)
     with torch.no_grad():
         shared = method.predict(net, x, labels, scales, True, maps=names)
     hook.remove()
+    del method.par._kernel
     assert len(calls) == len(scales)
+    # every '*_par' map refines on x: one PAR kernel at full size (pseudo labels: their own size)
+    assert kernels.count(tuple(x.shape)) == 1
     own = set(names) - set(method.MAPS) | ({"pseudo"} if method.OWN_PSEUDO else set())
     assert own, "the method has maps of its own"
     with torch.no_grad(), method.flipping(True):

@@ -531,3 +531,24 @@ def test_affinity_labels_match_reference_with_window():
     out = affinity_labels(label, grid, window=win)
     tok = label[:, ::4, ::4].reshape(2, -1)  # PyTorch nearest with factor 4 = top-left pixels
     assert torch.equal(out, ref_affinity_labels(tok, win))
+
+
+def test_par_sharing_kernels_computes_each_image_once(monkeypatch):
+    """Inside sharing_kernels the kernel of one image tensor is computed once and reused; another
+    tensor, the same tensor after an in-place change, and any call outside the block compute anew."""
+    par = PAR(num_iter=2)
+    computed: list[int] = []
+    plain = par._kernel
+    monkeypatch.setattr(par, "_kernel", lambda img: computed.append(id(img)) or plain(img))
+    img, other = torch.rand(2, 3, 6, 7), torch.rand(2, 3, 6, 7)
+    maps = torch.rand(2, 4, 6, 7)
+    with par.sharing_kernels():
+        first = par(img, maps)
+        assert torch.equal(par(img, maps * 2), par.propagate(plain(img), maps * 2))
+        assert len(computed) == 1 and torch.equal(first, par.propagate(plain(img), maps))
+        par(other, maps)
+        assert len(computed) == 2
+        img.mul_(0.5)  # in place: the stored kernel is stale
+        assert torch.equal(par(img, maps), par.propagate(plain(img), maps)) and len(computed) == 3
+    par(img, maps)
+    assert len(computed) == 4 and par._kernels is None

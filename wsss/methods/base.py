@@ -239,7 +239,8 @@ class Method:
         # the net's seg head rides on the CAM forwards (a method's own seg head does not)
         segs: list[Tensor] | None = [] if msc_seg and "seg" in want and net.seg_head is not None else None
         if want & {*self.MAPS, *self.EXTRA_MAPS}:
-            with self.flipping(flip):
+            # every '*_par' map of the batch refines on x: one PAR kernel for all of them
+            with self.flipping(flip), self.par.sharing_kernels():
                 cam, kept = self._eval_forwards(net, x, labels, scales, want, segs)
                 bkg = float(self.cfg.eval.bkg_score)
                 if "cam" in want:

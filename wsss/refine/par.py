@@ -23,7 +23,8 @@ of maps (several images' class subsets, the high/low background stacks) is refin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,8 @@ class PAR(nn.Module):
         self.offsets = neighbour_offsets(self.dilations)
         self.pad = max(self.dilations)
         self._pos_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # inside sharing_kernels(): id(image) -> (image, its version, kernel)
+        self._kernels: dict[int, tuple[Tensor, int, Tensor]] | None = None
 
     @classmethod
     def from_paper(
@@ -130,8 +133,19 @@ class PAR(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         return F.pad(x, [self.pad] * 4, mode="replicate")
 
+    @contextmanager
+    def sharing_kernels(self) -> Iterator[None]:
+        """Within the block, :meth:`kernel` of one image tensor (the same object, not modified in
+        place since) is computed once: the evaluation refines several score maps of a batch
+        ('cam_par', 'aff_par', ...) on the same image. The kernels are dropped on exit."""
+        saved, self._kernels = self._kernels, {}
+        try:
+            yield
+        finally:
+            self._kernels = saved
+
     def kernel(self, image01: Tensor) -> Tensor:
-        """Refinement kernel K(p, n).
+        """Refinement kernel K(p, n) (shared within :meth:`sharing_kernels`).
 
         Args:
             image01: (B, 3, H, W) image (any channel count works), values in [0, 1].
@@ -140,6 +154,16 @@ class PAR(nn.Module):
         """
         if image01.dim() != 4:
             raise ValueError(f"image01 must be (B, 3, H, W), got {tuple(image01.shape)}")
+        if self._kernels is not None:
+            hit = self._kernels.get(id(image01))
+            if hit is not None and hit[0] is image01 and hit[1] == image01._version:
+                return hit[2]
+            k = self._kernel(image01)
+            self._kernels[id(image01)] = (image01, image01._version, k)
+            return k
+        return self._kernel(image01)
+
+    def _kernel(self, image01: Tensor) -> Tensor:
         size = image01.shape[-2:]
         views = self._shifted(self._pad(image01), size)  # 48 x (B, 3, H, W) strided views
         n = len(views)
