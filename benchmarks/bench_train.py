@@ -223,7 +223,6 @@ def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:
     # layers fold linear maps when autograd is off); its backward is not run
     with cast, FlopCounterMode(display=False, custom_mapping=table) as grad_fwd:
         net(x, with_seg=net.seg_head is not None, heads=True)
-    net.zero_grad(set_to_none=True)
     with torch.no_grad(), cast:
         with FlopCounterMode(display=False, custom_mapping=table) as cams, pass_mode(net, method.mode):
             for s in method.scales:

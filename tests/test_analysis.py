@@ -260,7 +260,12 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
     ds = build_dataset(cfg.data, split="val", train=False)
     method = build_method(cfg, net)
     net.train()
+    kernels: list[tuple[int, ...]] = []
+    kernel = method.par._kernel
+    monkeypatch.setattr(method.par, "_kernel", lambda img: kernels.append(tuple(img.shape)) or kernel(img))
     q = affinity_quality(method, net, ds, 6, max_images=2)
+    monkeypatch.undo()
+    assert len(kernels) == 2  # cam_par, learned_par and oracle_par share one PAR kernel per image
     assert net.training and method.flip == bool(cfg.cam.flip)  # both restored
     net.eval()
     assert q["protocol"]["images"] == 2 and q["pairs"]["pairs"] > 0

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 #: on CPU, maps are propagated in blocks of about this many bytes per intra-op thread (see
 #: PAR.propagate): each elementwise pass splits a block between the threads, so a block of
 #: threads x 512 KiB keeps each core's share in its L2. Measured with 2 threads (2 MiB L2 per core):
-#: 1 MiB blocks beat 512 KiB ones by 10-30%, and with 1 thread 512 KiB beats 1 MiB.
+#: 1 MiB blocks beat 512 KiB ones by 16-29% on every map set tried, and larger ones on all but the
+#: smallest (1.2 MB, best in one block); with 1 thread 512 KiB beat 1 MiB by 17-25% on the larger maps.
 CPU_BLOCK_BYTES_PER_THREAD = 512 * 1024
 
 # 3x3 ring without the centre, row-major (the order of the official one-hot conv kernel)
