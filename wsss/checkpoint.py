@@ -32,6 +32,15 @@ WEIGHT_FILES = (
 )  # fmt: skip
 
 
+def cache_dir() -> Path:
+    """The user's wsss cache folder (converted weights and the like): ``$WSSS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/wsss``, else ``~/.cache/wsss``. Not created here."""
+    if os.environ.get("WSSS_CACHE_DIR"):
+        return Path(os.environ["WSSS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wsss"
+
+
 def resolve_weights(path: str | os.PathLike) -> Path:
     """The weights file of ``path``: a file as is; for a directory the first of :data:`WEIGHT_FILES`
     (a sharded checkpoint is named by its ``*.index.json``), else its single ``.pth`` / ``.pt`` /

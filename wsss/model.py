@@ -220,6 +220,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def import_backbones() -> None:
     """Import every backbone family so that its builders are registered."""
     import wsss.backbones.conformer  # noqa: F401
+    import wsss.backbones.dinov2  # noqa: F401
     import wsss.backbones.efficientnet  # noqa: F401
     import wsss.backbones.hybrid  # noqa: F401
     import wsss.backbones.mit  # noqa: F401

@@ -27,13 +27,14 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.p, self.training)
 
-    def add(self, x: Tensor, y: Tensor) -> Tensor:
-        """The residual ``x + self(y)`` in one pass over memory (same mask draw as :func:`drop_path`)."""
+    def add(self, x: Tensor, y: Tensor, gamma: Tensor | None = None) -> Tensor:
+        """The residual ``x + self(gamma * y)`` in one pass over memory (same mask draw as
+        :func:`drop_path`); ``gamma``: an optional per-channel layer scale (D,) for y (..., D)."""
         if self.p == 0.0 or not self.training:
-            return x + y
+            return x + y if gamma is None else torch.addcmul(x, y, gamma)
         keep = 1.0 - self.p
         mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
-        return torch.addcmul(x, y, mask, value=1.0 / keep)
+        return torch.addcmul(x, y, mask if gamma is None else mask * gamma, value=1.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -191,11 +192,24 @@ class Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(b, n, d), self.proj), logits
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT / DINOv2): ``gamma * y``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))); with
+    ``init_values`` each branch is scaled by a :class:`LayerScale` (``ls1``, ``ls2``) first."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+        init_values: float | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -203,20 +217,24 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else None
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else None
 
     def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None]:
         y, logits = self.attn(self.norm1(x), capture)
-        x = self.drop_path.add(x, y)
-        x = self.drop_path.add(x, self.mlp(self.norm2(x)))
+        x = self.drop_path.add(x, y, self.ls1.gamma if self.ls1 is not None else None)
+        y = self.mlp(self.norm2(x))
+        x = self.drop_path.add(x, y, self.ls2.gamma if self.ls2 is not None else None)
         return x, logits
 
 
 def run_blocks(blocks: Iterable[nn.Module], tokens: Tensor, capture: set[int],
                attn_reduce: Callable[[int, Tensor], Tensor] | None, grid: tuple[int, int],
-               out: Any) -> Tensor:
+               out: Any, start: int = 0) -> Tensor:
     """Run ``Block``s over (B, N, D) tokens; for the layers in ``capture`` store their logits (or
-    ``attn_reduce(layer, logits)``) in ``out.attn`` and ``grid`` in ``out.grids``. Returns the tokens."""
-    for i, blk in enumerate(blocks):
+    ``attn_reduce(layer, logits)``) in ``out.attn`` and ``grid`` in ``out.grids``. Returns the tokens.
+    ``start``: the layer index of the first block (a run of a later part of the stack)."""
+    for i, blk in enumerate(blocks, start):
         tokens, logits = blk(tokens, i in capture)
         if logits is not None:
             out.attn[i] = attn_reduce(i, logits) if attn_reduce is not None else logits

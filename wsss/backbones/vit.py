@@ -57,6 +57,13 @@ class VisionTransformer(Backbone):
         pos_interp: "dino" (default; MCTformer/AReAM +0.1 scale-factor rule, identity at the stored
             grid) or "size" (ToCo: resize to the exact grid size).
         freeze_pos_embed: ToCo keeps the positional embedding fixed (requires_grad False).
+        init_values: layer scale of every residual branch (``blocks.{i}.ls1 / ls2.gamma``, DINOv2);
+            None: no layer scale (ViT / DeiT).
+        freeze_blocks: the first n blocks get no gradient (with the patch embedding, and the class
+            token and positional embedding unless ``train_prefix``). While nothing before them
+            trains, they run without autograd: no activations kept, no backward through them.
+        train_prefix: the class tokens stay trainable under ``freeze_blocks`` (MCTformer-V2's
+            class-specific tokens must learn); the frozen blocks then run with autograd.
     """
 
     def __init__(
@@ -74,8 +81,13 @@ class VisionTransformer(Backbone):
         decay_cls_token: bool = True,
         pos_interp: str = "dino",
         freeze_pos_embed: bool = False,
+        init_values: float | None = None,
+        freeze_blocks: int = 0,
+        train_prefix: bool = False,
     ) -> None:
         super().__init__()
+        if not 0 <= freeze_blocks <= depth:
+            raise ValueError(f"freeze_blocks must be in [0, {depth}], got {freeze_blocks}")
         if pos_interp not in POS_INTERP_MODES:
             raise ValueError(f"pos_interp must be one of {POS_INTERP_MODES}, got {pos_interp!r}")
         if num_prefix_tokens < 1:
@@ -102,13 +114,31 @@ class VisionTransformer(Backbone):
         )
         rates = dpr(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i]) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], init_values) for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_vit_weights)  # the patch conv keeps PyTorch's default init, as in timm/DeiT
+        if init_values is not None:  # init_vit_weights leaves LayerScale alone; restate for clarity
+            for blk in self.blocks:
+                nn.init.constant_(blk.ls1.gamma, init_values)
+                nn.init.constant_(blk.ls2.gamma, init_values)
+        self.freeze_blocks = freeze_blocks
+        self.train_prefix = train_prefix
+        if freeze_blocks:
+            for m in (self.patch_embed, *self.blocks[:freeze_blocks]):
+                m.requires_grad_(False)
+            self.pos_embed.requires_grad_(False)
+            self.cls_token.requires_grad_(train_prefix)
+
+    @property
+    def frozen_input(self) -> bool:
+        """Whether every parameter up to the end of the frozen blocks is frozen (they can then run
+        without autograd)."""
+        prefix = self.cls_token.requires_grad or self.pos_embed.requires_grad
+        return self.freeze_blocks > 0 and not prefix
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} if self.decay_cls_token else {"pos_embed", "cls_token"}
@@ -136,14 +166,15 @@ class VisionTransformer(Backbone):
         """
         check_input(x, multiple=self.patch_size)
         capture = self.check_layers(attn_layers)
-        t = self.num_prefix_tokens
-        patches = self.patch_embed(x)
-        b, d, h, w = patches.shape
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
-        tokens = tokens + self.interpolate_pos_embed(h, w)
-
+        t, n = self.num_prefix_tokens, self.freeze_blocks
         out = BackboneOutput(features=[])
-        tokens = run_blocks(self.blocks, tokens, capture, attn_reduce, (h, w), out)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_input):
+            patches = self.patch_embed(x)
+            b, d, h, w = patches.shape
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+            tokens = tokens + self.interpolate_pos_embed(h, w)
+            tokens = run_blocks(self.blocks[:n], tokens, capture, attn_reduce, (h, w), out)
+        tokens = run_blocks(self.blocks[n:], tokens, capture, attn_reduce, (h, w), out, start=n)
         if self.final_norm:
             tokens = self.norm(tokens)
         out.prefix = tokens[:, :t]
@@ -236,7 +267,7 @@ def _from_hf(sd: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
     return out
 
 
-def _adapt_prefix(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
+def adapt_prefix(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
     """Distilled-DeiT removal, class-token repetition (ViT -> MCTformer) and patch-grid resizing."""
     t = model.num_prefix_tokens
     src_t = sd["cls_token"].shape[1] if "cls_token" in sd else 1
@@ -279,7 +310,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionTransformer
     fmt = detect_format(state_dict)
     sd = dict(state_dict) if fmt == "timm" else _from_hf(state_dict, fmt)
     sd = {k: v for k, v in sd.items() if not _DROP.match(k)}
-    return _adapt_prefix(sd, model)
+    return adapt_prefix(sd, model)
 
 
 def load_pretrained(model: VisionTransformer, path: str | os.PathLike) -> VisionTransformer:
@@ -362,6 +393,8 @@ mctformer_v2_base = BACKBONES.register("mctformer_v2_base", class_tokens_per_cla
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
     not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    if any(".ls1.gamma" in k or ".layer_scale1." in k for k in sd):
+        return None  # layer-scale checkpoints (DINOv2) are the DINOv2 family's
     fmt = detect_format(dict(sd))
     native = dict(sd) if fmt == "timm" else _from_hf(dict(sd), fmt)
     w = native.get("patch_embed.proj.weight")
