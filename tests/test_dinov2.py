@@ -245,3 +245,30 @@ def test_native_encoder_equals_the_onnx_graph(tmp_path, monkeypatch) -> None:
     torch.testing.assert_close(tokens, hidden, atol=1e-4, rtol=0)
     cached = D.dinov2_small(pretrained="imgfocus")  # from the safetensors cache now
     torch.testing.assert_close(cached.state_dict(), model.state_dict())
+
+
+_METHODS = ("cam", "afa", "aream", "toco", "supervised")
+
+
+@pytest.mark.parametrize("config", [f"{m}_dinov2_s14_msrc" for m in _METHODS] + ["aream_mctformer_dinov2_s14_voc"])
+def test_every_method_trains_on_dinov2_with_the_frozen_blocks_untouched(config: str) -> None:
+    """One full training step (past every warm-up) of each method's DINOv2 config (random weights):
+    a finite loss; the frozen blocks get no gradient, the last block does."""
+    from wsss.config import load_config
+    from wsss.methods import build_method, build_network
+
+    torch.manual_seed(0)
+    cfg = load_config(config, ["model.pretrained=null", "data.batch_size=2"])
+    net = build_network(cfg, 4).train()
+    method = build_method(cfg, net)
+    labels = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    batch = {"image": torch.rand(2, 3, 112, 112), "labels": labels,
+             "img_box": torch.tensor([[0, 112, 0, 112], [0, 84, 14, 112]]),
+             "mask": torch.randint(0, 5, (2, 112, 112))}
+    loss, _logs = method.training_step(net, batch, 10**6)
+    assert torch.isfinite(loss)
+    loss.backward()
+    frozen = int(cfg.model.backbone_kwargs.get("freeze_blocks", 0))
+    blocks = net.backbone.blocks
+    assert all(p.grad is None for blk in blocks[:frozen] for p in blk.parameters())
+    assert blocks[-1].attn.qkv.weight.grad is not None

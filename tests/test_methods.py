@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from wsss.config import load_config
@@ -149,3 +151,22 @@ def test_afa_balanced_positives_pass_the_background_tokens(monkeypatch) -> None:
     # a background row's positives are its background partners, a foreground row's are not
     assert torch.equal((target == 1) & rows, (target == 1) & rows & background[:, None, :])
     assert not ((target == 1) & ~rows & background[:, None, :]).any()
+
+
+def test_afa_head_leaves_the_class_tokens_out() -> None:
+    """On a backbone with class tokens the AFA affinity covers the patch tokens only: the patch block
+    of the head applied to all N tokens (written out: sigmoid(conv(S + S^T)))."""
+    from wsss.backbones.base import BackboneOutput
+    from wsss.backbones.vit import VisionTransformer
+    from wsss.methods.afa import AFAHead
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_prefix_tokens=3)
+    head = AFAHead([-2, -1], vit).double()
+    attn = {i: torch.randn(2, 2, 19, 19, dtype=torch.float64) for i in (0, 1)}
+    got = head(BackboneOutput(features=[], attn=attn))
+    s = torch.cat([attn[0], attn[1]], dim=1) * math.sqrt(8)  # unscaled logits
+    ref = torch.sigmoid(torch.nn.functional.conv2d(s + s.transpose(-1, -2), head.proj.weight,
+                                                   head.proj.bias)[:, 0])
+    torch.testing.assert_close(got, ref[:, 3:, 3:])

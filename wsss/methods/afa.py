@@ -67,16 +67,20 @@ class AFAConfig(MethodConfig):
 
 
 class AFAHead(AffinityHead, MethodHead):
-    """The AFA affinity head on the attention of ``layers``: (B, N, N) in (0, 1)."""
+    """The AFA affinity head on the attention of ``layers``: (B, N, N) in (0, 1) over the N patch
+    tokens. A backbone's class tokens (ViT, DINOv2) are left out of the pairs: the head is elementwise
+    per token pair, so this equals cutting the patch block out of its output."""
 
     def __init__(self, layers: list[int], backbone: Backbone) -> None:
         layers = sorted(backbone.check_layers(layers))
         super().__init__(in_channels=sum(backbone.num_heads[i] for i in layers),
                          head_dims=[backbone.head_dims[i] for i in layers])
         self.attn_layers = tuple(layers)
+        self.num_prefix = int(backbone.num_prefix_tokens)
 
     def forward(self, out: BackboneOutput) -> Tensor:  # type: ignore[override]
-        return super().forward([out.attn[i] for i in self.attn_layers])
+        t = self.num_prefix
+        return super().forward([out.attn[i][..., t:, t:] if t else out.attn[i] for i in self.attn_layers])
 
 
 @register_method
