@@ -250,7 +250,8 @@ def test_native_encoder_equals_the_onnx_graph(tmp_path, monkeypatch) -> None:
 _METHODS = ("cam", "afa", "aream", "toco", "supervised")
 
 
-@pytest.mark.parametrize("config", [f"{m}_dinov2_s14_msrc" for m in _METHODS] + ["aream_mctformer_dinov2_s14_voc"])
+@pytest.mark.parametrize("config", [f"{m}_dinov2_s14_msrc" for m in _METHODS]
+                         + ["aream_mctformer_dinov2_s14_voc"])
 def test_every_method_trains_on_dinov2_with_the_frozen_blocks_untouched(config: str) -> None:
     """One full training step (past every warm-up) of each method's DINOv2 config (random weights):
     a finite loss; the frozen blocks get no gradient, the last block does."""
