@@ -4,10 +4,17 @@ masks from the segmentation head, and the class list carried by the labels file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
+from PIL import Image
 
 from wsss.config import load_config
+from wsss.data.io import DataError
+from wsss.engine.train import train
 from wsss.methods import build_method, build_network
 
 METHOD_CONFIGS = ["cam_mit_tiny_synthetic", "afa_mit_tiny_synthetic", "aream_mit_tiny_synthetic",
@@ -59,3 +66,65 @@ def test_negative_alone_in_a_batch_is_all_background(config: str) -> None:
         if name != "seg":
             assert int(pred.max()) == 0, name
             assert torch.equal(mixed[name][0], pred[0]), name
+
+
+def folder_set(tmp: Path, num_train: int = 8, num_val: int = 3) -> dict:
+    """A synthetic set as your own photos: the images folder, the mask folder and labels CSVs
+    ``train.csv`` / ``val.csv`` / ``all.csv`` (``name,labels`` with ``a;b``) built from the masks."""
+    from wsss.data.synthetic import class_names_for, generate_synthetic
+
+    root = generate_synthetic(tmp / "synthetic", num_train=num_train, num_val=num_val, size=64, num_classes=6)
+    names = class_names_for(6)
+    masks = root / "SegmentationClass"
+    rows = {}
+    for split in ("train", "val"):
+        stems = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        lines = []
+        for s in stems:
+            ids = sorted({int(v) for v in np.unique(np.asarray(Image.open(masks / f"{s}.png")))} - {0, 255})
+            lines.append(f"{s},{';'.join(names[i] for i in ids)}")
+        rows[split] = lines
+        (tmp / f"{split}.csv").write_text("name,labels\n" + "\n".join(lines) + "\n")
+    (tmp / "all.csv").write_text("name,labels\n" + "\n".join(rows["train"] + rows["val"]) + "\n")
+    return {"images": root / "JPEGImages", "masks": masks, "names": names, "train": tmp / "train.csv",
+            "val": tmp / "val.csv", "all": tmp / "all.csv"}
+
+
+def folder_overrides(fs: dict, out_dir: Path, labels: Path | None = None, **extra: object) -> list[str]:
+    """Tiny-training overrides of a folder dataset over :func:`folder_set`'s files."""
+    base = {"data.type": "folder", "data.image_dir": fs["images"], "data.mask_dir": fs["masks"],
+            "data.labels_file": labels or fs["train"], "data.val_labels_file": fs["val"],
+            "data.class_names": "[" + ",".join(fs["names"][1:]) + "]", "data.num_classes": 6}
+    base.update(extra)
+    over = tiny_overrides(fs["images"], out_dir, **base)
+    return [o for o in over if not o.startswith(("data.root=", "data.num_train", "data.num_val"))]
+
+
+def _corrupt(mask: Path) -> bytes:
+    """Write a value beyond the classes into ``mask`` (a PNG); returns the original bytes."""
+    before = mask.read_bytes()
+    arr = np.asarray(Image.open(mask)).copy()
+    arr[0, 0] = 9
+    Image.fromarray(arr.astype(np.uint8)).save(mask)
+    return before
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_failed_start_leaves_no_run(tmp_path: Path, split: str) -> None:
+    """Problem 3: a mask value outside the classes is a clear error naming the file, and the folder
+    holds no run afterwards (a val mask is found before anything is written, a train mask before the
+    first checkpoint), so the corrected command runs without --overwrite."""
+    fs = folder_set(tmp_path)
+    stem = (fs[split].read_text().splitlines()[1]).split(",")[0]
+    mask = fs["masks"] / f"{stem}.png"
+    before = _corrupt(mask)
+    out = tmp_path / "run"
+    # 4 iterations of 2 read all 8 training images; the only checkpoint is the last one
+    over = folder_overrides(fs, out, **{"train.max_iters": 4, "train.ckpt_every": 100, "eval.max_images": 2})
+    cfg = load_config("cam_mit_tiny_synthetic", over)
+    with pytest.raises(DataError, match=stem):
+        train(cfg)
+    assert not out.exists()
+    mask.write_bytes(before)
+    res = train(cfg)
+    assert "cam" in res and (out / "model").is_dir()

@@ -127,18 +127,51 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
           ) -> dict[str, Any]:
     """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
     many iterations of this call (used to test kill-and-resume). An ``out_dir`` that holds a run
-    needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`)."""
+    needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`). The data (every evaluation mask
+    included) is checked before anything is written; a fresh start that fails before its first
+    checkpoint leaves no run behind (:func:`remove_failed_start`), so the same command can run again."""
     set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
     cfg, train_set, val_set = _datasets(cfg)  # before the run folder is written
-    num_classes = int(train_set.num_classes)
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    existed = out_dir.exists()
     if main:
         prepare_out_dir(out_dir, resume, overwrite)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
+    try:
+        return _run(cfg, train_set, val_set, dist, resume, stop_after)
+    except BaseException:
+        if main and not resume:
+            remove_failed_start(out_dir, existed)
+        raise
+
+
+def remove_failed_start(out_dir: Path, existed: bool) -> None:
+    """After a fresh start failed: remove its run files when it wrote no checkpoint (nothing could
+    be resumed), and ``out_dir`` itself when this start created it and it is left empty."""
+    if find_latest(out_dir / "checkpoints") is not None:
+        return  # a resumable run: keep it
+    for h in list(log.handlers):  # train.log is open
+        h.close()
+        log.removeHandler(h)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def _run(cfg: Any, train_set: Any, val_set: Any, dist: DistInfo, resume: bool, stop_after: int | None
+         ) -> dict[str, Any]:
+    """The training of :func:`train` once its run folder is prepared: the loop and the final evaluation."""
+    main, num_classes = dist.rank == 0, int(train_set.num_classes)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
     _setup_logging(out_dir, main)
     seed_everything(int(cfg.seed), dist.rank)
     device = dist.device
@@ -186,13 +219,20 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
             bar.close()
             return {"stopped_at": it}
     bar.close()
+    return _finish(cfg, method, net, val_set, num_classes, dist, writer,
+                   {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
+
+
+def _finish(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo, writer: Any,
+            stats: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation, the release and metrics (main process), the writer closed."""
     results = _evaluate(cfg, method, net, val_set, num_classes, dist)
-    if main:
-        _save_results(cfg, net, results, {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
+    if dist.rank == 0:
+        _save_results(cfg, net, results, stats)
         if writer is not None:
             for name, res in results.items():
                 if "miou" in res:
-                    writer.add_scalar(f"val/{name}_miou", res["miou"], it)
+                    writer.add_scalar(f"val/{name}_miou", res["miou"], int(stats["iterations"]))
             writer.close()
     cleanup()
     return results
@@ -300,6 +340,9 @@ def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
     c = int(train_set.num_classes)
     if int(val_set.num_classes) != c:
         raise ValueError(f"the train split has {c} classes but the val split {val_set.num_classes}")
+    # the masks the evaluations read, checked now: a bad value must not surface after the training
+    max_images = cfg.eval.max_images
+    val_set.check_masks(None if max_images is None else int(max_images))
     cfg = OmegaConf.merge(cfg, {"data": {"num_classes": c, "class_names": list(train_set.class_names)}})
     return cfg, train_set, val_set
 
