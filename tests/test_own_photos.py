@@ -4,6 +4,7 @@ masks from the segmentation head, and the class list carried by the labels file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,64 @@ def test_failed_start_leaves_no_run(tmp_path: Path, split: str) -> None:
     mask.write_bytes(before)
     res = train(cfg)
     assert "cam" in res and (out / "model").is_dir()
+
+
+@pytest.fixture(scope="module")
+def seg_release(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A synthetic set and an untrained CAM + seg-head model whose classifier says 0.5 for every class
+    (an under-confident classifier: nothing passes a 0.5 gate), exported as a release."""
+    from wsss.config import to_dict
+    from wsss.data.synthetic import class_names_for, generate_synthetic
+    from wsss.engine.checkpoint import export_model
+
+    root = tmp_path_factory.mktemp("seg_release")
+    data = generate_synthetic(root / "data", num_train=4, num_val=3, size=64, num_classes=6)
+    over = [f"data.root={data}", "data.num_train=4", "data.num_val=3", "data.size=64", "data.num_classes=6",
+            "par.num_iter=2"]
+    cfg = load_config("cam_mit_tiny_synthetic", over)
+    torch.manual_seed(0)
+    net = build_network(cfg, 5)
+    with torch.no_grad():
+        net.cam_head.classifier.weight.zero_()
+    meta = {"config": to_dict(cfg), "num_classes": 6, "class_names": class_names_for(6)}
+    export_model(net, meta, root / "run" / "model")
+    return {"root": root, "data": data, "over": over, "release": root / "run" / "model", "cfg": cfg}
+
+
+def test_predict_mask_is_evaluate_seg_map(seg_release: dict, tmp_path: Path) -> None:
+    """Problem 5: with a seg head, `wsss predict` on a split's images writes exactly the label maps of
+    evaluate's 'seg' map (its argmax over all classes, whatever the classifier says), and those masks
+    scored against the ground truth give evaluate's seg mIoU; --gate keeps the old classifier gate."""
+    from wsss.data.build import build_dataset
+    from wsss.engine.evaluate import predict_maps
+    from wsss.engine.metrics import ConfusionMatrix
+    from wsss.engine.runs import open_run
+    from wsss.infer_cmd import run_evaluate
+    from wsss.predict_cmd import run_predict
+
+    scales, data = [1.0, 0.5], seg_release["data"]
+    stems = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for s in stems:
+        (photos / f"{s}.jpg").write_bytes((data / "JPEGImages" / f"{s}.jpg").read_bytes())
+    assert run_predict(seg_release["release"], [photos], tmp_path / "pred", scales=scales, flip=True) == 0
+    res = run_evaluate(None, seg_release["release"], seg_release["over"], split="val",
+                       out=tmp_path / "e.json", scales=scales, flip=True, maps=["seg"], print_table=False)
+    cfg, net, method, _, dev = open_run(None, seg_release["release"], seg_release["over"], None)
+    dataset = build_dataset(cfg.data, split="val", train=False)
+    cm = ConfusionMatrix(6)
+    for i, stem in enumerate(dataset.names):
+        sample = dataset[i]
+        want = predict_maps(method, net, sample["image"][None], sample["labels"][None], scales, True,
+                            maps=["seg"], msc_seg=True)["seg"][0]
+        got = torch.from_numpy(np.asarray(Image.open(tmp_path / "pred" / f"{stem}.png")).astype(np.int64))
+        assert torch.equal(got, want), stem
+        cm.update(got[None], sample["mask"][None])
+        info = json.loads((tmp_path / "pred" / f"{stem}.json").read_text())
+        assert info["mask"]["classes"] == "all" and set(info["scores"]) == set(dataset.class_names[1:])
+    assert max(int(np.asarray(Image.open(tmp_path / "pred" / f"{s}.png")).max()) for s in stems) > 0
+    assert cm.compute()["miou"] == pytest.approx(res["seg"]["miou"], abs=1e-12)
+    assert run_predict(seg_release["release"], [photos], tmp_path / "gated", gate=True) == 0
+    gated = [np.asarray(Image.open(tmp_path / "gated" / f"{s}.png")) for s in stems]
+    assert all(int(g.max()) == 0 for g in gated)  # nothing passes the 0.5 gate: background only
