@@ -98,7 +98,8 @@ def folder_overrides(fs: dict, out_dir: Path, labels: Path | None = None, **extr
             "data.class_names": "[" + ",".join(fs["names"][1:]) + "]", "data.num_classes": 6}
     base.update(extra)
     over = tiny_overrides(fs["images"], out_dir, **base)
-    return [o for o in over if not o.startswith(("data.root=", "data.num_train", "data.num_val"))]
+    drop = ("data.root=", "data.num_train", "data.num_val", "data.val_labels_file=None")
+    return [o for o in over if not o.startswith(drop)]
 
 
 def _corrupt(mask: Path) -> bytes:
@@ -190,3 +191,34 @@ def test_predict_mask_is_evaluate_seg_map(seg_release: dict, tmp_path: Path) -> 
     assert run_predict(seg_release["release"], [photos], tmp_path / "gated", gate=True) == 0
     gated = [np.asarray(Image.open(tmp_path / "gated" / f"{s}.png")) for s in stems]
     assert all(int(g.max()) == 0 for g in gated)  # nothing passes the 0.5 gate: background only
+
+
+def test_folder_val_fraction_holds_images_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Problem 2: one labels file and no val split: the final table says that it scores the training
+    images; with data.val_fraction a fixed, seeded part is held out (disjoint from the training
+    images, recorded in split.json, the same part for `wsss evaluate` on the run). Also: a class in
+    fewer than 5 training images is named before training, and the per-class IoU is printed by name."""
+    from wsss.data.build import build_dataset
+    from wsss.infer_cmd import run_evaluate
+
+    fs = folder_set(tmp_path)
+    one = folder_overrides(fs, tmp_path / "one", labels=fs["all"], **{"data.val_labels_file": None})
+    train(load_config("cam_mit_tiny_synthetic", one))
+    out = capsys.readouterr()
+    assert "the TRAINING images" in out.out and "fewer than 5 training images" in out.err
+    assert "per-class IoU (seg): background" in out.out and fs["names"][1] in out.out
+    held = folder_overrides(fs, tmp_path / "held", labels=fs["all"],
+                            **{"data.val_labels_file": None, "data.val_fraction": 0.25,
+                               "eval.max_images": "null"})
+    cfg = load_config("cam_mit_tiny_synthetic", held)
+    res = train(cfg)
+    assert "held out of the labels file by data.val_fraction=0.25" in capsys.readouterr().out
+    split = json.loads((tmp_path / "held" / "split.json").read_text())
+    assert len(split["val"]) == 3 and len(split["train"]) == 8 and not set(split["val"]) & set(split["train"])
+    val = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
+    assert val.names == split["val"] and res["_protocol"]["images"] == 3
+    ev = run_evaluate(None, tmp_path / "held" / "model", [], out=tmp_path / "e.json", print_table=False)
+    assert ev["_protocol"]["images"] == 3 and ev["cam"]["miou"] == pytest.approx(res["cam"]["miou"], abs=1e-9)
+    both = load_config("cam_mit_tiny_synthetic", held + [f"data.val_labels_file={fs['val']}"])
+    with pytest.raises(DataError, match="not both"):
+        build_dataset(both.data, split="val", train=False)

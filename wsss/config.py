@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "labels_file": None,
         "train_labels_file": None,
         "val_labels_file": None,
+        # folder: hold this fraction of labels_file out as the val split (seeded by split_seed)
+        "val_fraction": None,
+        "split_seed": 0,
         "image_dir": None,
         "train_image_dir": None,
         "val_image_dir": None,
@@ -238,6 +241,8 @@ RULES: dict[str, Rule] = {
     "data.labels_file": _r("str", null=True),
     "data.train_labels_file": _r("str", null=True),
     "data.val_labels_file": _r("str", null=True),
+    "data.val_fraction": _r("float", 0.0, 1.0, null=True),
+    "data.split_seed": _r("int", 0),
     "data.image_dir": _r("str", null=True),
     "data.train_image_dir": _r("str", null=True),
     "data.val_image_dir": _r("str", null=True),

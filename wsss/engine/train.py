@@ -99,7 +99,8 @@ def _writer(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tb"))
 
 
-RUN_FILES = ("checkpoints", "model", "history.jsonl", "metrics.json", "train.log", "tb", "config.yaml")
+RUN_FILES = ("checkpoints", "model", "history.jsonl", "metrics.json", "train.log", "tb", "config.yaml",
+             "split.json")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -140,12 +141,23 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
         prepare_out_dir(out_dir, resume, overwrite)
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
+        _record_split(out_dir, train_set, val_set)
     try:
         return _run(cfg, train_set, val_set, dist, resume, stop_after)
     except BaseException:
         if main and not resume:
             remove_failed_start(out_dir, existed)
         raise
+
+
+def _record_split(out_dir: Path, train_set: Any, val_set: Any) -> None:
+    """``split.json``: the images of each split of a held-out folder split (data.val_fraction)."""
+    holdout = getattr(val_set, "holdout", None)
+    if holdout is None:
+        return
+    rec = {"val_fraction": holdout[1], "split_seed": holdout[2], "train": list(train_set.names),
+           "val": list(val_set.names)}
+    (out_dir / "split.json").write_text(json.dumps(rec, indent=1))
 
 
 def remove_failed_start(out_dir: Path, existed: bool) -> None:
@@ -220,7 +232,8 @@ def _run(cfg: Any, train_set: Any, val_set: Any, dist: DistInfo, resume: bool, s
             return {"stopped_at": it}
     bar.close()
     return _finish(cfg, method, net, val_set, num_classes, dist, writer,
-                   {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
+                   {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1),
+                    "scored_on": scored_on(train_set, val_set)})
 
 
 def _finish(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo, writer: Any,
@@ -326,10 +339,44 @@ def _save_results(cfg: Any, net: torch.nn.Module, results: dict[str, Any], stats
             "class_names": list(cfg.data.class_names)}
     export_model(net, meta, out_dir / "model")
     (out_dir / "metrics.json").write_text(json.dumps({**stats, "eval": results}, indent=2))
-    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n"
-             + miou_table(results))
+    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images: "
+             f"{stats['scored_on']})\n" + miou_table(results) + per_class_line(results, cfg.data.class_names))
     log.info(table)
     print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
+
+
+def scored_on(train_set: Any, val_set: Any) -> str:
+    """What the final evaluation scores, said in its table: a held-out part, separate images, or the
+    training images themselves (a folder dataset with one labels file and no ``data.val_fraction``)."""
+    holdout = getattr(val_set, "holdout", None)
+    if holdout is not None:
+        return f"held out of the labels file by data.val_fraction={holdout[1]:g}, split seed {holdout[2]}"
+    shared = len(set(val_set.names) & set(train_set.names))
+    if shared and shared == len(val_set.names):
+        return ("the TRAINING images: nothing is held out (set data.val_fraction or data.val_labels_file "
+                "to score images the model has not seen)")
+    return f"{shared} of them also training images" if shared else "images not trained on"
+
+
+def per_class_line(results: dict[str, Any], class_names: Any) -> str:
+    """``per-class IoU (<map>): name 12.3, ...`` of the seg map (else the first map), or ''."""
+    name = "seg" if "seg" in results else next((k for k in results if not k.startswith("_")), None)
+    if name is None or "iou" not in results[name]:
+        return ""
+    ious = ", ".join(f"{n} {'-' if v != v else f'{100 * v:.1f}'}"
+                     for n, v in zip(class_names, results[name]["iou"]))
+    return f"\nper-class IoU ({name}): {ious}"
+
+
+def warn_rare_classes(train_set: Any, fewest: int = 5) -> list[str]:
+    """Name (on stderr, before training) the classes that fewer than ``fewest`` training images hold:
+    too few to learn them, and their IoU will be noise. Returns those names."""
+    counts = train_set.labels.sum(0)  # (K,) images per foreground class
+    rare = [f"{n} ({int(c)})" for n, c in zip(train_set.class_names[1:], counts.tolist()) if c < fewest]
+    if rare:
+        print(f"wsss train: warning: {len(rare)} classes occur in fewer than {fewest} training images: "
+              f"{', '.join(rare)}", file=sys.stderr)
+    return rare
 
 
 def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
@@ -343,6 +390,7 @@ def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
     # the masks the evaluations read, checked now: a bad value must not surface after the training
     max_images = cfg.eval.max_images
     val_set.check_masks(None if max_images is None else int(max_images))
+    warn_rare_classes(train_set)
     cfg = OmegaConf.merge(cfg, {"data": {"num_classes": c, "class_names": list(train_set.class_names)}})
     return cfg, train_set, val_set
 
