@@ -222,3 +222,57 @@ def test_folder_val_fraction_holds_images_out(tmp_path: Path, capsys: pytest.Cap
     both = load_config("cam_mit_tiny_synthetic", held + [f"data.val_labels_file={fs['val']}"])
     with pytest.raises(DataError, match="not both"):
         build_dataset(both.data, split="val", train=False)
+
+
+def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
+    """Problem 4: `wsss calibrate` sweeps the CAM's background score, the pseudo label's high / low and
+    (no seg head) the classifier's presence threshold on the images with masks, writes them with the
+    images used into the run, and evaluate, pseudo-labels and predict use them from then on (a
+    command-line override still wins); --masks takes a folder of a few masks."""
+    from wsss.calibrate_cmd import run_calibrate
+    from wsss.config import to_dict
+    from wsss.data.synthetic import class_names_for, generate_synthetic
+    from wsss.engine.checkpoint import export_model
+    from wsss.infer_cmd import run_evaluate, run_pseudo_labels
+    from wsss.predict_cmd import run_predict
+
+    data = generate_synthetic(tmp_path / "data", num_train=4, num_val=3, size=64, num_classes=6)
+    over = [f"data.root={data}", "data.num_train=4", "data.num_val=3", "data.size=64", "data.num_classes=6",
+            "par.num_iter=2", "model.seg_head.enabled=false", "cam.scales=[1.0]"]
+    cfg = load_config("cam_mit_tiny_synthetic", over)
+    torch.manual_seed(0)
+    net = build_network(cfg, 5)
+    release = tmp_path / "run" / "model"
+    export_model(net, {"config": to_dict(cfg), "num_classes": 6, "class_names": class_names_for(6)}, release)
+    grid = [0.1, 0.3, 0.5, 0.7, 0.9]
+    rec = run_calibrate(release, split="val", max_images=2, grid=grid, verbose=False)
+    stored = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert stored["values"] == rec["values"] and len(stored["images"]) == 2
+    v = rec["values"]
+    assert set(v) == {"eval.bkg_score", "cam.high", "cam.low", "eval.presence", "eval.presence_per_class"}
+    assert v["eval.bkg_score"] in grid and v["cam.high"] - v["cam.low"] == pytest.approx(0.2)
+    assert rec["maps"]["cam"]["best_miou"] == max(rec["maps"]["cam"]["miou"])
+    ev = run_evaluate(None, release, [], split="val", out=tmp_path / "e.json", max_images=2,
+                      print_table=False)
+    assert ev["_protocol"]["bkg_score"] == v["eval.bkg_score"]
+    assert ev["_protocol"]["calibration"]["values"] == v
+    assert ev["cam"]["miou"] == pytest.approx(rec["maps"]["cam"]["best_miou"], abs=1e-9)
+    pinned = run_evaluate(None, release, ["eval.bkg_score=0.3"], split="val", out=tmp_path / "p.json",
+                          max_images=2, print_table=False)
+    assert pinned["_protocol"]["bkg_score"] == 0.3
+    s = run_pseudo_labels(None, release, [], "val", tmp_path / "pl", map_name="pseudo", verbose=False)
+    assert (s["high"], s["low"]) == (v["cam.high"], v["cam.low"])
+    photo = data / "JPEGImages" / f"{stored['images'][0]}.jpg"
+    assert run_predict(release, [photo], tmp_path / "pred") == 0
+    info = json.loads((tmp_path / "pred" / f"{photo.stem}.json").read_text())["mask"]
+    assert info["bkg_score"] == v["eval.bkg_score"]
+    per = v["eval.presence_per_class"]
+    assert info["presence"] == (per[0] if len(set(per)) == 1 else dict(zip(class_names_for(6)[1:], per)))
+    masks = tmp_path / "few"
+    masks.mkdir()
+    (masks / photo.with_suffix(".png").name).write_bytes(
+        (data / "SegmentationClass" / f"{photo.stem}.png").read_bytes())
+    few = run_calibrate(release, masks=str(masks), maps=["cam"], grid=grid, verbose=False)
+    assert few["images"] == [photo.stem] and set(few["maps"]) == {"cam"}
+    with pytest.raises(ValueError, match="choose from cam, pseudo"):
+        run_calibrate(release, maps=["aff"], verbose=False)
