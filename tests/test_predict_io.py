@@ -135,10 +135,14 @@ def test_present_agrees_with_scores(models: dict) -> None:
     else:
         head.bias.data.copy_(bias)
     seg.net.seg_head.linear_pred.bias.data[:] = torch.arange(6.0) * 10  # the seg head prefers class 5
-    pred = seg.predict(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    pred = seg.predict(image, gate=True)  # the mask over the classes the classifier predicts
     above = {n for n, s in zip(seg.class_names[1:], pred.scores.tolist()) if s > 0.5}
     assert above == {seg.class_names[1], seg.class_names[3]}
     assert set(pred.present()) - {"background"} <= above and pred.present()
+    free = seg.predict(image)  # default: the seg head's argmax over all classes, the scores beside it
+    assert free.present() == [seg.class_names[5]] and free.to_json()["objects"] == [seg.class_names[5]]
+    np.testing.assert_array_equal(free.scores, pred.scores)
 
 
 def test_device_errors_are_one_line(models: dict, tmp_path: Path, capsys) -> None:

@@ -27,4 +27,51 @@ wsss evaluate --checkpoint "$RUN2/model" > "$WORK/evaluate2.out"
 wsss predict --checkpoint "$RUN2/model" "$ROOT/JPEGImages" --out "$WORK/predict" > "$WORK/predict.out"
 wsss analyze --checkpoint "$RUN/model" --out "$WORK/analysis" > "$WORK/analyze.out"
 wsss report "$RUN" --images 2 > "$WORK/report.out"
+
+# Real photographs (msrc_dev beside the repository; skipped when absent) as a folder dataset: a labels
+# CSV built from the masks (negatives included: photos without any object), a held-out val part,
+# photos read in place from msrc_dev; calibrate on 20 masks, then evaluate, pseudo-labels, predict.
+MSRC=${MSRC_DEV:-$(cd "$(dirname "$0")/.." && pwd)/../shared/data/msrc_dev}
+if [ -d "$MSRC" ]; then
+  OWN=$WORK/own
+  mkdir -p "$OWN/masks20"
+  NAMES=$("$PY" - "$MSRC" "$OWN" <<'PYEOF'
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+msrc, own = Path(sys.argv[1]), Path(sys.argv[2])
+names = json.loads((msrc / "class_names.json").read_text())
+rows, neg = [], 0
+for stem in (msrc / "ImageSets/Segmentation/all.txt").read_text().split()[::6]:  # every class
+    ids = sorted(set(np.unique(np.asarray(Image.open(msrc / "SegmentationClass" / f"{stem}.png")))) - {0, 255})
+    if not ids and neg >= 6:
+        continue
+    neg += not ids
+    rows.append(f"{stem},{';'.join(names[i] for i in ids)}")
+    if len(rows) == 60:
+        break
+(own / "labels.csv").write_text("name,labels\n" + "\n".join(rows) + "\n")
+print("[" + ",".join(names[1:]) + "]")
+PYEOF
+)
+  OWN_DATA=(data.type=folder data.image_dir="$MSRC/JPEGImages" data.mask_dir="$MSRC/SegmentationClass"
+            data.labels_file="$OWN/labels.csv" data.class_names="$NAMES" data.val_fraction=0.34)
+  wsss train cam_mit_tiny_synthetic "${OWN_DATA[@]}" out_dir="$OWN/run" train.max_iters=2 train.log_every=1 \
+    data.crop_size=64 data.batch_size=2 eval.batch_size=1 eval.max_images=null par.num_iter=2 \
+    cam.scales=[1.0] --threads 1 > "$WORK/own_train.out"
+  grep -q "held out of the labels file" "$WORK/own_train.out"
+  "$PY" -c "import json,shutil,sys; [shutil.copy(f'$MSRC/SegmentationClass/{n}.png', '$OWN/masks20')
+for n in json.load(open('$OWN/run/split.json'))['val'][:20]]"
+  wsss calibrate --checkpoint "$OWN/run" --masks "$OWN/masks20" --thresholds 0.2 0.4 0.6 > "$WORK/own_calibrate.out"
+  wsss evaluate --checkpoint "$OWN/run/model" --out "$OWN/eval.json" > "$WORK/own_evaluate.out"
+  wsss pseudo-labels --checkpoint "$OWN/run/model" --split val --out "$OWN/pl" > "$WORK/own_pseudo.out"
+  mkdir -p "$OWN/photos"
+  "$PY" -c "import json,os; [os.symlink(f'$MSRC/JPEGImages/{n}.jpg', f'$OWN/photos/{n}.jpg')
+for n in json.load(open('$OWN/run/split.json'))['val'][:8]]"
+  wsss predict --checkpoint "$OWN/run/model" "$OWN/photos" --out "$OWN/predict" > "$WORK/own_predict.out"
+  "$PY" -c "import json; c = json.load(open('$OWN/run/calibration.json'))['values']
+assert json.load(open('$OWN/eval.json'))['_protocol']['calibration']['values'] == c
+s = json.load(open('$OWN/pl/summary.json')); assert (s['high'], s['low']) == (c['cam.high'], c['cam.low'])"
+fi
 echo "user path done"

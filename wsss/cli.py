@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     # the analysis tools: each module registers its own subcommands.
     from wsss.analysis.analyze import add_parser as add_analyze
     from wsss.analysis.report import add_parser as add_report
+    from wsss.calibrate_cmd import add_parser as add_calibrate
     from wsss.infer_cmd import add_parsers as add_infer
     from wsss.predict_cmd import add_parser as add_predict
 
     add_infer(sub)
+    add_calibrate(sub)
     add_predict(sub)
     add_analyze(sub)
     add_report(sub)

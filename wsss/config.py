@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "labels_file": None,
         "train_labels_file": None,
         "val_labels_file": None,
+        # folder: hold this fraction of labels_file out as the val split (seeded by split_seed)
+        "val_fraction": None,
+        "split_seed": 0,
         "image_dir": None,
         "train_image_dir": None,
         "val_image_dir": None,
@@ -122,6 +125,10 @@ DEFAULTS: dict[str, Any] = {
         "flip": False,
         "bkg_score": 0.45,
         "aff_bkg_score": 0.35,
+        # predict on a model without a seg head: a class is in the image when sigmoid(logit) passes
+        # this (``wsss calibrate`` chooses it on the training labels, per class where that is better)
+        "presence": 0.5,
+        "presence_per_class": None,  # null or one threshold per foreground class
         "crf": False,
         "max_images": None,
         "sweep": False,
@@ -234,6 +241,8 @@ RULES: dict[str, Rule] = {
     "data.labels_file": _r("str", null=True),
     "data.train_labels_file": _r("str", null=True),
     "data.val_labels_file": _r("str", null=True),
+    "data.val_fraction": _r("float", 0.0, 1.0, null=True),
+    "data.split_seed": _r("int", 0),
     "data.image_dir": _r("str", null=True),
     "data.train_image_dir": _r("str", null=True),
     "data.val_image_dir": _r("str", null=True),
@@ -270,6 +279,8 @@ RULES: dict[str, Rule] = {
     "eval.scales": _r("list", 0.0, min_len=1),
     "eval.bkg_score": _r("float", 0.0, 1.0),
     "eval.aff_bkg_score": _r("float", 0.0, 1.0),
+    "eval.presence": _r("float", 0.0, 1.0),
+    "eval.presence_per_class": _r("list", 0.0, 1.0, null=True),
     "eval.max_images": _r("int", 1, null=True),
     "eval.batch_size": _r("int", 1),
     "eval.num_workers": _r("int", 0),

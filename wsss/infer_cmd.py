@@ -28,7 +28,7 @@ from PIL import Image
 from wsss.data.io import load_mask, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.evaluate import label_and_scores
-from wsss.engine.runs import check_classes, open_run, run_dir_of
+from wsss.engine.runs import check_classes, open_run, read_calibration, run_dir_of
 from wsss.methods import all_map_names, config_sections
 from wsss.refine.crf import CRFUnavailableError
 
@@ -41,6 +41,15 @@ def config_note(config: str | os.PathLike | None) -> str:
 
     named = split_config_arg(None if config is None else str(config), [])[0]
     return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
+
+
+def calibration_note(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The values ``wsss calibrate`` set for the run of ``checkpoint`` (in effect unless overridden),
+    its file and the number of images it used; None when the run was not calibrated."""
+    rec = read_calibration(checkpoint)
+    if rec is None:
+        return None
+    return {"file": rec["file"], "values": rec["values"], "images": len(rec.get("images", []))}
 
 
 def loading_options(ev: Any, batch_size: int | None, num_workers: int | None) -> dict[str, int]:
@@ -113,6 +122,7 @@ def run_evaluate(
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
         "image_labels": "ground truth (for the CAM / pseudo-label maps)", "class_names": class_names,
         "images_per_s": res["_protocol"]["images"] / max(time.time() - t0, 1e-9), **loading,
+        "calibration": calibration_note(checkpoint),
     })
     if sweep:
         res["_protocol"]["sweep"] = {"protocol": "aream", "thresholds": res["_sweep"]["thresholds"],
@@ -308,6 +318,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
         "overrides": list(overrides),
         "scales": scales_l, "flip": flip_b, "image_labels": "ground truth", "ignore_value": 255,
         "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
+        "calibration": calibration_note(checkpoint),
         "logits": ({"stride": stride, "dtype": "float16",
                     "kind": "seg_logits" if map_name == "seg" else "cam (K, h, w) in [0, 1], masked"}
                    if logits else None),

@@ -144,11 +144,13 @@ def _predict_group(seg: Any, group: list[tuple[Path, Path, Any]], opts: dict[str
 def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 labels: str | None = None, crf: bool = False, device: str | None = None,
                 scales: Sequence[float] | None = None, flip: bool | None = None,
-                max_size: int | None = None, progress: bool | None = None, batch_size: int = 1) -> int:
+                max_size: int | None = None, progress: bool | None = None, batch_size: int = 1,
+                gate: bool = False) -> int:
     """Mask PNG, overlay PNG and JSON per image; returns the number of images that failed (each named
     on stderr; the others are still predicted). ``max_size``: long side of the copy predicted (the
     results are mapped back to the original size); None = full resolution. ``batch_size``: consecutive
-    images of one size are predicted together, up to this many."""
+    images of one size are predicted together, up to this many. ``gate``: a seg head's mask only over
+    the classes the classifier predicts (default: its argmax over all classes)."""
     if int(batch_size) < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     out_dir = Path(out)
@@ -160,7 +162,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLik
     if labels:
         seg.label_vector(labels)  # unknown names fail before any image
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {"labels": labels, "scales": scales, "flip": flip, "crf": crf, "max_size": max_size}
+    opts = {"labels": labels, "scales": scales, "flip": flip, "crf": crf, "max_size": max_size, "gate": gate}
     failed = 0
     bar = tqdm(total=len(pairs), desc="predict", unit="image",
                disable=(not progress) if progress is not None else None)
@@ -182,7 +184,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLik
 def cmd_predict(args: argparse.Namespace) -> int:
     failed = run_predict(args.checkpoint, args.images, args.out, labels=args.labels, crf=args.crf,
                          device=args.device, scales=args.scales, flip=args.flip,
-                         max_size=args.max_size or None, batch_size=args.batch_size)
+                         max_size=args.max_size or None, batch_size=args.batch_size, gate=args.gate)
     return 1 if failed else 0
 
 
@@ -194,6 +196,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--labels", default=None, help="comma-separated class names (default: the classifier's)")
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    p.add_argument("--gate", action="store_true",
+                   help="a model with a seg head: restrict its mask to the classes the classifier predicts "
+                        "(default: the seg head's argmax over all classes)")
     p.add_argument("--max-size", type=int, default=PREDICT_MAX_SIZE,
                    help="predict on a copy whose long side is at most this many pixels; the masks are mapped "
                         f"back to the original size (default {PREDICT_MAX_SIZE}; 0 = full resolution)")

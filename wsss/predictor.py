@@ -4,9 +4,12 @@
     pred = seg.predict("cat.jpg")      # or a PIL image, uint8 (H, W, 3) / float (3, H, W) in [0, 1]
     pred.mask, pred.present(), pred.overlay()
 
-The mask comes from the segmentation head when the model has one, else from the CAM thresholded with
-the eval background score; either way only over the classes the classifier predicts
-(sigmoid(logit) > 0.5) or the ``labels`` given, so ``present()`` agrees with the scores.
+The mask is the segmentation head's argmax over all classes when the model has one (the official
+inference; ``present()`` reads the mask, the classifier's scores are reported beside it); ``gate=True``
+or ``labels`` restrict it to background + the classes the classifier predicts / the labels given. A
+model without a seg head thresholds its CAM with the eval background score over the classes whose
+classifier score passes the presence threshold (``eval.presence``, or ``eval.presence_per_class``:
+what ``wsss calibrate`` chooses on the training labels) or the ``labels`` given.
 Paths and PIL images are put in display orientation (EXIF), as ``wsss predict`` does. ``max_size``
 predicts on a copy whose long side is at most that many pixels and maps the scores back to the
 original size; no attention map is computed (memory grows linearly with the pixels).
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ class Prediction:
     cams: np.ndarray
     class_names: list[str]
     image: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)  # how the mask was made (the JSON's "mask")
 
     def present(self) -> list[str]:
         """Names of the classes in the mask (background included when present), in class order."""
@@ -59,9 +63,12 @@ class Prediction:
         return overlay_label(self.image, self.mask, alpha=alpha, skip=(0, 255))
 
     def to_json(self) -> dict[str, Any]:
-        """Present classes and per-class scores (plain Python types)."""
-        return {"present": self.present(),
-                "scores": {n: float(s) for n, s in zip(self.class_names[1:], self.scores.tolist())}}
+        """Present classes, the objects among them (empty for a photo with none of the classes),
+        per-class scores and how the mask was made (plain Python types)."""
+        present = self.present()
+        return {"present": present, "objects": [n for n in present if n != self.class_names[0]],
+                "scores": {n: float(s) for n, s in zip(self.class_names[1:], self.scores.tolist())},
+                "mask": dict(self.settings)}
 
 
 def _float_to_uint8(t: Tensor) -> Tensor:
@@ -153,15 +160,17 @@ class Segmenter:
     @torch.no_grad()
     def predict(self, image: Any, labels: Sequence[str] | str | None = None,
                 scales: Sequence[float] | None = None, flip: bool | None = None,
-                crf: bool = False, max_size: int | None = None) -> Prediction:
+                crf: bool = False, max_size: int | None = None, gate: bool = False) -> Prediction:
         """Predict one image (path, PIL, uint8 (H, W, 3) numpy, or (3, H, W) tensor). Defaults: the
-        config's eval scales / flip, full resolution (``max_size``: long side of the copy predicted)."""
-        return self.predict_batch([image], labels, scales, flip, crf, max_size)[0]
+        config's eval scales / flip, full resolution (``max_size``: long side of the copy predicted);
+        ``gate``: a seg head's mask only over the classes the classifier predicts."""
+        return self.predict_batch([image], labels, scales, flip, crf, max_size, gate)[0]
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[Any], labels: Sequence[str] | str | None = None,
                       scales: Sequence[float] | None = None, flip: bool | None = None,
-                      crf: bool = False, max_size: int | None = None) -> list[Prediction]:
+                      crf: bool = False, max_size: int | None = None, gate: bool = False
+                      ) -> list[Prediction]:
         """Predict a list of same-size images in one batch (``labels`` apply to every image)."""
         arrs = [to_uint8_image(im) for im in images]
         if len({a.shape for a in arrs}) != 1:
@@ -177,12 +186,39 @@ class Segmenter:
         cams = resize(cams, size)  # back to the original size: (B, K, H, W)
         if seg is not None:
             seg = resize(seg, size)
-        mask = self._mask(cams, seg, lab, x if crf else None)
+        gated = seg is None or gate or labels is not None
+        mask = self._mask(cams, seg, lab if gated else None, x if crf else None)
+        settings = self.mask_settings(seg is not None, gated, labels is not None)
         return [
             Prediction(mask[i].cpu().numpy().astype(np.int64), scores[i].cpu().numpy(),
-                       cams[i].float().cpu().numpy(), self.class_names, arrs[i])
+                       cams[i].float().cpu().numpy(), self.class_names, arrs[i], settings)
             for i in range(len(arrs))
         ]
+
+    def presence_thresholds(self) -> Tensor:
+        """(K,) the classifier score a class needs to count as present: ``eval.presence_per_class``
+        when set (``wsss calibrate``), else ``eval.presence`` for every class."""
+        k = len(self.class_names) - 1
+        per_class = self.cfg.eval.get("presence_per_class")
+        if per_class is not None:
+            if len(per_class) != k:
+                raise ValueError(f"eval.presence_per_class has {len(per_class)} values for {k} classes")
+            return torch.tensor([float(v) for v in per_class], device=self.device)
+        return torch.full((k,), float(self.cfg.eval.get("presence", 0.5)), device=self.device)
+
+    def mask_settings(self, seg: bool, gated: bool, given: bool) -> dict[str, Any]:
+        """How :meth:`predict_batch` makes the mask, for the JSON: its source and the thresholds used."""
+        out: dict[str, Any] = {"source": "seg head argmax" if seg else "CAM vs background score"}
+        if not seg:
+            out["bkg_score"] = float(self.cfg.eval.bkg_score)
+        if gated:
+            out["classes"] = "the labels given" if given else "the classifier's (score > presence)"
+            if not given:
+                thr = self.presence_thresholds().tolist()
+                out["presence"] = thr[0] if len(set(thr)) == 1 else dict(zip(self.class_names[1:], thr))
+        else:
+            out["classes"] = "all"
+        return out
 
     def _score_maps(self, x: Tensor, labels: Sequence[str] | str | None, scales: list[float], flip: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -204,16 +240,19 @@ class Segmenter:
         if scores is None:
             scores = net(xp, with_seg=False, heads=False).logits[0].sigmoid()
         lab = (self.label_vector(labels).to(self.device).expand_as(scores) if labels is not None
-               else (scores > 0.5).float())
+               else (scores > self.presence_thresholds()).float())
         seg = self.method.multiscale_segment(net, xp, scales, flip, segs) if with_seg else None
         return scores, lab, cam, (seg[..., :h, :w] if seg is not None else None)
 
-    def _mask(self, cams: Tensor, seg: Tensor | None, lab: Tensor, image01: Tensor | None) -> Tensor:
-        """Label map (B, H, W): the seg head's argmax, else the CAM of the kept classes against the
-        background score; ``image01`` given: dense CRF on those scores."""
-        if seg is not None:  # restricted to background + the kept classes
-            seg = seg.masked_fill(~present_mask(lab)[..., None, None], float("-inf"))
+    def _mask(self, cams: Tensor, seg: Tensor | None, lab: Tensor | None, image01: Tensor | None) -> Tensor:
+        """Label map (B, H, W): the seg head's argmax (over every class, or with ``lab`` (B, K) over
+        background + those), else the CAM of the ``lab`` classes against the background score;
+        ``image01`` given: dense CRF on those scores."""
+        if seg is not None:
+            if lab is not None:
+                seg = seg.masked_fill(~present_mask(lab)[..., None, None], float("-inf"))
             return crf_seg(seg, image01) if image01 is not None else seg.argmax(1)
+        assert lab is not None  # a CAM-only model always predicts over its kept classes
         bkg = float(self.cfg.eval.bkg_score)
         masked = cams * lab[..., None, None]
         if image01 is None:

@@ -72,7 +72,8 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
     Keys: ``type`` (voc | coco | folder | synthetic), ``root``, ``splits``/``<role>_split``,
     ``num_classes``, ``labels_file``, ``mask_dir``, ``class_names``, ``seed``, the transform keys of
     :func:`build_transform`; folder: ``image_dir``, ``labels_file`` (or ``<split>_labels_file``),
-    ``mask_dir``; synthetic: ``num_train``, ``num_val``, ``size``, ``synthetic_seed`` (generated into
+    ``mask_dir``, ``val_fraction`` (a seeded held-out part of the labels file, ``split_seed``);
+    synthetic: ``num_train``, ``num_val``, ``size``, ``synthetic_seed`` (generated into
     ``root`` when it has no split files yet, then read as VOC); ``pseudo_dir``: the training split
     reads its masks from that folder of pseudo-label PNGs (:func:`use_pseudo_labels`)."""
     dataset = _dataset(cfg_data, split, train)
@@ -96,7 +97,8 @@ def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
         if image_dir is None or labels_file is None:
             raise DataError("a folder dataset needs image_dir and labels_file")
         mask_dir = None if mask_dir == "auto" else mask_dir
-        return FolderDataset(image_dir, labels_file, class_names, mask_dir, transform, seed=seed)
+        return FolderDataset(image_dir, labels_file, class_names, mask_dir, transform, seed=seed,
+                             holdout=_holdout(cfg_data, split))
     root = cfg_get(cfg_data, "root", None)
     if root is None:
         raise DataError(f"data config of type {kind!r} needs a root")
@@ -120,6 +122,20 @@ def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
     if kind == "coco":
         return COCODataset(root, name, transform, labels_file, mask_dir, class_names, seed=seed)
     raise DataError(f"unknown dataset type {kind!r} (voc, coco, folder, synthetic)")
+
+
+def _holdout(cfg_data: Any, split: str) -> tuple[str, float, int] | None:
+    """A folder dataset's ``data.val_fraction`` as :class:`FolderDataset`'s ``holdout``: the val split's
+    part (``split`` is ``data.val_split``) or the rest; None without a fraction. With a separate
+    ``val_labels_file`` too, which of the two is the val set would be ambiguous: an error."""
+    fraction = cfg_get(cfg_data, "val_fraction", None)
+    if fraction is None:
+        return None
+    if cfg_get(cfg_data, "val_labels_file", None) is not None:
+        raise DataError("give data.val_fraction (a held-out part of data.labels_file) or "
+                        "data.val_labels_file (a separate file), not both")
+    part = "val" if split == str(cfg_get(cfg_data, "val_split", "val")) else "train"
+    return part, float(fraction), int(cfg_get(cfg_data, "split_seed", 0))
 
 
 def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> SegmentationDataset:

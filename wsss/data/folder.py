@@ -9,7 +9,8 @@ CSV rows (comma- or tab-separated) give class names or ids (1..K) separated by `
 class list comes from ``class_names`` (then a name outside it is an error naming the file and line)
 or, for JSON, the file's ``"classes"``; for a CSV with names only and no ``class_names``, the sorted
 set of names in the file (give ``class_names`` to catch typos). Masks (optional, PNG with the same stem)
-are used for evaluation only.
+are used for evaluation only. ``val_fraction`` holds a fixed part of the file out: a seeded split
+(:func:`split_names`) whose ``"val"`` part is the evaluation set and whose ``"train"`` part the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .io import DataError
 from .voc import (
@@ -45,6 +48,20 @@ def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:
     return with_background(sorted(names)) if names else None
 
 
+def split_names(names: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, val) names: ``round(val_fraction * n)`` of ``names`` (at least 1, at most n - 1) drawn by
+    a permutation seeded with ``seed``, each part in the file's order. The same names, fraction and seed
+    give the same split on every machine (numpy's PCG64)."""
+    n = len(names)
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DataError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if n < 2:
+        raise DataError(f"data.val_fraction needs at least 2 images to hold some out, got {n}")
+    k = min(n - 1, max(1, round(float(val_fraction) * n)))
+    held = set(np.random.default_rng(int(seed)).permutation(n)[:k].tolist())
+    return [m for i, m in enumerate(names) if i not in held], [m for i, m in enumerate(names) if i in held]
+
+
 class FolderDataset(SegmentationDataset):
     """Images in ``image_dir`` listed by ``labels_file`` (order of the file is the dataset order)."""
 
@@ -56,7 +73,10 @@ class FolderDataset(SegmentationDataset):
         mask_dir: str | os.PathLike | None = None,
         transform: Transform | None = None,
         seed: int = 0,
+        holdout: tuple[str, float, int] | None = None,
     ) -> None:
+        """``holdout``: (part "train" or "val", val_fraction, split seed): only that part of the
+        labels file (:func:`split_names`)."""
         image_dir, labels_file = Path(image_dir), Path(labels_file)
         if not image_dir.is_dir():
             raise DataError(f"image folder not found: {image_dir}")
@@ -70,9 +90,15 @@ class FolderDataset(SegmentationDataset):
         mdir = Path(mask_dir) if mask_dir is not None else None
         if mdir is not None and not mdir.is_dir():
             raise DataError(f"mask folder not found: {mdir}")
+        names = list(labels)
+        if holdout is not None:
+            part, fraction, split_seed = holdout
+            train, val = split_names(names, fraction, split_seed)
+            names = val if part == "val" else train
+        self.holdout = holdout
         super().__init__(
             **build_from_dirs(
-                list(labels), image_dir, mdir, file_classes or classes, transform, labels_file,
+                names, image_dir, mdir, file_classes or classes, transform, labels_file,
                 masks_required=False, cache_file=None, seed=seed,
             )
         )  # fmt: skip

@@ -307,6 +307,14 @@ class SegmentationDataset(Dataset):
     def has_masks(self) -> bool:
         return any(p is not None for p in self.mask_paths.values())
 
+    def check_masks(self, count: int | None = None) -> None:
+        """Read the masks of the first ``count`` images (None: all) once: a value outside the classes
+        is a :class:`DataError` naming the file now, not when a pass reaches it."""
+        for name in self.names[: count if count is not None else len(self.names)]:
+            path = self.mask_paths.get(name)
+            if path is not None:
+                load_mask(path, self.num_classes)
+
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         if isinstance(index, tuple):
             index, seed = index

@@ -96,12 +96,39 @@ def _load_checkpoint_file(path: Path, cfg_file: Path | None = None) -> tuple[WSS
     return net, cfg, default_class_names(cfg, c)
 
 
+CALIBRATION_FILE = "calibration.json"  # `wsss calibrate`'s record, in the run directory
+
+
+def read_calibration(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``calibration.json`` of the run of ``path`` (see :func:`run_dir_of`), or None."""
+    f = run_dir_of(path) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the calibration {f}: {err}") from err
+    if not isinstance(rec, dict) or not isinstance(rec.get("values"), dict):
+        raise CheckpointError(f"{f} is not a wsss calibration (no 'values')")
+    return {**rec, "file": str(f)}
+
+
 def load_run(path: str | os.PathLike) -> tuple[WSSSNet, DictConfig, list[str]]:
-    """Load a trained model: a release dir, a run dir or a training checkpoint file.
+    """Load a trained model: a release dir, a run dir or a training checkpoint file, with the values
+    that ``wsss calibrate`` chose for its run (:func:`read_calibration`) set in its config.
 
     Returns ``(net in eval mode on the CPU, full config, class names with background first)``.
     Raises :class:`CheckpointError` when the weights do not fit the architecture of the config.
     """
+    net, cfg, names = _load_run(path)
+    rec = read_calibration(path)
+    for key, value in (rec or {}).get("values", {}).items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return net, cfg, names
+
+
+def _load_run(path: str | os.PathLike) -> tuple[WSSSNet, DictConfig, list[str]]:
+    """:func:`load_run` without the calibration."""
     from wsss.engine.checkpoint import find_latest, import_model_state
 
     p = Path(path)
@@ -115,7 +142,7 @@ def load_run(path: str | os.PathLike) -> tuple[WSSSNet, DictConfig, list[str]]:
         return _build_and_load(cfg, c, sd, str(p / "model.safetensors")), cfg, names
     if p.is_dir():
         if is_release_dir(p / "model"):
-            return load_run(p / "model")
+            return _load_run(p / "model")
         latest = find_latest(p / "checkpoints") or find_latest(p)
         if latest is None:
             raise FileNotFoundError(

@@ -99,7 +99,8 @@ def _writer(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tb"))
 
 
-RUN_FILES = ("checkpoints", "model", "history.jsonl", "metrics.json", "train.log", "tb", "config.yaml")
+RUN_FILES = ("checkpoints", "model", "history.jsonl", "metrics.json", "train.log", "tb", "config.yaml",
+             "split.json")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -127,18 +128,62 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
           ) -> dict[str, Any]:
     """Train ``cfg`` and return the final metrics. ``stop_after`` ends the run early after that
     many iterations of this call (used to test kill-and-resume). An ``out_dir`` that holds a run
-    needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`)."""
+    needs ``resume`` or ``overwrite`` (see :func:`prepare_out_dir`). The data (every evaluation mask
+    included) is checked before anything is written; a fresh start that fails before its first
+    checkpoint leaves no run behind (:func:`remove_failed_start`), so the same command can run again."""
     set_threads(cfg.get("threads"))
     dist = init_distributed()
     main = dist.rank == 0
     cfg, train_set, val_set = _datasets(cfg)  # before the run folder is written
-    num_classes = int(train_set.num_classes)
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    existed = out_dir.exists()
     if main:
         prepare_out_dir(out_dir, resume, overwrite)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
+        _record_split(out_dir, train_set, val_set)
+    try:
+        return _run(cfg, train_set, val_set, dist, resume, stop_after)
+    except BaseException:
+        if main and not resume:
+            remove_failed_start(out_dir, existed)
+        raise
+
+
+def _record_split(out_dir: Path, train_set: Any, val_set: Any) -> None:
+    """``split.json``: the images of each split of a held-out folder split (data.val_fraction)."""
+    holdout = getattr(val_set, "holdout", None)
+    if holdout is None:
+        return
+    rec = {"val_fraction": holdout[1], "split_seed": holdout[2], "train": list(train_set.names),
+           "val": list(val_set.names)}
+    (out_dir / "split.json").write_text(json.dumps(rec, indent=1))
+
+
+def remove_failed_start(out_dir: Path, existed: bool) -> None:
+    """After a fresh start failed: remove its run files when it wrote no checkpoint (nothing could
+    be resumed), and ``out_dir`` itself when this start created it and it is left empty."""
+    if find_latest(out_dir / "checkpoints") is not None:
+        return  # a resumable run: keep it
+    for h in list(log.handlers):  # train.log is open
+        h.close()
+        log.removeHandler(h)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def _run(cfg: Any, train_set: Any, val_set: Any, dist: DistInfo, resume: bool, stop_after: int | None
+         ) -> dict[str, Any]:
+    """The training of :func:`train` once its run folder is prepared: the loop and the final evaluation."""
+    main, num_classes = dist.rank == 0, int(train_set.num_classes)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
     _setup_logging(out_dir, main)
     seed_everything(int(cfg.seed), dist.rank)
     device = dist.device
@@ -186,13 +231,21 @@ def train(cfg: Any, resume: bool = False, stop_after: int | None = None, overwri
             bar.close()
             return {"stopped_at": it}
     bar.close()
+    return _finish(cfg, method, net, val_set, num_classes, dist, writer,
+                   {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1),
+                    "scored_on": scored_on(train_set, val_set)})
+
+
+def _finish(cfg: Any, method: Any, net: Any, val_set: Any, num_classes: int, dist: DistInfo, writer: Any,
+            stats: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation, the release and metrics (main process), the writer closed."""
     results = _evaluate(cfg, method, net, val_set, num_classes, dist)
-    if main:
-        _save_results(cfg, net, results, {"iterations": it, "s_per_iter": (time.time() - t0) / max(steps, 1)})
+    if dist.rank == 0:
+        _save_results(cfg, net, results, stats)
         if writer is not None:
             for name, res in results.items():
                 if "miou" in res:
-                    writer.add_scalar(f"val/{name}_miou", res["miou"], it)
+                    writer.add_scalar(f"val/{name}_miou", res["miou"], int(stats["iterations"]))
             writer.close()
     cleanup()
     return results
@@ -286,10 +339,44 @@ def _save_results(cfg: Any, net: torch.nn.Module, results: dict[str, Any], stats
             "class_names": list(cfg.data.class_names)}
     export_model(net, meta, out_dir / "model")
     (out_dir / "metrics.json").write_text(json.dumps({**stats, "eval": results}, indent=2))
-    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images)\n"
-             + miou_table(results))
+    table = (f"final evaluation ({cfg.data.val_split}, {results['_protocol']['images']} images: "
+             f"{stats['scored_on']})\n" + miou_table(results) + per_class_line(results, cfg.data.class_names))
     log.info(table)
     print(f"{table}\nmodel saved to {out_dir / 'model'} (metrics: {out_dir / 'metrics.json'})")
+
+
+def scored_on(train_set: Any, val_set: Any) -> str:
+    """What the final evaluation scores, said in its table: a held-out part, separate images, or the
+    training images themselves (a folder dataset with one labels file and no ``data.val_fraction``)."""
+    holdout = getattr(val_set, "holdout", None)
+    if holdout is not None:
+        return f"held out of the labels file by data.val_fraction={holdout[1]:g}, split seed {holdout[2]}"
+    shared = len(set(val_set.names) & set(train_set.names))
+    if shared and shared == len(val_set.names):
+        return ("the TRAINING images: nothing is held out (set data.val_fraction or data.val_labels_file "
+                "to score images the model has not seen)")
+    return f"{shared} of them also training images" if shared else "images not trained on"
+
+
+def per_class_line(results: dict[str, Any], class_names: Any) -> str:
+    """``per-class IoU (<map>): name 12.3, ...`` of the seg map (else the first map), or ''."""
+    name = "seg" if "seg" in results else next((k for k in results if not k.startswith("_")), None)
+    if name is None or "iou" not in results[name]:
+        return ""
+    ious = ", ".join(f"{n} {'-' if v != v else f'{100 * v:.1f}'}"
+                     for n, v in zip(class_names, results[name]["iou"]))
+    return f"\nper-class IoU ({name}): {ious}"
+
+
+def warn_rare_classes(train_set: Any, fewest: int = 5) -> list[str]:
+    """Name (on stderr, before training) the classes that fewer than ``fewest`` training images hold:
+    too few to learn them, and their IoU will be noise. Returns those names."""
+    counts = train_set.labels.sum(0)  # (K,) images per foreground class
+    rare = [f"{n} ({int(c)})" for n, c in zip(train_set.class_names[1:], counts.tolist()) if c < fewest]
+    if rare:
+        print(f"wsss train: warning: {len(rare)} classes occur in fewer than {fewest} training images: "
+              f"{', '.join(rare)}", file=sys.stderr)
+    return rare
 
 
 def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
@@ -300,6 +387,10 @@ def _datasets(cfg: Any) -> tuple[Any, Any, Any]:
     c = int(train_set.num_classes)
     if int(val_set.num_classes) != c:
         raise ValueError(f"the train split has {c} classes but the val split {val_set.num_classes}")
+    # the masks the evaluations read, checked now: a bad value must not surface after the training
+    max_images = cfg.eval.max_images
+    val_set.check_masks(None if max_images is None else int(max_images))
+    warn_rare_classes(train_set)
     cfg = OmegaConf.merge(cfg, {"data": {"num_classes": c, "class_names": list(train_set.class_names)}})
     return cfg, train_set, val_set
 

@@ -78,7 +78,7 @@ def fuse_multiscale(
         if cam.shape[0] not in (batch, 2 * batch):
             raise ValueError(f"CAM batch {cam.shape[0]} is neither B={batch} nor 2B")
         # float32 at least: bf16 CAMs (autocast) are fused and normalised in float32 (also faster on CPU)
-        cam = cam.float() if cam.dtype in (torch.float16, torch.bfloat16) else cam
+        cam = cam.to(_fused_dtype(cam.dtype))
         cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
         if cam.shape[0] == 2 * batch:
             orig, unflipped = cam[:batch], cam[batch:].flip(-1)
@@ -90,6 +90,11 @@ def fuse_multiscale(
     if relu == "after":
         total = F.relu(total)
     return normalize_cam(total, eps)
+
+
+def _fused_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`fuse_multiscale` returns for CAMs of ``dtype`` (half precision fuses in float32)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def kept_channels(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,6 +116,8 @@ def _fuse_kept(cams: Sequence[Tensor], size: tuple[int, int], batch: int, keep: 
         raise ValueError(f"keep must be (B, K) = {(batch, cams[0].shape[1])}, got {tuple(keep.shape)}")
     idx, valid = kept_channels(keep.bool())
     m = idx.shape[1]
+    if m == 0:  # no image of the batch keeps a class (negatives): every map is zero, nothing to fuse
+        return cams[0].new_zeros(batch, cams[0].shape[1], *size, dtype=_fused_dtype(cams[0].dtype))
 
     def take(cam: Tensor) -> Tensor:  # (n, K, h, w) -> (n, M, h, w); the flipped half has the same rows
         rows = idx if cam.shape[0] == batch else idx.repeat(cam.shape[0] // batch, 1)

@@ -190,7 +190,10 @@ def par_pseudo_label(
     idx, valid = present_index(labels)
     # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1. Gathered before the
     # (per-channel) resize: absent classes are never resized
-    fg = F.interpolate(_gather_channels(cam, idx[:, 1:] - 1), size=size, mode="bilinear", align_corners=False)
+    fg = _gather_channels(cam, idx[:, 1:] - 1)
+    # a batch of negatives only has no foreground channel: interpolate refuses an empty stack
+    fg = F.interpolate(fg, size=size, mode="bilinear", align_corners=False) if fg.shape[1] else fg.new_zeros(
+        b, 0, *size)
     stacks = [torch.cat([fg.new_full((b, 1, *size), s), fg], dim=1) for s in (high, low)]
     stack = torch.cat([_softmax_keep(s, valid) for s in stacks], dim=1)
     lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
