@@ -88,7 +88,9 @@ def run_calibrate(checkpoint: str | os.PathLike, split: str | None = None, masks
     curves = {m: (sweep_pseudo(cfg, net, batches, grid, c, scales, flip) if m == "pseudo" else
                   sweep_key(cfg, net, batches, m, method.BKG_KEYS[m], grid, c, scales, flip)) for m in maps}
     values: dict[str, Any] = {}
-    for m, cur in curves.items():
+    # a key shared by a map and its PAR-refined version takes the refined map's choice (the label
+    # that pseudo-labels and the seg heads use)
+    for m, cur in sorted(curves.items(), key=lambda mc: mc[0].endswith("_par")):
         values[cur["key"]] = cur["best"]
         if m == "pseudo":
             values[cur["low_key"]] = cur["best_low"]

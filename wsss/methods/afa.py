@@ -88,7 +88,8 @@ class AFAMethod(Method):
     name = "afa"
     Config = AFAConfig
     EXTRA_MAPS = ("aff", "aff_par")
-    BKG_KEYS = {"cam": "eval.bkg_score", "aff": "eval.aff_bkg_score"}
+    BKG_KEYS = {"cam": "eval.bkg_score", "cam_par": "eval.bkg_score", "aff": "eval.aff_bkg_score",
+                "aff_par": "eval.aff_bkg_score"}
     PSEUDO_MAP = "aff_par"
     REFINED_MAP = "aff_par"
     # analysis: CAM + PAR, propagated with the learned / the ground-truth affinity, then PAR

@@ -73,7 +73,8 @@ class AReAMMethod(Method):
     name = "aream"
     Config = AReAMConfig
     EXTRA_MAPS = ("refined", "refined_par")
-    BKG_KEYS = {"cam": "eval.bkg_score", "refined": "aream.bkg_score"}
+    BKG_KEYS = {"cam": "eval.bkg_score", "cam_par": "eval.bkg_score", "refined": "aream.bkg_score",
+                "refined_par": "aream.bkg_score"}
     OWN_PSEUDO = True
     PSEUDO_MAP = "refined_par"
     REFINED_MAP = "refined_par"

@@ -108,8 +108,9 @@ class Method:
     PSEUDO_MAP: ClassVar[str | None] = "cam_par"  # its pseudo label for a second stage (None: none)
     REFINED_MAP: ClassVar[str | None] = None  # its refined-CAM label map, when it has one
     ORACLE_MAPS: ClassVar[tuple[str, ...]] = ()  # maps of :meth:`oracle_batch` (none: no oracle probe)
-    # the config key holding each map's background score (what `wsss calibrate` sweeps)
-    BKG_KEYS: ClassVar[dict[str, str]] = {"cam": "eval.bkg_score"}
+    # the config key holding each map's background score (what `wsss calibrate` sweeps); a map and its
+    # PAR-refined version share a key, and calibrate keeps the PAR-refined map's choice
+    BKG_KEYS: ClassVar[dict[str, str]] = {"cam": "eval.bkg_score", "cam_par": "eval.bkg_score"}
     class_attention = False  # the CAM is multiplied by the class-to-patch attention (MCTformer)
 
     @classmethod
