@@ -256,7 +256,9 @@ def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
                       print_table=False)
     assert ev["_protocol"]["bkg_score"] == v["eval.bkg_score"]
     assert ev["_protocol"]["calibration"]["values"] == v
-    assert ev["cam"]["miou"] == pytest.approx(rec["maps"]["cam"]["best_miou"], abs=1e-9)
+    # cam and cam_par share eval.bkg_score: the PAR-refined map's choice is kept
+    assert v["eval.bkg_score"] == rec["maps"]["cam_par"]["best"]
+    assert ev["cam_par"]["miou"] == pytest.approx(rec["maps"]["cam_par"]["best_miou"], abs=1e-9)
     pinned = run_evaluate(None, release, ["eval.bkg_score=0.3"], split="val", out=tmp_path / "p.json",
                           max_images=2, print_table=False)
     assert pinned["_protocol"]["bkg_score"] == 0.3
@@ -274,5 +276,5 @@ def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
         (data / "SegmentationClass" / f"{photo.stem}.png").read_bytes())
     few = run_calibrate(release, masks=str(masks), maps=["cam"], grid=grid, verbose=False)
     assert few["images"] == [photo.stem] and set(few["maps"]) == {"cam"}
-    with pytest.raises(ValueError, match="choose from cam, pseudo"):
+    with pytest.raises(ValueError, match="choose from cam, cam_par, pseudo"):
         run_calibrate(release, maps=["aff"], verbose=False)

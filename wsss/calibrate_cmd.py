@@ -23,6 +23,7 @@ from wsss.engine.calibrate import (
     DEFAULT_GRID,
     choose_presence,
     classifier_scores,
+    map_forwards,
     sweep_key,
     sweep_pseudo,
 )
@@ -85,8 +86,9 @@ def run_calibrate(checkpoint: str | os.PathLike, split: str | None = None, masks
     scales, flip = [float(s) for s in cfg.eval.scales], bool(cfg.eval.flip)
     grid = [float(t) for t in (grid or DEFAULT_GRID)]
     c = int(dataset.num_classes)
-    curves = {m: (sweep_pseudo(cfg, net, batches, grid, c, scales, flip) if m == "pseudo" else
-                  sweep_key(cfg, net, batches, m, method.BKG_KEYS[m], grid, c, scales, flip)) for m in maps}
+    forwards = map_forwards(cfg, net, batches, maps, scales, flip)  # the network once; thresholds after it
+    curves = {m: (sweep_pseudo(cfg, net, forwards, grid, c) if m == "pseudo" else
+                  sweep_key(cfg, net, forwards, m, method.BKG_KEYS[m], grid, c)) for m in maps}
     values: dict[str, Any] = {}
     # a key shared by a map and its PAR-refined version takes the refined map's choice (the label
     # that pseudo-labels and the seg heads use)

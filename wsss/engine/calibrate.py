@@ -21,7 +21,6 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from wsss.engine.evaluate import predict_maps
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.methods import build_method
 
@@ -36,36 +35,52 @@ def with_value(cfg: Any, key: str, value: Any) -> Any:
     return out
 
 
-def map_miou(cfg: Any, net: Any, batches: Sequence[dict[str, Tensor]], name: str, num_classes: int,
-             scales: list[float], flip: bool) -> float:
-    """mIoU of the label map ``name`` of the method of ``cfg`` over ``batches`` (each with ``image``
-    (B, 3, H, W), ``labels`` (B, K), ``mask`` (B, H, W), on the net's device). A pseudo label's
-    uncertain (255) pixels count as a miss of the ground-truth class (evaluate's 'pseudo_strict')."""
+@torch.no_grad()
+def map_forwards(cfg: Any, net: Any, batches: Sequence[dict[str, Tensor]], maps: Sequence[str],
+                 scales: list[float], flip: bool) -> list[dict[str, Any]]:
+    """The evaluation forwards of every batch for the label maps ``maps``, run once: a sweep then
+    builds each candidate's maps from them (the thresholds act after the network). Each entry: the
+    :class:`~wsss.methods.base.MapInput` ``inp``, the unpadded ``size`` and the ``mask``."""
     method = build_method(cfg, net)
-    cm = ConfusionMatrix(num_classes, device=batches[0]["image"].device)
+    want = {"pseudo" if m == "pseudo_strict" else m for m in maps}
+    out = []
     for b in batches:
-        pred = predict_maps(method, net, b["image"], b["labels"], scales, flip, maps=[name])[name]
-        cm.update(pred, b["mask"])
+        x, size = net.pad(b["image"])
+        out.append({"inp": method.eval_forwards(net, x, b["labels"], scales, flip, want), "size": size,
+                    "mask": b["mask"]})
+    return out
+
+
+def map_miou(cfg: Any, net: Any, forwards: Sequence[dict[str, Any]], name: str, num_classes: int) -> float:
+    """mIoU of the label map ``name`` of the method of ``cfg`` over the evaluation ``forwards``
+    (:func:`map_forwards`). A pseudo label's uncertain (255) pixels count as a miss of the
+    ground-truth class (evaluate's 'pseudo_strict')."""
+    method = build_method(cfg, net)
+    cm = ConfusionMatrix(num_classes, device=forwards[0]["mask"].device)
+    for f in forwards:
+        (h, w), inp = f["size"], f["inp"]
+        with method.par.sharing_kernels():
+            pred = method.label_maps(net, inp, {name})[name]
+        cm.update(pred[:, :h, :w], f["mask"])
     return float(cm.compute()["miou"])
 
 
-def sweep_key(cfg: Any, net: Any, batches: Sequence[dict[str, Tensor]], name: str, key: str,
-              grid: Sequence[float], num_classes: int, scales: list[float], flip: bool) -> dict[str, Any]:
+def sweep_key(cfg: Any, net: Any, forwards: Sequence[dict[str, Any]], name: str, key: str,
+              grid: Sequence[float], num_classes: int) -> dict[str, Any]:
     """The curve of map ``name`` over ``key`` in ``grid``: {key, thresholds, miou, best, best_miou,
     before, before_miou}; the best is the first maximum (the lowest value on ties)."""
     before = OmegaConf.select(cfg, key)
     if before is None and key == "aream.bkg_score":  # null: the raw CAM's score
         before = float(cfg.eval.bkg_score)
-    curve = [map_miou(with_value(cfg, key, float(t)), net, batches, name, num_classes, scales, flip)
-             for t in grid]
+    curve = [map_miou(with_value(cfg, key, float(t)), net, forwards, name, num_classes) for t in grid]
     best = max(range(len(grid)), key=lambda i: (curve[i], -i))
-    now = map_miou(cfg, net, batches, name, num_classes, scales, flip)
+    now = map_miou(cfg, net, forwards, name, num_classes)
     return {"key": key, "thresholds": [float(t) for t in grid], "miou": curve, "best": float(grid[best]),
             "best_miou": curve[best], "before": float(before), "before_miou": now}
 
 
-def sweep_pseudo(cfg: Any, net: Any, batches: Sequence[dict[str, Tensor]], grid: Sequence[float],
-                 num_classes: int, scales: list[float], flip: bool) -> dict[str, Any]:
+def sweep_pseudo(cfg: Any, net: Any, forwards: Sequence[dict[str, Any]], grid: Sequence[float],
+                 num_classes: int) -> dict[str, Any]:
     """The pseudo label over ``cam.high`` / ``cam.low`` moved together (gap kept, both in [0, 1]): the
     high value runs over ``grid``; chosen by the mIoU with uncertain pixels counted as wrong."""
     high, low = float(cfg.cam.high), float(cfg.cam.low)
@@ -74,9 +89,9 @@ def sweep_pseudo(cfg: Any, net: Any, batches: Sequence[dict[str, Tensor]], grid:
     curve = []
     for h in highs:
         c = with_value(with_value(cfg, "cam.high", h), "cam.low", round(h - gap, 6))
-        curve.append(map_miou(c, net, batches, "pseudo", num_classes, scales, flip))
+        curve.append(map_miou(c, net, forwards, "pseudo", num_classes))
     best = max(range(len(highs)), key=lambda i: (curve[i], -i))
-    now = map_miou(cfg, net, batches, "pseudo", num_classes, scales, flip)
+    now = map_miou(cfg, net, forwards, "pseudo", num_classes)
     return {"key": "cam.high", "low_key": "cam.low", "gap": gap, "thresholds": highs, "miou": curve,
             "best": highs[best], "best_low": round(highs[best] - gap, 6), "best_miou": curve[best],
             "before": high, "before_low": low, "before_miou": now}

@@ -245,14 +245,7 @@ class Method:
             # every '*_par' map of the batch refines on x: one PAR kernel for all of them
             with self.flipping(flip), self.par.sharing_kernels():
                 cam, kept = self._eval_forwards(net, x, labels, scales, want, segs)
-                bkg = float(self.cfg.eval.bkg_score)
-                if "cam" in want:
-                    out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
-                if "cam_par" in want:
-                    out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
-                if "pseudo" in want and not self.OWN_PSEUDO:
-                    out["pseudo"] = self.pseudo_label(x, cam, labels, None)
-                out.update(self.extra_maps(net, MapInput(x, labels, cam, scales, kept), want))
+                out.update(self.label_maps(net, MapInput(x, labels, cam, scales, kept), want))
         if "seg" in want:
             if msc_seg:
                 seg = self.multiscale_segment(net, x, scales, flip, segs or None)
@@ -261,6 +254,32 @@ class Method:
             if seg is not None:
                 out["seg"] = seg.argmax(1)
         return out
+
+    @torch.no_grad()
+    def label_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
+        """The CAM-derived label maps (B, H, W) named in ``want`` from the evaluation forwards' output
+        ``inp`` (the masked multi-scale CAM and what each scale kept): no network pass of its own, so
+        the thresholds of the config can be swept over one set of forwards (``wsss calibrate``)."""
+        x, labels, cam = inp.x, inp.labels, inp.cam
+        out: dict[str, Tensor] = {}
+        bkg = float(self.cfg.eval.bkg_score)
+        if "cam" in want:
+            out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
+        if "cam_par" in want:
+            out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
+        if "pseudo" in want and not self.OWN_PSEUDO:
+            out["pseudo"] = self.pseudo_label(x, cam, labels, None)
+        out.update(self.extra_maps(net, inp, want))
+        return out
+
+    @torch.no_grad()
+    def eval_forwards(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], flip: bool,
+                      want: Collection[str]) -> MapInput:
+        """The evaluation forwards of padded images x (B, 3, H, W) for the maps in ``want``, as the
+        input of :meth:`label_maps`."""
+        with self.flipping(flip):
+            cam, kept = self._eval_forwards(net, x, labels, scales, set(want), None)
+        return MapInput(x, labels, cam, scales, kept)
 
     @torch.no_grad()
     def _eval_forwards(self, net: WSSSNet, x: Tensor, labels: Tensor, scales: list[float], want: set[str],
