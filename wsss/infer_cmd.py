@@ -4,7 +4,8 @@ of the inference layer (:mod:`wsss.engine.evaluate`) and the run loader (:mod:`w
 * evaluate: mIoU + per-class IoU of every label map (:func:`wsss.engine.evaluate.evaluate`), with the
   protocol (split, scales, flip, CRF, checkpoint, images, thresholds) stated in the JSON and the table.
 * pseudo-labels: one VOC-palette PNG per image (same stem as the image), resumable (readable PNGs are
-  skipped, each PNG is written atomically), optional stride-s float16 logits (``.npz``), a summary JSON.
+  skipped, each PNG is written atomically), optional stride-s float16 logits (``.npz``), a summary JSON,
+  and ``class_names.json`` (what the indices mean; a second stage's ``data.pseudo_dir`` checks it).
   The dataset's ground-truth image labels are used, as WSSS pseudo-label generation does.
 """
 
@@ -273,7 +274,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     coverage, and counted as wrong (``summary["scores"]``).
     """
     from wsss.config import to_dict
-    from wsss.data.build import build_dataset
+    from wsss.data.build import PSEUDO_CLASSES_FILE, build_dataset
     from wsss.engine.evaluate import num_images, same_size_batches
 
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
@@ -295,6 +296,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
                 "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
                 "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
     claim_out_dir(out_dir, manifest, overwrite)
+    _write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
     n = num_images(dataset, max_images)
     written, counts = 0, np.zeros(256, dtype=np.int64)
     scorer = LabelScorer(int(dataset.num_classes))
