@@ -354,3 +354,17 @@ def test_class_list_travels_to_runs_and_pseudo_labels(tmp_path: Path) -> None:
         build_dataset(other.data, split="train", train=True)
     with pytest.raises(DataError, match="pseudo-label PNGs missing"):  # same classes: on to the PNGs
         build_dataset(second.data, split="train", train=True)
+
+
+def test_evaluate_sweep_names_calibrate(seg_release: dict, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """Problem 4: `wsss evaluate --sweep` (once AReAM's background sweep) and eval.sweep=true stop with
+    one line that names `wsss calibrate`, before any output is written."""
+    from wsss.cli import main
+
+    out = tmp_path / "e.json"
+    for extra in (["--sweep"], ["eval.sweep=true"]):
+        assert main(["evaluate", "--checkpoint", str(seg_release["release"]), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "wsss calibrate --checkpoint" in err and extra[0].split("=")[0] in err, err
+        assert not out.exists()
