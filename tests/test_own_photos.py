@@ -368,3 +368,18 @@ def test_evaluate_sweep_names_calibrate(seg_release: dict, tmp_path: Path,
         err = capsys.readouterr().err
         assert "wsss calibrate --checkpoint" in err and extra[0].split("=")[0] in err, err
         assert not out.exists()
+
+
+def test_analyze_affinity_on_negatives_alone() -> None:
+    """Problem 1 in `wsss analyze`: on images without any object (batches of negatives alone) the
+    affinity check runs, and the mean affinity of different-class pairs, which do not exist there, is
+    None and said so, not a 0 that reads as a perfect separation."""
+    from wsss.analysis.affinity import oracle_quality
+    from wsss.analysis.analyze import oracle_summary
+
+    _, net, method = _tiny("afa_mit_tiny_synthetic")
+    q = oracle_quality(method, net, _samples([[0.0] * 5, [0.0] * 5]), 6)
+    assert q["pairs"]["mean_different_class"] is None and q["pairs"]["pairs"] > 0
+    assert q["miou"]["cam_par"] == 1.0 and "no different-class pairs" in oracle_summary(q)
+    mixed = oracle_quality(method, net, _samples([[0.0] * 5, [1.0, 0, 0, 0, 0]]), 6)
+    assert 0.0 <= mixed["pairs"]["mean_different_class"] <= 1.0
