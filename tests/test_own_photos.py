@@ -383,3 +383,31 @@ def test_analyze_affinity_on_negatives_alone() -> None:
     assert q["miou"]["cam_par"] == 1.0 and "no different-class pairs" in oracle_summary(q)
     mixed = oracle_quality(method, net, _samples([[0.0] * 5, [1.0, 0, 0, 0, 0]]), 6)
     assert 0.0 <= mixed["pairs"]["mean_different_class"] <= 1.0
+
+
+def test_predict_mixed_sizes_orientations_and_an_empty_photo(seg_release: dict, tmp_path: Path) -> None:
+    """Also-item of issue 21: a folder of photos of mixed sizes, one stored sideways with an EXIF
+    rotation and one of a flat wall (none of the classes), predicted in batches of 3: every mask and
+    overlay has the displayed size, and with the classifier gate (which passes nothing here) every
+    mask is background and every JSON says that no object is present."""
+    from wsss.predict_cmd import run_predict
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(photos / "wide.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 x 72 (h x w), shown rotated: 72 x 40
+    Image.fromarray(g.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(photos / "tall.jpg", exif=exif)
+    Image.fromarray(g.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(photos / "same.png")
+    Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8)).save(photos / "wall.png")
+    shown = {"wide": (48, 80), "tall": (72, 40), "same": (40, 72), "wall": (30, 50)}
+    for gate, out in ((False, tmp_path / "pred"), (True, tmp_path / "gated")):
+        assert run_predict(seg_release["release"], [photos], out, batch_size=3, gate=gate) == 0
+        for stem, size in shown.items():
+            mask = np.asarray(Image.open(out / f"{stem}.png"))
+            assert mask.shape == size and Image.open(out / f"{stem}_overlay.png").size == size[::-1], stem
+            info = json.loads((out / f"{stem}.json").read_text())
+            assert len(info["scores"]) == 5, stem
+            if gate:
+                assert int(mask.max()) == 0 and info["objects"] == [] and info["present"] == ["background"]
