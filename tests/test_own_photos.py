@@ -274,7 +274,7 @@ def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
         (data / "SegmentationClass" / f"{photo.stem}.png").read_bytes())
     few = run_calibrate(release, masks=str(masks), maps=["cam"], grid=grid, verbose=False)
     assert few["images"] == [photo.stem] and set(few["maps"]) == {"cam"}
-    with pytest.raises(ValueError, match="choose from cam, pseudo"):
+    with pytest.raises(ValueError, match="choose from cam, cam_par, pseudo"):
         run_calibrate(release, maps=["aff"], verbose=False)
 
 

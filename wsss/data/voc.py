@@ -130,6 +130,8 @@ def declared_classes(path: str | os.PathLike) -> tuple[tuple[str, ...], str] | N
     name a line). None without one; two that differ are a DataError naming both."""
     path = Path(path)
     found: list[tuple[tuple[str, ...], str]] = []
+    if path.suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
+        return None  # not a labels format: read_labels_file names the problem
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(read_text(path))
