@@ -317,7 +317,9 @@ def test_refinement_quality_oracle(aream_net, data_root):
         c = method.aream_cam(net, x, labels, method.layers, None, [1.0], affinity=lambda g: eye)
     finally:
         method.flip = bool(cfg.cam.flip)
-    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)
+    # float32 rounding only: a and b run the same ops on separately allocated tensors, and the CPU
+    # kernels' results depend on the memory alignment (up to ~2e-5 here on maps in [0, 1])
+    assert torch.allclose(a, b, atol=1e-4) and (a - c).abs().max() > 1e-2
 
 
 def test_square_resized_view(data_root):

@@ -278,3 +278,138 @@ def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
     assert few["images"] == [photo.stem] and set(few["maps"]) == {"cam"}
     with pytest.raises(ValueError, match="choose from cam, cam_par, pseudo"):
         run_calibrate(release, maps=["aff"], verbose=False)
+
+
+def _with_class_line(csv: Path, out: Path, classes: list[str]) -> Path:
+    """``csv`` with a first line ``#classes: a;b`` written to ``out``."""
+    out.write_text(f"#classes: {';'.join(classes)}\n" + csv.read_text())
+    return out
+
+
+def test_labels_file_carries_its_classes(tmp_path: Path) -> None:
+    """Problem 6: a labels CSV with names and a mask folder with indices needs no data.class_names when
+    the CSV's first line (``#classes:``, background implied) or a ``classes.txt`` beside it lists the
+    classes in the masks' order, ids-only rows included; a list that differs from data.class_names, or
+    the two lists that differ, are an error naming both."""
+    from wsss.data.folder import FolderDataset
+    from wsss.data.voc import read_labels_file
+
+    fs = folder_set(tmp_path)
+    names = fs["names"]
+    order = ["zebra", "cow", "yak", "ant", "dog"]  # mask index i is order[i - 1]; sorted, they would not be
+    rename = dict(zip(names[1:], order))
+    rows = fs["train"].read_text().splitlines()
+    cells = [(r.split(",")[0], [t for t in r.split(",")[1].split(";") if t]) for r in rows[1:]]
+    named = [f"{n},{';'.join(rename[t] for t in ts)}" for n, ts in cells]
+    ids = [f"{n},{';'.join(str(names.index(t)) for t in ts)}" for n, ts in cells]
+    csv = tmp_path / "named.csv"
+    csv.write_text(f"#classes: background;{';'.join(order)}\nname,labels\n" + "\n".join(named) + "\n")
+    (tmp_path / "ids").mkdir()
+    (tmp_path / "ids" / "labels.csv").write_text("name,labels\n" + "\n".join(ids) + "\n")
+    (tmp_path / "ids" / "classes.txt").write_text("\n".join(order) + "\n")
+    for f in (csv, tmp_path / "ids" / "labels.csv"):
+        ds = FolderDataset(fs["images"], f, mask_dir=fs["masks"])
+        assert list(ds.class_names) == ["background", *order]
+        for i in range(len(ds)):  # the image labels name the classes of the masks' indices
+            mask = ds[i]["mask"]
+            present = sorted(set(mask[mask != 255].tolist()) - {0})
+            assert [c + 1 for c in ds[i]["labels"].nonzero().flatten().tolist()] == present
+    with pytest.raises(DataError, match=r"named\.csv \(#classes: line\) lists the classes.*class_names"):
+        FolderDataset(fs["images"], csv, class_names=names[1:])
+    assert FolderDataset(fs["images"], csv, class_names=order).num_classes == 6
+    (tmp_path / "classes.txt").write_text("\n".join(sorted(order)) + "\n")
+    with pytest.raises(DataError, match=r"named\.csv \(#classes: line\) lists .* but .*classes\.txt lists"):
+        read_labels_file(csv, None)
+    bad = _with_class_line(fs["train"], tmp_path / "twice.csv", [*names[1:], names[1]])
+    with pytest.raises(DataError, match=r"twice\.csv.*more than once"):
+        FolderDataset(fs["images"], bad)
+
+
+def test_class_list_travels_to_runs_and_pseudo_labels(tmp_path: Path) -> None:
+    """Problem 6: a run trained from a labels CSV that carries its classes keeps the list (config.yaml,
+    the release's config.json), `wsss pseudo-labels` writes it as class_names.json before any label, and
+    a second stage reading those labels with other classes is an error naming both lists."""
+    from omegaconf import OmegaConf
+
+    from wsss.data.build import build_dataset
+    from wsss.infer_cmd import run_pseudo_labels
+
+    fs = folder_set(tmp_path)
+    names = fs["names"]
+    order = [names[i] for i in (3, 1, 5, 2, 4)]
+    _with_class_line(fs["train"], fs["train"], order)
+    _with_class_line(fs["val"], fs["val"], order)
+    over = folder_overrides(fs, tmp_path / "run", **{"data.class_names": "null", "data.num_classes": "null"})
+    train(load_config("cam_mit_tiny_synthetic", over))
+    run = tmp_path / "run"
+    assert list(OmegaConf.load(run / "config.yaml").data.class_names) == ["background", *order]
+    assert json.loads((run / "model" / "config.json").read_text())["class_names"] == ["background", *order]
+    pl = tmp_path / "pl"
+    run_pseudo_labels(None, run / "model", [], "train", pl, map_name="cam", max_images=2, verbose=False)
+    assert json.loads((pl / "class_names.json").read_text()) == ["background", *order]
+    (pl / "summary.json").unlink()  # as after an interrupted run: the list is there before any label
+    second = load_config("cam_mit_tiny_synthetic", over + [f"data.pseudo_dir={pl}", "eval.max_images=null"])
+    other = load_config("cam_mit_tiny_synthetic", over + [f"data.pseudo_dir={pl}",
+                                                          f"data.labels_file={fs['all']}",
+                                                          f"data.class_names=[{','.join(names[1:])}]"])
+    with pytest.raises(DataError, match=r"class_names\.json gives the pseudo labels 6 classes.*has 6"):
+        build_dataset(other.data, split="train", train=True)
+    with pytest.raises(DataError, match="pseudo-label PNGs missing"):  # same classes: on to the PNGs
+        build_dataset(second.data, split="train", train=True)
+
+
+def test_evaluate_sweep_names_calibrate(seg_release: dict, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """Problem 4: `wsss evaluate --sweep` (once AReAM's background sweep) and eval.sweep=true stop with
+    one line that names `wsss calibrate`, before any output is written."""
+    from wsss.cli import main
+
+    out = tmp_path / "e.json"
+    for extra in (["--sweep"], ["eval.sweep=true"]):
+        assert main(["evaluate", "--checkpoint", str(seg_release["release"]), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "wsss calibrate --checkpoint" in err and extra[0].split("=")[0] in err, err
+        assert not out.exists()
+
+
+def test_analyze_affinity_on_negatives_alone() -> None:
+    """Problem 1 in `wsss analyze`: on images without any object (batches of negatives alone) the
+    affinity check runs, and the mean affinity of different-class pairs, which do not exist there, is
+    None and said so, not a 0 that reads as a perfect separation."""
+    from wsss.analysis.affinity import oracle_quality
+    from wsss.analysis.analyze import oracle_summary
+
+    _, net, method = _tiny("afa_mit_tiny_synthetic")
+    q = oracle_quality(method, net, _samples([[0.0] * 5, [0.0] * 5]), 6)
+    assert q["pairs"]["mean_different_class"] is None and q["pairs"]["pairs"] > 0
+    assert q["miou"]["cam_par"] == 1.0 and "no different-class pairs" in oracle_summary(q)
+    mixed = oracle_quality(method, net, _samples([[0.0] * 5, [1.0, 0, 0, 0, 0]]), 6)
+    assert 0.0 <= mixed["pairs"]["mean_different_class"] <= 1.0
+
+
+def test_predict_mixed_sizes_orientations_and_an_empty_photo(seg_release: dict, tmp_path: Path) -> None:
+    """Also-item of issue 21: a folder of photos of mixed sizes, one stored sideways with an EXIF
+    rotation and one of a flat wall (none of the classes), predicted in batches of 3: every mask and
+    overlay has the displayed size, and with the classifier gate (which passes nothing here) every
+    mask is background and every JSON says that no object is present."""
+    from wsss.predict_cmd import run_predict
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(photos / "wide.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 x 72 (h x w), shown rotated: 72 x 40
+    Image.fromarray(g.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(photos / "tall.jpg", exif=exif)
+    Image.fromarray(g.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(photos / "same.png")
+    Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8)).save(photos / "wall.png")
+    shown = {"wide": (48, 80), "tall": (72, 40), "same": (40, 72), "wall": (30, 50)}
+    for gate, out in ((False, tmp_path / "pred"), (True, tmp_path / "gated")):
+        assert run_predict(seg_release["release"], [photos], out, batch_size=3, gate=gate) == 0
+        for stem, size in shown.items():
+            mask = np.asarray(Image.open(out / f"{stem}.png"))
+            assert mask.shape == size and Image.open(out / f"{stem}_overlay.png").size == size[::-1], stem
+            info = json.loads((out / f"{stem}.json").read_text())
+            assert len(info["scores"]) == 5, stem
+            if gate:
+                assert int(mask.max()) == 0 and info["objects"] == [] and info["present"] == ["background"]

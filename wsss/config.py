@@ -131,7 +131,7 @@ DEFAULTS: dict[str, Any] = {
         "presence_per_class": None,  # null or one threshold per foreground class
         "crf": False,
         "max_images": None,
-        "sweep": False,
+        "sweep": False,  # kept for old runs' configs; true is an error naming `wsss calibrate`
         "batch_size": 8,  # images of one size evaluated together
         "num_workers": 0,  # DataLoader workers reading the evaluation images
     },

@@ -4,7 +4,8 @@ of the inference layer (:mod:`wsss.engine.evaluate`) and the run loader (:mod:`w
 * evaluate: mIoU + per-class IoU of every label map (:func:`wsss.engine.evaluate.evaluate`), with the
   protocol (split, scales, flip, CRF, checkpoint, images, thresholds) stated in the JSON and the table.
 * pseudo-labels: one VOC-palette PNG per image (same stem as the image), resumable (readable PNGs are
-  skipped, each PNG is written atomically), optional stride-s float16 logits (``.npz``), a summary JSON.
+  skipped, each PNG is written atomically), optional stride-s float16 logits (``.npz``), a summary JSON,
+  and ``class_names.json`` (what the indices mean; a second stage's ``data.pseudo_dir`` checks it).
   The dataset's ground-truth image labels are used, as WSSS pseudo-label generation does.
 """
 
@@ -78,6 +79,11 @@ def _write_json(path: Path, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+SWEEP_MOVED = ("the background sweep of `wsss evaluate` is now `wsss calibrate --checkpoint {checkpoint} "
+               "[--split S]`: it sweeps every map's background score (and the pseudo label's high / low) on "
+               "the images with masks and keeps the best values in the run, which `wsss evaluate` then uses")
+
+
 def run_evaluate(
     config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
     split: str | None = None, out: str | os.PathLike | None = None, **opts: Any,
@@ -85,28 +91,32 @@ def run_evaluate(
     """Evaluate ``checkpoint`` on ``split`` with the protocol of its run's eval section (or of
     ``config``'s, when one is named; :func:`_setup`).
 
-    opts: scales (list), flip (bool), crf (bool), sweep (bool), max_images (int), device (str),
+    opts: scales (list), flip (bool), crf (bool), max_images (int), device (str),
     maps (the only names computed and kept), batch_size, num_workers (int), print_table (bool, default
-    True). None = the config's value.
+    True). None = the config's value. ``sweep`` (or ``eval.sweep: true``) is an error that names
+    ``wsss calibrate``, which replaced the background sweep (:data:`SWEEP_MOVED`).
     Writes the results to ``out`` (default ``<run>/eval_<split>.json``) and returns them.
     """
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import evaluate
 
+    if opts.get("sweep"):
+        raise ValueError(f"--sweep: {SWEEP_MOVED.format(checkpoint=checkpoint)}")
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, opts.get("device"))
     ev = cfg.eval
+    if ev.sweep:
+        raise ValueError(f"eval.sweep=true: {SWEEP_MOVED.format(checkpoint=checkpoint)}; set it false")
     split = str(split or ev.split)
     scales = [float(s) for s in (opts.get("scales") or ev.scales)]
     flip = bool(ev.flip if opts.get("flip") is None else opts["flip"])
     crf = bool(ev.crf if opts.get("crf") is None else opts["crf"])
-    sweep = bool(ev.sweep if opts.get("sweep") is None else opts["sweep"])
     max_images = opts.get("max_images") if opts.get("max_images") is not None else ev.max_images
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
     t0 = time.time()
     loading = loading_options(ev, opts.get("batch_size"), opts.get("num_workers"))
     res = evaluate(method, net, dataset, int(dataset.num_classes), dev, scales=scales, flip=flip,
-                   max_images=max_images, crf=crf, sweep=sweep, maps=opts.get("maps") or None, **loading)
+                   max_images=max_images, crf=crf, maps=opts.get("maps") or None, **loading)
     keep = opts.get("maps")
     if keep:
         res = {k: v for k, v in res.items() if k.startswith("_") or k in keep}
@@ -124,9 +134,6 @@ def run_evaluate(
         "images_per_s": res["_protocol"]["images"] / max(time.time() - t0, 1e-9), **loading,
         "calibration": calibration_note(checkpoint),
     })
-    if sweep:
-        res["_protocol"]["sweep"] = {"protocol": "aream", "thresholds": res["_sweep"]["thresholds"],
-                                     "best_threshold": res["_sweep"]["best_threshold"]}
     out_path = Path(out) if out is not None else run_dir_of(checkpoint) / f"eval_{split}.json"
     _write_json(out_path, res)
     if opts.get("print_table", True):
@@ -147,13 +154,6 @@ def format_results(res: dict[str, Any], class_names: Sequence[str]) -> str:
         f"CAM background score: {p.get('bkg_score')}  affinity background score: {p.get('aff_bkg_score')}  "
         f"image labels: ground truth  IoU: {p.get('iou')}",
     ]
-    if "_sweep" in res:
-        s = res["_sweep"]
-        t = s["thresholds"]
-        lines.append(
-            f"background-threshold sweep on the refined CAM ({len(t)} thresholds {t[0]:.2f}..{t[-1]:.2f}, "
-            f"AReAM protocol): best threshold {s['best_threshold']:.2f}, mIoU {100 * s['best_miou']:.2f}"
-        )
     lines += ["", miou_table(res)]
     maps = [k for k in res if not k.startswith("_")]
     if maps:
@@ -273,7 +273,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     coverage, and counted as wrong (``summary["scores"]``).
     """
     from wsss.config import to_dict
-    from wsss.data.build import build_dataset
+    from wsss.data.build import PSEUDO_CLASSES_FILE, build_dataset
     from wsss.engine.evaluate import num_images, same_size_batches
 
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
@@ -295,6 +295,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
                 "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
                 "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
     claim_out_dir(out_dir, manifest, overwrite)
+    _write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
     n = num_images(dataset, max_images)
     written, counts = 0, np.zeros(256, dtype=np.int64)
     scorer = LabelScorer(int(dataset.num_classes))
@@ -444,7 +445,8 @@ def add_parsers(sub: Any) -> None:
     add_checkpoint_args(p)
     p.add_argument("--split", default=None, help="default: the config's eval.split")
     p.add_argument("--crf", action="store_true", help="dense CRF on the segmentation map (AFA test preset)")
-    p.add_argument("--sweep", action="store_true", help="AReAM background-threshold sweep on the refined CAM")
+    p.add_argument("--sweep", action="store_true",
+                   help="replaced by `wsss calibrate` (an error that says how to call it)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--maps", nargs="+", default=None,
                    help="compute and report only these maps (default: all)")

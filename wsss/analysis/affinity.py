@@ -69,7 +69,8 @@ def oracle_quality(
             "mean_same_class": float(sums[0] / sums[1].clamp(min=1)),
             # the same-class pairs of object tokens alone (most same-class pairs are background)
             "mean_same_class_foreground": float(sums[6] / sums[7]) if sums[7] > 0 else None,
-            "mean_different_class": float(sums[2] / sums[3].clamp(min=1)),
+            # None without such pairs (negatives alone), not a 0 that reads as a perfect separation
+            "mean_different_class": float(sums[2] / sums[3]) if sums[3] > 0 else None,
             "accuracy": float(sums[4] / sums[5].clamp(min=1)),
             "pairs": int(sums[5]),
         }

@@ -154,8 +154,9 @@ def oracle_summary(q: dict[str, Any]) -> str:
         p = q["pairs"]
         fg = p.get("mean_same_class_foreground")
         fg = "" if fg is None else f" ({fg:.3f} on those of object tokens)"
-        return (f"learned affinity: mean {p['mean_same_class']:.3f} on same-class pairs{fg}, "
-                f"{p['mean_different_class']:.3f} on different-class pairs, "
+        diff = p["mean_different_class"]
+        diff = "no different-class pairs" if diff is None else f"{diff:.3f} on different-class pairs"
+        return (f"learned affinity: mean {p['mean_same_class']:.3f} on same-class pairs{fg}, {diff}, "
                 f"accuracy {100 * p['accuracy']:.1f}%\nmIoU with PAR: CAM {m['cam_par']}, "
                 f"propagated with the learned affinity {m['learned_par']}, "
                 f"with the ground-truth affinity {m['oracle_par']}")

@@ -30,6 +30,8 @@ from .randaugment import build_rand_augment
 from .transforms import EvalTransform, TrainTransform
 from .voc import SegmentationDataset, VOCDataset, _missing_error, list_stems
 
+PSEUDO_CLASSES_FILE = "class_names.json"  # in a pseudo-label folder: its classes, background first
+
 SYNTHETIC_CLASSES = 6  # the built-in set: background + 5 classes (when data.num_classes is not pinned)
 _DEFAULT_SPLITS = {"voc": {"train": "train_aug", "val": "val"}, "coco": {"train": "train", "val": "val"}}
 
@@ -141,18 +143,17 @@ def _holdout(cfg_data: Any, split: str) -> tuple[str, float, int] | None:
 def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> SegmentationDataset:
     """Second stage: read each image's mask from ``<pseudo_dir>/<name>.png`` (255 = ignore), in place.
 
-    Every image must have its PNG (the missing ones are listed); a ``summary.json`` written by
-    ``wsss pseudo-labels`` must name the dataset's classes. The image-level labels stay the dataset's.
-    """
+    Every image must have its PNG (the missing ones are listed); the class list that ``wsss
+    pseudo-labels`` writes there (``class_names.json``, before any label; ``summary.json`` at the end)
+    must be the dataset's, else the PNGs' indices would mean other classes. The image-level labels stay
+    the dataset's."""
     folder = Path(pseudo_dir)
     if not folder.is_dir():
         raise DataError(f"data.pseudo_dir: pseudo-label folder not found: {folder}")
-    summary = folder / "summary.json"
-    if summary.is_file():
-        names = json.loads(summary.read_text()).get("class_names")
-        if names and list(names) != list(dataset.class_names):
-            raise DataError(f"{summary}: pseudo labels of {len(names)} classes {names[:4]}... but the "
-                            f"dataset has {dataset.num_classes} {list(dataset.class_names)[:4]}...")
+    for path in (folder / PSEUDO_CLASSES_FILE, folder / "summary.json"):
+        if path.is_file():
+            _check_pseudo_classes(path, list(dataset.class_names))
+            break
     pngs = list_stems(folder, (".png",))
     missing = [n for n in dataset.names if n not in pngs]
     if missing:
@@ -160,6 +161,20 @@ def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> S
     dataset.mask_paths = {n: pngs[n] for n in dataset.names}
     dataset.pseudo_dir = folder
     return dataset
+
+
+def _check_pseudo_classes(path: Path, classes: list[str]) -> None:
+    """A DataError naming ``path`` and both class lists when the pseudo labels' classes (a JSON list, or
+    a summary's ``"class_names"``) are not ``classes`` (background first)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.pseudo_dir: cannot read {path}: {err}") from err
+    names = data.get("class_names") if isinstance(data, dict) else data
+    if names and [str(n).lower() for n in names] != [c.lower() for c in classes]:
+        raise DataError(f"data.pseudo_dir: {path} gives the pseudo labels {len(names)} classes {list(names)} "
+                        f"but the dataset has {len(classes)}: {classes}; make the second stage's data "
+                        f"(data.class_names, the labels file's class list) match the first stage's")
 
 
 def collate(batch: Sequence[dict]) -> dict:

@@ -7,15 +7,17 @@
 
 CSV rows (comma- or tab-separated) give class names or ids (1..K) separated by ``;`` (or spaces); the
 class list comes from ``class_names`` (then a name outside it is an error naming the file and line)
-or, for JSON, the file's ``"classes"``; for a CSV with names only and no ``class_names``, the sorted
-set of names in the file (give ``class_names`` to catch typos). Masks (optional, PNG with the same stem)
+or from the labels file: JSON ``"classes"``, a CSV's first line ``#classes: cow;dog``, or a
+``classes.txt`` beside the file (one name a line); background is implied when not listed first, as in
+``data.class_names``, and a file's list that differs from ``class_names`` is an error naming both. For
+a CSV with names only and no list, the sorted set of names in the file (give a list to catch typos,
+and always with masks: their indices follow the list). Masks (optional, PNG with the same stem)
 are used for evaluation only. ``val_fraction`` holds a fixed part of the file out: a seeded split
 (:func:`split_names`) whose ``"val"`` part is the evaluation set and whose ``"train"`` part the rest.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,22 +29,20 @@ from .voc import (
     SegmentationDataset,
     Transform,
     build_from_dirs,
+    declared_classes,
     read_csv_labels,
     read_labels_file,
-    read_text,
     with_background,
 )
 
 
 def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:
-    """Class names from the labels file alone: JSON "classes", or the sorted names used in a CSV."""
+    """Class names from the labels file alone: the list it carries (:func:`declared_classes`), else the
+    sorted names used in a CSV (their order matches no mask's indices: give a list for masks)."""
+    declared = declared_classes(labels_file)
+    if declared is not None:
+        return declared[0]
     if labels_file.suffix.lower() == ".json":
-        try:
-            data = json.loads(read_text(labels_file))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"cannot parse labels file {labels_file}: {err}") from err
-        if isinstance(data, dict) and data.get("classes"):
-            return with_background(data["classes"])
         return None
     names = {t for _, _, tokens in read_csv_labels(labels_file) for t in tokens if not t.isdigit()}
     return with_background(sorted(names)) if names else None

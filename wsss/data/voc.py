@@ -93,13 +93,71 @@ def read_text(path: Path) -> str:
 
 
 _HEADER_NAMES = ("name", "image", "filename", "file")
+CLASSES_LINE = "#classes:"
+CLASSES_FILE = "classes.txt"
+
+
+def _class_list(names: Sequence[str], where: str) -> tuple[str, ...]:
+    """A declared class list with "background" first (implied when absent, as for ``data.class_names``);
+    an empty list, a name twice or "background" elsewhere than first is a DataError naming ``where``."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise DataError(f"{where}: the class list is empty")
+    full = with_background(names)
+    lower = [n.lower() for n in full]
+    twice = sorted({n for n in lower if lower.count(n) > 1})
+    if twice:
+        raise DataError(f"{where}: the class list names {', '.join(map(repr, twice))} more than once "
+                        f"(background, when given, must come first)")
+    return full
+
+
+def _classes_line(text: str) -> tuple[str, str | None]:
+    """(the CSV text with its ``#classes:`` line blanked, so that line numbers stay, that line's list or
+    None): the line must be the first non-empty one; names separated by ``;``, ``,`` or ``|``."""
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+    if first is None or not lines[first].strip().lower().startswith(CLASSES_LINE):
+        return text, None
+    listed = lines[first].strip()[len(CLASSES_LINE):]
+    lines[first] = "\n"
+    return "".join(lines), listed.replace(",", ";").replace("|", ";")
+
+
+def declared_classes(path: str | os.PathLike) -> tuple[tuple[str, ...], str] | None:
+    """The class list that a labels file carries, background first, and where it was found: a JSON's
+    ``"classes"``, a CSV's first line ``#classes: cow;dog`` or a ``classes.txt`` beside the file (one
+    name a line). None without one; two that differ are a DataError naming both."""
+    path = Path(path)
+    found: list[tuple[tuple[str, ...], str]] = []
+    if path.suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
+        return None  # not a labels format: read_labels_file names the problem
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(read_text(path))
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"cannot parse labels file {path}: {err}") from err
+        if isinstance(data, Mapping) and isinstance(data.get("labels"), Mapping) and data.get("classes"):
+            found.append((_class_list(list(map(str, data["classes"])), f"{path}"), f'{path} ("classes")'))
+    elif path.is_file():
+        listed = _classes_line(read_text(path))[1]
+        if listed is not None:
+            where = f"{path} ({CLASSES_LINE} line)"
+            found.append((_class_list(listed.split(";"), where), where))
+    beside = path.parent / CLASSES_FILE
+    if beside.is_file() and beside.resolve() != path.resolve():
+        found.append((_class_list(read_text(beside).splitlines(), str(beside)), str(beside)))
+    if len(found) == 2 and [c.lower() for c in found[0][0]] != [c.lower() for c in found[1][0]]:
+        raise DataError(f"{found[0][1]} lists the classes {list(found[0][0][1:])} but {found[1][1]} lists "
+                        f"{list(found[1][0][1:])}: make them agree or drop one")
+    return found[0] if found else None
 
 
 def read_csv_labels(path: Path) -> list[tuple[int, str, list[str]]]:
     """Rows ``(line, image name without extension, label tokens)`` of a labels CSV: comma- or
     tab-separated, labels split on ``;``, ``|`` or spaces, an optional header. A row without a labels
     column, an empty name, a name listed twice or an unterminated quote is a DataError naming the line."""
-    text = read_text(path)
+    text = _classes_line(read_text(path))[0]
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     delimiter = "\t" if "\t" in first and "," not in first else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
@@ -166,8 +224,11 @@ def read_labels_file(path: str | os.PathLike, class_names: Sequence[str] | None)
     """Read image-level labels from ``.json`` or ``.csv``.
 
     JSON: ``{name: [ids or names]}`` or ``{"classes": [...], "labels": {name: [...]}}``.
-    CSV: a header ``name,labels`` then rows ``img001,cat;dog`` (ids or names, ``;`` or space separated).
-    Returns ``({name: [foreground ids]}, class names from the file or None)``."""
+    CSV: an optional first line ``#classes: cow;dog``, a header ``name,labels`` then rows
+    ``img001,cat;dog`` (ids or names, ``;`` or space separated). A ``classes.txt`` beside the file
+    (one name a line) gives the class list too (:func:`declared_classes`; background is implied).
+    Returns ``({name: [foreground ids]}, class names from the file or None)``; a file's class list
+    that differs from ``class_names`` is a DataError naming both."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"labels file not found: {path}")
@@ -177,13 +238,13 @@ def read_labels_file(path: str | os.PathLike, class_names: Sequence[str] | None)
             f"{path}: .npy label dicts are pickles (np.load needs allow_pickle=True, which can run code); "
             "convert it once with wsss.data.voc.convert_cls_labels_npy(path, out_json) and pass the JSON"
         )
-    file_classes = None
+    declared = declared_classes(path)
+    file_classes = declared[0] if declared else None
     lines: dict[str, int] = {}
     try:
         if suffix == ".json":
             data = json.loads(read_text(path))
             if isinstance(data, Mapping) and "labels" in data and isinstance(data["labels"], Mapping):
-                file_classes = with_background(data["classes"]) if data.get("classes") else None
                 data = data["labels"]
             raw = {str(k): (v if isinstance(v, list) else [v]) for k, v in data.items()}
         elif suffix in (".csv", ".tsv", ".txt"):
@@ -194,9 +255,9 @@ def read_labels_file(path: str | os.PathLike, class_names: Sequence[str] | None)
             raise DataError(f"labels file {path}: unsupported format {suffix!r} (use .json, .csv or .tsv)")
     except (json.JSONDecodeError, AttributeError, TypeError) as err:
         raise DataError(f"cannot parse labels file {path}: {err}") from err
-    if file_classes is not None and class_names is not None and [c.lower() for c in file_classes] != [
+    if declared and class_names is not None and [c.lower() for c in declared[0]] != [
             c.lower() for c in with_background(class_names)]:
-        raise DataError(f"labels file {path} lists the classes {list(file_classes[1:])} but data.class_names "
+        raise DataError(f"{declared[1]} lists the classes {list(declared[0][1:])} but data.class_names "
                         f"is {list(with_background(class_names)[1:])}: make them agree or drop one")
     names = file_classes or class_names
     if names is None:
@@ -461,6 +522,8 @@ class VOCDataset(SegmentationDataset):
         mdir = None if mask_dir is None else root / mask_dir
         if explicit and not mdir.is_dir():
             raise DataError(f"mask directory not found: {mdir}")
+        if class_names is None and labels_file is not None and Path(labels_file).is_file():
+            class_names = (declared_classes(labels_file) or (None,))[0]  # the labels file's own list
         cache = None
         if mask_dir is not None:
             cache = writable_cache(root / f"cls_labels_{str(mask_dir).replace('/', '_')}.json", cache_dir)
