@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -50,7 +51,15 @@ def fused_dtype(x: Tensor) -> torch.dtype | None:
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if x.dtype not in (torch.float32, torch.bfloat16) or dtype not in (torch.float32, torch.bfloat16):
         return None
+    if torch.bfloat16 in (x.dtype, dtype) and not _onednn_bf16():
+        return None  # oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: plain ops then
     return dtype
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 kernels (fixed for the process)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def linear(x: Tensor, layer: nn.Linear, act: str = "none") -> Tensor:
