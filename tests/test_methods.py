@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from wsss.config import load_config
@@ -170,3 +171,17 @@ def test_afa_head_leaves_the_class_tokens_out() -> None:
     ref = torch.sigmoid(torch.nn.functional.conv2d(s + s.transpose(-1, -2), head.proj.weight,
                                                    head.proj.bias)[:, 0])
     torch.testing.assert_close(got, ref[:, 3:, 3:])
+
+
+def test_afa_rules_give_the_affinity_head_its_own_multiplier() -> None:
+    from wsss.methods.afa import afa_rules
+    from wsss.param_rules import build_param_groups
+
+    cfg = load_config("afa_mit_tiny_synthetic")
+    net = build_network(cfg, 5)
+    groups = {g["name"]: g for g in build_param_groups(net, afa_rules(aff_head_mult=100.0), 1e-4, 0.01)}
+    assert groups["aff_head"]["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in groups["aff_head"]["params"]} == {id(p) for p in net.aff_head.parameters()}
+    assert groups["heads"]["lr"] == pytest.approx(1e-3)  # classifier and seg head keep head_mult
+    official = {g["name"] for g in build_param_groups(net, afa_rules(), 1e-4, 0.01)}
+    assert "aff_head" not in official
