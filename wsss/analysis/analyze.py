@@ -1,10 +1,12 @@
-"""``wsss analyze``: layer-wise attention analyses of a trained model (``aream.md`` 15, AFA project page).
+"""``wsss analyze``: layer-wise attention analyses of a trained model (``docs/methods/aream.md`` 15, AFA
+project page).
 
 One dataset pass (eval mode, single scale, original size padded to 16) gives, per analysed layer l:
 
 - the Hellinger distance between patch query rows of the head-mean softmax attention (AReAM eq. 6,
   fig. 4b): the mean over pairs per image, then mean / median / IQR over images (and per head);
-- the entropy e_l of the CAM refined by that layer alone (``aream.md`` 6.2 construction, base 2), mean
+- the entropy e_l of the CAM refined by that layer alone (``docs/methods/aream.md`` 6.2 construction,
+  base 2), mean
   over images: the vector ``aream.weighting=entropy_offline`` needs;
 - the mIoU (best background threshold of a vectorised sweep) of the raw CAM, of the CAM refined by each
   single layer and by the mean of all analysed layers (AReAM fig. 2b / 10);
@@ -117,7 +119,7 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
             raise ValueError(f"--entropy needs all {bb.num_layers} layers analysed ({res.layers_note})")
         vec = [float(v) for v in data["entropy"]["mean"]]
         (out / "aream_entropy.yaml").write_text(
-            "# wsss analyze --entropy: offline mean layer entropies (aream.md 6.2)\n"
+            "# wsss analyze --entropy: offline mean layer entropies (docs/methods/aream.md 6.2)\n"
             "aream:\n  weighting: entropy_offline\n  entropy: [" + ", ".join(f"{v:.6g}" for v in vec) + "]\n"
         )
         data["entropy"]["override"] = entropy_override(vec)

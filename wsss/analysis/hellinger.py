@@ -1,4 +1,4 @@
-"""Layer-wise Hellinger distance between attention rows (AReAM paper eq. 6, ``aream.md`` 15.1).
+"""Layer-wise Hellinger distance between attention rows (AReAM paper eq. 6, ``docs/methods/aream.md`` 15.1).
 
 H(i, j) = (1 / sqrt 2) * || sqrt(a_i) - sqrt(a_j) ||_2 for the attention distributions a_i, a_j of two
 query tokens. Expanding the square, H^2 = 0.5 (r_i + r_j) - BC_ij with r_i = sum_k a_ik and the

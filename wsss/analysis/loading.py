@@ -52,7 +52,8 @@ def iter_batches(dataset: Any, max_images: int | None, batch_size: int) -> Itera
 
 class SquareResized:
     """A dataset view whose images are resized to ``size`` x ``size`` (bicubic, antialiased; masks
-    nearest), aspect ratio distorted: the official offline-entropy pass (``aream.md`` 6.2: 224 for
+    nearest), aspect ratio distorted: the official offline-entropy pass (``docs/methods/aream.md`` 6.2:
+    224 for
     MCTformer, 384 for Conformer). Other attributes come from the wrapped dataset."""
 
     def __init__(self, dataset: Any, size: int) -> None:

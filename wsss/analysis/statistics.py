@@ -23,7 +23,7 @@ from wsss.model import WSSSNet
 from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches, upcast
 from wsss.ops.cam import normalize_cam
 
-NORM_EPS = 1e-6  # AReAM inference min-max epsilon (aream.md 5.2)
+NORM_EPS = 1e-6  # AReAM inference min-max epsilon (docs/methods/aream.md 5.2)
 # The mIoU rules (wsss.engine.metrics protocols), as the printed output names them.
 IOU_RULES = {
     "aream": "AReAM rule: mean over all classes, a class absent from the ground truth counts as 0",
@@ -61,7 +61,8 @@ class LayerStats:
 
     cam: (B, K, h, w) CAM that is refined (MCTformer: ReLU CAM x class attention when used);
     refined: (L, B, K, h, w) CAM refined by each layer alone; hellinger: (L, B); hellinger_heads:
-    (L, B, heads); entropy: (L, B) base-2 entropy (``aream.md`` 6.2); col_mass: (L, B, Np) column sums
+    (L, B, heads); entropy: (L, B) base-2 entropy (``docs/methods/aream.md`` 6.2); col_mass: (L, B, Np)
+    column sums
     of the patch affinity over patch queries; example: (L, Np, Np) patch affinities of image 0 or None;
     example_heads: (L, heads, Np, Np) the same per head (their mean is ``example``) or None.
     """
@@ -102,7 +103,7 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
     )
     raw = first.cam.float()
     lab = labels.to(raw)
-    # Entropy CAM (aream.md 6.2): ReLU CAM for MCTformer (class tokens), the raw CAM otherwise.
+    # Entropy CAM (docs/methods/aream.md 6.2): ReLU CAM for MCTformer (class tokens), the raw CAM otherwise.
     ent_cam = raw.relu() if t > 1 else raw
     cam = raw
     if class_attention:
@@ -145,7 +146,8 @@ def layer_statistics(net: WSSSNet, x: Tensor, labels: Tensor, layers: Sequence[i
 
 def entropy_eps(net: WSSSNet) -> float:
     """The epsilon inside log2(p + eps) of the official offline entropy script of the net's family
-    (``aream.md`` 6.2): 1e-6 for Conformer (``ent_voc_conformer.py``), none for MCTformer / the others."""
+    (``docs/methods/aream.md`` 6.2): 1e-6 for Conformer (``ent_voc_conformer.py``), none for MCTformer /
+    the others."""
     from wsss.backbones.conformer import Conformer
 
     return 1e-6 if isinstance(net.backbone, Conformer) else 0.0
@@ -168,7 +170,7 @@ def normalize_variants(cams: Tensor, padded: tuple[int, int], size: tuple[int, i
     """AReAM inference post-processing of V CAM variants (V, B, K, h, w) -> (V, B, K, H, W) in [0, 1].
 
     Bilinear to the padded size, crop to ``size``, ReLU, per-class min-max (eps 1e-6), keep the
-    labelled classes (``aream.md`` 5.2).
+    labelled classes (``docs/methods/aream.md`` 5.2).
     """
     v, b, k, h, w = cams.shape
     up = resize(cams.reshape(v * b, k, h, w).float(), padded)[..., : size[0], : size[1]]

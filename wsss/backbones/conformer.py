@@ -1,6 +1,6 @@
 """Conformer (Peng et al., ICCV 2021): a ResNet-like CNN branch and a ViT branch coupled by FCUs.
 
-Layout for an input (B, 3, H, W), H and W multiples of 16 (Conformer-S numbers; see aream.md §3):
+Layout for an input (B, 3, H, W), H and W multiples of 16 (Conformer-S numbers; see docs/methods/aream.md §3):
 
 * stem: conv 7x7 s2 (64) -> BN -> ReLU -> maxpool 3x3 s2, giving ``x_base`` (B, 64, H/4, W/4);
 * stage 1: ``conv_1`` bottleneck 64 -> 256 at H/4; ``trans_patch_conv`` (k = s = 4) turns ``x_base`` into

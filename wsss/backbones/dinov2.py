@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from wsss.backbones.vit import VisionTransformer, adapt_prefix
-from wsss.checkpoint import CheckpointError, cache_dir, read_state_dict, resolve_weights
+from wsss.checkpoint import CheckpointError, cache_dir, load_into
 from wsss.checkpoint import load_pretrained as load_weights
 from wsss.registry import BACKBONES, named_builder, register_detector
 
@@ -227,8 +227,6 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike) -> Vision
     if str(path) == "imgfocus":
         path = imgfocus_weights()
     elif str(path).endswith(".onnx"):
-        from wsss.checkpoint import load_into
-
         load_into(model, checkpoint_filter_fn(onnx_state_dict(path), model), source=str(path))
         return model
     return load_weights(model, path, checkpoint_filter_fn)
@@ -316,11 +314,4 @@ def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | 
     if tokens > 1:
         return f"mctformer_v2_dinov2_{size}", {"num_classes": tokens, **kw}
     return f"dinov2_{size}", kw
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A DINOv2 state dict in official names from any supported file (``.onnx`` included)."""
-    if str(path).endswith(".onnx"):
-        return to_official(onnx_state_dict(path))
-    return to_official(read_state_dict(resolve_weights(path)))
 

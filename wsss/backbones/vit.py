@@ -121,10 +121,6 @@ class VisionTransformer(Backbone):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_vit_weights)  # the patch conv keeps PyTorch's default init, as in timm/DeiT
-        if init_values is not None:  # init_vit_weights leaves LayerScale alone; restate for clarity
-            for blk in self.blocks:
-                nn.init.constant_(blk.ls1.gamma, init_values)
-                nn.init.constant_(blk.ls2.gamma, init_values)
         self.freeze_blocks = freeze_blocks
         self.train_prefix = train_prefix
         if freeze_blocks:

@@ -1,6 +1,6 @@
 """Datasets and loaders from a config section, with reproducible, per-rank, per-sample seeding.
 
-Seeding (fixes afa.md 14 item 14, where every rank and worker repeated the same ``np.random``
+Seeding (fixes docs/methods/afa.md 14 item 14, where every rank and worker repeated the same ``np.random``
 crop offsets): the loader's sampler yields ``(index, seed)`` pairs, the seed drawn from a torch
 Generator seeded by ``(seed, rank, epoch)``; the dataset builds a fresh numpy Generator from it for
 that sample. The augmentation of a sample therefore depends only on (seed, rank, epoch, position),

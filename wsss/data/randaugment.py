@@ -1,5 +1,5 @@
 """RandAugment and random erasing of the timm ImageNet recipe that MCTformer (and so AReAM's
-MCTformer setting) trains with (``aream.md`` 8): ``rand-m9-mstd0.5-inc1`` and RandomErasing
+MCTformer setting) trains with (``docs/methods/aream.md`` 8): ``rand-m9-mstd0.5-inc1`` and RandomErasing
 (p = 0.25, pixel mode, one box), written natively on PIL / numpy with an explicit generator.
 
 RandAugment (timm ``RandAugment`` with the "increasing" op set): ``n`` ops drawn uniformly with

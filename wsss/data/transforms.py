@@ -2,7 +2,7 @@
 
 These run in DataLoader workers before tensor conversion, so numpy/PIL are used here (never in
 training code). Randomness comes only from an explicit ``numpy.random.Generator`` argument: the
-same generator state reproduces the same augmentation (no global RNG; fixes afa.md 14 item 14).
+same generator state reproduces the same augmentation (no global RNG; fixes docs/methods/afa.md 14 item 14).
 
 Recipes (:class:`TrainTransform`):
 
@@ -166,7 +166,8 @@ def random_crop(
     cat_max_ratio: float | None = None,
     max_tries: int = 10,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Pad to at least S x S at a random offset, then crop a random S x S window (afa.md 9 step 4).
+    """Pad to at least S x S at a random offset, then crop a random S x S window (docs/methods/afa.md 9
+    step 4).
 
     ``cat_max_ratio`` (off by default, as in AFA training): re-draw the window up to ``max_tries``
     times until it holds more than one labelled class and no class covers more than this fraction

@@ -76,7 +76,7 @@ class _GroupScheduler(LRScheduler):
 
 
 class PolyWarmupLR(_GroupScheduler):
-    """AFA ``PolyWarmupAdamW`` schedule, per step (afa.md 9).
+    """AFA ``PolyWarmupAdamW`` schedule, per step (docs/methods/afa.md 9).
 
     t < warmup_iters: ``1 - (1 - t / warmup_iters) * (1 - warmup_ratio)``;
     t >= warmup_iters: ``(1 - t / max_iters) ** power`` — NOT re-based (official: the multiplier drops

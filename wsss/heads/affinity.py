@@ -1,4 +1,4 @@
-"""AFA affinity head (``afa.md`` 2): learned affinity from the attention of the last blocks."""
+"""AFA affinity head (``docs/methods/afa.md`` 2): learned affinity from the attention of the last blocks."""
 
 from __future__ import annotations
 

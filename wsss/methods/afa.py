@@ -273,7 +273,7 @@ class AFAMethod(Method):
 @PARAM_RULES.register("afa")
 def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
               head_mult: float = 10.0, aff_head_mult: float | None = None) -> list[ParamRule]:
-    """AFA ``WeTr.get_param_groups`` (afa.md 9).
+    """AFA ``WeTr.get_param_groups`` (docs/methods/afa.md 9).
 
     Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
     the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no

@@ -1,7 +1,7 @@
 """AReAM attention maths: layer affinities, refinement, entropy-based layer weights, affinity loss.
 
 Inputs are the backbone's **scaled** pre-softmax logits (B, heads, N, N) with the T prefix (class)
-tokens first, N = T + Np (``aream.md`` 4). Layers are 0-based; with a split index k the "shallow"
+tokens first, N = T + Np (``docs/methods/aream.md`` 4). Layers are 0-based; with a split index k the "shallow"
 layers [0, k) are fused into the pseudo-label affinity and the "deep" layers [k, L) are supervised.
 """
 
@@ -66,7 +66,7 @@ def layer_logit_mean(logits: Tensor, num_prefix: int) -> Tensor:
 def class_token_attention(
     probs: Sequence[Tensor] | Tensor, num_classes: int, grid: tuple[int, int]
 ) -> Tensor:
-    """MCTformer class-to-patch attention (``aream.md`` 4).
+    """MCTformer class-to-patch attention (``docs/methods/aream.md`` 4).
 
     probs: per-layer head-mean softmax maps over all tokens, a list of L (B, N, N) or (L, B, N, N)
     (see :func:`attention_probs`), the K class tokens first. Returns the mean over the given layers of
@@ -78,7 +78,7 @@ def class_token_attention(
 
 
 def refine_by_affinity(cam: Tensor, aff: Tensor, transpose: bool = False) -> Tensor:
-    """Affinity refinement R(i) = sum_j A[i, j] M(j) (``aream.md`` 5).
+    """Affinity refinement R(i) = sum_j A[i, j] M(j) (``docs/methods/aream.md`` 5).
 
     cam: (B, K, h, w); aff: (B, Np, Np) with Np = h*w, row = query. ``transpose=True`` uses A^T
     (TransCAM's ``attnagg`` variant, not AReAM). Returns (B, K, h, w).
@@ -132,7 +132,7 @@ def layer_entropy(
     base: float = 2.0,
     eps: float = 0.0,
 ) -> Tensor:
-    """Per-layer, per-image entropy of the refined CAM (official offline pass, ``aream.md`` 6.2).
+    """Per-layer, per-image entropy of the refined CAM (official offline pass, ``docs/methods/aream.md`` 6.2).
 
     cam: (B, K, h, w) CAM (official: MCTformer ReLU conv CAM, Conformer raw CAM; not normalised);
     affs: L patch affinities (L, B, Np, Np) (or a list); labels: (B, K) multi-hot, the CAM is restricted
@@ -202,7 +202,7 @@ def online_entropy_weights(
 ) -> Tensor:
     """Paper-style (eq. 7-8) per-image layer weights from the current model: -> (B, L) in [0, 1].
 
-    An **interpretation** (``aream.md`` 6.1, 6.4), not the official behaviour: the detached CAM
+    An **interpretation** (``docs/methods/aream.md`` 6.1, 6.4), not the official behaviour: the detached CAM
     (min-max normalised when ``normalized_cam``, as the paper's M-hat) is refined by every layer,
     :func:`layer_entropy` gives e (L, B), and the entropies are min-max normalised across layers per
     image (:func:`entropy_weights`). Use ``1 - w`` of the shallow layers for fusion and ``w`` of the deep
@@ -224,7 +224,7 @@ def aream_affinity_loss(
     weights: Tensor | None = None,
     reduction: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
-    """AReAM affinity loss over the supervised (deep) layers (``aream.md`` 8.2).
+    """AReAM affinity loss over the supervised (deep) layers (``docs/methods/aream.md`` 8.2).
 
     logit_means: per-layer head-mean logits (B, Np, Np) (:func:`layer_logit_mean`), a list or a dict
     layer -> tensor (taken in increasing layer order); target: (B, Np, Np) in {0, 1, 255};

@@ -4,9 +4,11 @@ Both methods build their pseudo-label CAM the same way: run the network on every
 concatenated with its horizontal flip, bring each raw CAM to the input size, fuse, and min-max
 normalise per image and class. They differ only in how the maps are fused:
 
-- AFA (``afa.md`` 3): element-wise **max** of a map and its un-flipped twin, ReLU on that, **sum** over
+- AFA (``docs/methods/afa.md`` 3): element-wise **max** of a map and its un-flipped twin, ReLU on that,
+  **sum** over
   scales, normalise with eps 1e-5 (:data:`AFA_FUSE`).
-- AReAM (``aream.md`` 5.1): every map (flipped ones too) is simply **summed**, ReLU **after** the sum,
+- AReAM (``docs/methods/aream.md`` 5.1): every map (flipped ones too) is simply **summed**, ReLU
+  **after** the sum,
   normalise with eps 1e-6 (:data:`AREAM_FUSE`).
 """
 

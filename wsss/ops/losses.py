@@ -1,10 +1,12 @@
 """Losses shared by AFA and AReAM.
 
-- :func:`multilabel_soft_margin`: image-level classification loss (``afa.md`` 3).
-- :func:`seg_loss_bg_fg`: the balanced background / foreground cross-entropy (``afa.md`` 8), NaN-safe.
-- :func:`affinity_loss` / :func:`affinity_loss_logits`: the 0.5 / +1 affinity loss (``afa.md`` 2,
-  ``aream.md`` 8.1).
-- :func:`energy_loss`: the regularised (dense CRF energy) loss of AFA (``afa.md`` 8) with a local,
+- :func:`multilabel_soft_margin`: image-level classification loss (``docs/methods/afa.md`` 3).
+- :func:`seg_loss_bg_fg`: the balanced background / foreground cross-entropy (``docs/methods/afa.md`` 8),
+  NaN-safe.
+- :func:`affinity_loss` / :func:`affinity_loss_logits`: the 0.5 / +1 affinity loss (``docs/methods/afa.md`` 2,
+  ``docs/methods/aream.md`` 8.1).
+- :func:`energy_loss`: the regularised (dense CRF energy) loss of AFA (``docs/methods/afa.md`` 8) with a
+  local,
   dilated window Gaussian kernel instead of the permutohedral lattice.
 """
 
