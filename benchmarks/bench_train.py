@@ -169,7 +169,8 @@ class Phases:
 
 
 def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
-    """The unavoidable network work of one iteration: fwd + bwd, and the no-grad multi-scale CAM forwards."""
+    """The unavoidable network work of one iteration: fwd + bwd of the batch and of the method's
+    :meth:`grad_views`, and the no-grad multi-scale CAM forwards."""
     import torch
 
     from wsss.methods.base import pass_mode
@@ -179,6 +180,8 @@ def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
         out = net(x, with_seg=net.seg_head is not None, heads=True)
         loss = sum(lg.float().mean() for lg in out.logits)
         loss = loss + sum(t.float().mean() for t in (out.seg, *out.heads.values()) if t is not None)
+        for v in method.grad_views(x):  # e.g. ToCo's extra views: no segmentation head
+            loss = loss + sum(lg.float().mean() for lg in net(v, with_seg=False, heads=True).logits)
     loss.backward()
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.no_grad(), pass_mode(net, method.mode), cast:
@@ -229,6 +232,8 @@ def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:
     # layers fold linear maps when autograd is off); its backward is not run
     with cast, FlopCounterMode(display=False, custom_mapping=table) as grad_fwd:
         net(x, with_seg=net.seg_head is not None, heads=True)
+        for v in method.grad_views(x):
+            net(v, with_seg=False, heads=True)
     with torch.no_grad(), cast:
         with FlopCounterMode(display=False, custom_mapping=table) as cams, pass_mode(net, method.mode):
             for s in method.scales:

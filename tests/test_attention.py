@@ -291,6 +291,35 @@ def test_affinity_head_init_and_errors():
     assert out.shape == (1, 4, 4) and out.dtype == torch.float32
 
 
+def test_affinity_head_centred_logits_against_a_written_out_reference():
+    """center=True: every channel's query row minus its mean over the keys, then the official head; the
+    attention's softmax is unchanged by the centring, and so is the head's output under a per-row shift."""
+    torch.manual_seed(12)
+    b, n, heads, dim = 2, 5, 3, 16
+    attn = [torch.randn(b, heads, n, n, dtype=torch.float64) for _ in range(2)]
+    head = AffinityHead(in_channels=2 * heads, head_dims=[dim, dim], center=True).double()
+    out = head(attn)
+    w, bias = head.proj.weight.detach().view(-1), float(head.proj.bias.detach())
+    s = torch.cat([a * math.sqrt(dim) for a in attn], 1)[0]  # (C, N, N), image 0
+    for i in range(n):
+        for j in range(n):
+            z = bias
+            for c in range(2 * heads):
+                z += float(w[c]) * float(s[c, i, j] - s[c, i].mean() + s[c, j, i] - s[c, j].mean())
+            assert abs(float(out[0, i, j].detach()) - 1 / (1 + math.exp(-z))) < 1e-12
+    shifted = [a + torch.randn(b, heads, n, 1, dtype=torch.float64) * 10 for a in attn]
+    torch.testing.assert_close(head(shifted), out)
+    torch.autograd.gradcheck(lambda *a: head(list(a)), [a.detach().requires_grad_() for a in attn])
+
+
+def test_affinity_head_zero_init_starts_at_one_half():
+    head = AffinityHead(head_dims=[64, 64], init="zero")
+    out = head([torch.randn(1, 8, 4, 4) * 50, torch.randn(1, 8, 4, 4) * 50])
+    assert torch.equal(out, torch.full((1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="init"):
+        AffinityHead(init="xavier")
+
+
 # ------------------------------------------------------------------ Hellinger
 
 

@@ -552,3 +552,16 @@ def test_par_sharing_kernels_computes_each_image_once(monkeypatch):
         assert torch.equal(par(img, maps), par.propagate(plain(img), maps)) and len(computed) == 3
     par(img, maps)
     assert len(computed) == 4 and par._kernels is None
+
+
+def test_oracle_affinity_keeps_every_token_s_self_pair() -> None:
+    from wsss.refine.labels import affinity_labels, oracle_affinity
+
+    label = torch.tensor([[[1, 1, 255], [0, 0, 1]]])  # (1, 2, 3): one void cell
+    target = affinity_labels(label, (2, 3), None)
+    got = oracle_affinity(target)
+    tok = label.flatten(1)[0].tolist()
+    for i in range(6):
+        for j in range(6):
+            want = 1.0 if i == j or (tok[i] == tok[j] and tok[i] != 255) else 0.0
+            assert float(got[0, i, j]) == want, (i, j)

@@ -162,3 +162,21 @@ def test_toco_parameter_groups() -> None:
     for module in (net.cam_head, net.seg_head, net.heads["aux_cam"], net.heads["ctc_proj"]):
         assert {id(p) for p in module.parameters()} <= ids["heads"]
     assert not {id(p) for p in net.heads["ctc_teacher"].parameters()} & (ids["encoder"] | ids["heads"])
+
+
+def test_toco_grad_views_are_the_step_s_gradient_forwards() -> None:
+    """The benchmark's unavoidable passes: the shapes ``grad_views`` gives are those the training
+    step forwards with autograd on, besides the batch itself."""
+    torch.manual_seed(0)
+    cfg = load_config("toco_vit_micro_synthetic", TINY)
+    net = build_network(cfg, 5)
+    method = build_method(cfg, net)
+    seen: list[tuple[int, ...]] = []
+    hook = net.backbone.register_forward_pre_hook(
+        lambda _m, args: seen.append(tuple(args[0].shape)) if torch.is_grad_enabled() else None)
+    try:
+        method.training_step(net, _batch(), 1)
+    finally:
+        hook.remove()
+    views = [tuple(v.shape) for v in method.grad_views(_batch()["image"])]
+    assert seen == [(2, 3, 64, 64), *views] and views == [(2, 3, 64, 64), (8, 3, 16, 16)]

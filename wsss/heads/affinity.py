@@ -40,19 +40,32 @@ class AffinityHead(nn.Module):
     are multiplied by sqrt(head_dim), turning the backbone's scaled q k^T / sqrt(d) back into the
     official unscaled q k^T the head was trained on. Can also be given to :meth:`forward`.
 
-    Init as the official code: Kaiming-normal weight (a = sqrt(5), mode fan_out, so std = sqrt(1/3));
-    the bias keeps PyTorch's default init.
+    init: ``"kaiming"`` as the official code (Kaiming-normal weight, a = sqrt(5), mode fan_out, so
+    std = sqrt(1/3); the bias keeps PyTorch's default init) or ``"zero"`` (weight and bias 0: A = 0.5
+    everywhere at the start, so the sigmoid is not saturated and every pair has a gradient).
+    center: subtract from each query row of every channel its mean over the keys, S_ij - mean_j' S_ij'
+    (``docs/methods/afa.md`` 2). The softmax attention is unchanged by it; it removes the per-query
+    offsets that a pretrained ViT's last blocks carry (several times the within-row spread on DINOv2)
+    and that a per-pair linear head cannot cancel.
     """
 
     def __init__(
-        self, in_channels: int = 16, head_dims: Sequence[int] | None = None, unscale: bool = True
+        self, in_channels: int = 16, head_dims: Sequence[int] | None = None, unscale: bool = True,
+        init: str = "kaiming", center: bool = False,
     ) -> None:
         super().__init__()
+        if init not in ("kaiming", "zero"):
+            raise ValueError(f"init must be 'kaiming' or 'zero', got '{init}'")
         self.in_channels = in_channels
         self.head_dims = list(head_dims) if head_dims is not None else None
         self.unscale = unscale
+        self.center = bool(center)
         self.proj = nn.Conv2d(in_channels, 1, kernel_size=1, bias=True)
-        nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
+        if init == "zero":
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:
+            nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
 
     def forward(self, attn: Sequence[Tensor], head_dims: Sequence[int] | None = None) -> Tensor:
         """attn: per-block scaled logits, each (B, h_i, N, N), sum h_i = in_channels. Returns A (B, N, N).
@@ -81,7 +94,10 @@ class AffinityHead(nn.Module):
                 part = _ChannelSum.apply(w, a.to(dtype).flatten(2)).view(a.shape[0], *a.shape[2:])
                 z = part if z is None else z + part
             assert z is not None
+            if self.center:  # the channel sum is linear: centring z centres every channel
+                z = z - z.mean(dim=-1, keepdim=True)
             return torch.sigmoid(z + z.transpose(1, 2) + self.proj.bias.to(dtype))
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, head_dims={self.head_dims}, unscale={self.unscale}"
+        return (f"in_channels={self.in_channels}, head_dims={self.head_dims}, unscale={self.unscale}, "
+                f"center={self.center}")

@@ -32,6 +32,7 @@ from wsss.refine.labels import (
     affinity_labels,
     box_mask,
     channel_argmax,
+    oracle_affinity,
     pair_agreement,
     par_refine_scores_label,
     present_mask,
@@ -64,6 +65,10 @@ class AFAConfig(MethodConfig):
     # "pooled" (official): one mean over all positive pairs, mostly background-background;
     # "balanced": background and foreground positives averaged apart (affinity_loss(background=...))
     aff_positives: str = option("pooled", Rule("str", choices=("pooled", "balanced")))
+    # the affinity head (docs/methods/afa.md 2): the official random init and raw logits, or a zero
+    # init (A = 0.5, no saturated sigmoid) and query-centred logits for pretrained ViTs
+    head_init: str = option("kaiming", Rule("str", choices=("kaiming", "zero")))
+    head_center: bool = option(False)
 
 
 class AFAHead(AffinityHead, MethodHead):
@@ -71,10 +76,11 @@ class AFAHead(AffinityHead, MethodHead):
     tokens. A backbone's class tokens (ViT, DINOv2) are left out of the pairs: the head is elementwise
     per token pair, so this equals cutting the patch block out of its output."""
 
-    def __init__(self, layers: list[int], backbone: Backbone) -> None:
+    def __init__(self, layers: list[int], backbone: Backbone, init: str = "kaiming", center: bool = False
+                 ) -> None:
         layers = sorted(backbone.check_layers(layers))
         super().__init__(in_channels=sum(backbone.num_heads[i] for i in layers),
-                         head_dims=[backbone.head_dims[i] for i in layers])
+                         head_dims=[backbone.head_dims[i] for i in layers], init=init, center=center)
         self.attn_layers = tuple(layers)
         self.num_prefix = int(backbone.num_prefix_tokens)
 
@@ -98,7 +104,8 @@ class AFAMethod(Method):
 
     @classmethod
     def build_heads(cls, opts: Any, backbone: Backbone, num_classes: int) -> dict[str, MethodHead]:
-        return {cls.HEAD: AFAHead(list(opts.aff_layers), backbone)}
+        head = AFAHead(list(opts.aff_layers), backbone, str(opts.head_init), bool(opts.head_center))
+        return {cls.HEAD: head}
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
@@ -239,14 +246,14 @@ class AFAMethod(Method):
     @torch.no_grad()
     def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The 'aff_par' map with the learned affinity and with the oracle one (1 for token pairs of the
-        same class, 0 otherwise, inside the window), through the same propagation and PAR."""
+        """The 'aff_par' map with the learned affinity and with the oracle one (:func:`oracle_affinity`
+        inside the window), through the same propagation and PAR."""
         bkg, aff_bkg = float(self.cfg.eval.bkg_score), float(self.cfg.eval.aff_bkg_score)
         cam = self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
         maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels)}
-        for name, a in (("learned_par", aff), ("oracle_par", (target == 1).to(aff.dtype))):
+        for name, a in (("learned_par", aff), ("oracle_par", oracle_affinity(target).to(aff.dtype))):
             scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
             maps[name] = self.par_argmax(x, scores, labels)
         background = token_labels(gt, grid, str(self.a.sampling)).flatten(1) == 0

@@ -36,7 +36,7 @@ from wsss.ops.attention import (
 )
 from wsss.ops.losses import seg_loss_bg_fg
 from wsss.param_rules import ParamRule, both, contains, no_decay
-from wsss.refine.labels import affinity_labels, cam_to_label
+from wsss.refine.labels import affinity_labels, cam_to_label, oracle_affinity
 from wsss.registry import PARAM_RULES
 from wsss.schema import MethodConfig, Rule, option
 
@@ -288,12 +288,12 @@ class AReAMMethod(Method):
     def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The CAM, the CAM refined by the uniform mean of all final-grid layers (the official
-        inference, the 'refined' map) and the CAM refined by the oracle affinity (same-class token
-        pairs, rows normalised to 1), each as is and after PAR."""
+        inference, the 'refined' map) and the CAM refined by the oracle affinity
+        (:func:`oracle_affinity`, rows normalised to 1), each as is and after PAR."""
         sampling = str(self.r.sampling)
 
         def oracle(grid: tuple[int, int]) -> Tensor:
-            same = (affinity_labels(gt, grid, None, sampling=sampling) == 1).float()
+            same = oracle_affinity(affinity_labels(gt, grid, None, sampling=sampling))
             return same / same.sum(-1, keepdim=True).clamp(min=1)
 
         cams = {

@@ -149,6 +149,12 @@ class Method:
     ) -> tuple[Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} must define training_step")
 
+    def grad_views(self, x: Tensor) -> list[Tensor]:
+        """Images besides ``x`` (B, 3, H, W) that one training step forwards with gradient, each
+        (B', 3, h, w) (ToCo's second global view and local crops): what the benchmark counts as the
+        iteration's unavoidable network passes. Their content is irrelevant, only their shapes."""
+        return []
+
     @staticmethod
     def cls_loss(out: NetOutput, labels: Tensor) -> Tensor:
         return sum(multilabel_soft_margin(lg, labels) for lg in out.logits)  # type: ignore[return-value]

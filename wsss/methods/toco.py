@@ -233,6 +233,11 @@ class ToCoMethod(Method):
         crops = torch.where(flip, crops.flip(-1), crops)
         return (color_jitter(crops) if self.o.color_jitter else crops), positive
 
+    def grad_views(self, x: Tensor) -> list[Tensor]:
+        """The second global view (B, 3, H, W) and B * n local crops of the crop size."""
+        s, n = int(self.o.local_crop_size), int(self.o.num_local_crops)
+        return [self.global_view(x), x[..., :s, :s].repeat_interleave(n, 0)]
+
     def ctc_loss(self, m: WSSSNet, out: Any, image01: Tensor, cam_aux: Tensor, labels: Tensor) -> Tensor:
         """Class token contrast: the main forward's projections (global view 1) plus those of the
         second global view and the local crops; the teacher sees the two global views.

@@ -350,6 +350,15 @@ def affinity_labels(
     return aff.masked_fill_(ign, ignore_index)
 
 
+def oracle_affinity(target: Tensor) -> Tensor:
+    """The ground-truth affinity (B, N, N) float from affinity labels (B, N, N) in {0, 1, ignore}: 1
+    for pairs of the same class and for every token with itself, 0 otherwise. The self pair keeps a
+    token whose label is ignored (void boundaries, an uncertain cell) at its own score instead of
+    zeroing it, so the oracle is a ceiling and not a handicap."""
+    eye = torch.eye(target.shape[-1], dtype=torch.bool, device=target.device)
+    return ((target == 1) | eye).to(torch.float32)
+
+
 def pair_agreement(aff: Tensor, target: Tensor, background: Tensor | None = None) -> Tensor:
     """Sums over the labelled token pairs, to be accumulated over a dataset.
 
