@@ -3,7 +3,7 @@ config and per PAR call, for each thread count, in one process.
 
 The thread counts alternate round by round (1, 2, 1, 2, ...) so that a change in the machine's load
 touches every count alike; medians over the rounds. Run it on an idle machine and on a busy one
-(e.g. next to another training run) to see what the README's advice rests on.
+(e.g. next to another training run) to see what the advice in README.md and docs/performance.md rests on.
 
     python benchmarks/bench_threads.py                    # threads 1 and 2, 5 rounds
     python benchmarks/bench_threads.py --threads 1 2 4 --rounds 9

@@ -1,4 +1,4 @@
-"""wsss: weakly-supervised semantic segmentation with transformers (AFA, AReAM)."""
+"""wsss: weakly-supervised semantic segmentation with transformers (AFA, AReAM, ToCo)."""
 
 __version__ = "0.1.0"
 

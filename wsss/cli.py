@@ -1,4 +1,4 @@
-"""Command line: ``wsss train | evaluate | pseudo-labels | predict | analyze | report | demo``."""
+"""Command line: ``wsss train | evaluate | pseudo-labels | calibrate | predict | analyze | report | demo``."""
 
 from __future__ import annotations
 

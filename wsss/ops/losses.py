@@ -1,4 +1,4 @@
-"""Losses shared by AFA and AReAM.
+"""Losses shared by the methods (AFA, AReAM, ToCo).
 
 - :func:`multilabel_soft_margin`: image-level classification loss (``docs/methods/afa.md`` 3).
 - :func:`seg_loss_bg_fg`: the balanced background / foreground cross-entropy (``docs/methods/afa.md`` 8),
