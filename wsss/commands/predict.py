@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from wsss.commands.common import IMAGE_EXTS, add_checkpoint_args, crf_guard
 from wsss.data.io import load_image, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.distributed import resolve_device
-from wsss.infer_cmd import IMAGE_EXTS, add_checkpoint_args, crf_guard
 from wsss.predictor import Segmenter
 
 PREDICT_MAX_SIZE = 2048  # `wsss predict` default long side: a 24 MP photo is predicted as 3 MP
