@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from wsss.checkpoint import CheckpointError
+from wsss.api.hub import detect_backbone, from_pretrained, load_run
+from wsss.api.predictor import MIN_SIDE, Segmenter
 from wsss.commands.evaluate import run_evaluate
 from wsss.commands.predict import run_predict
 from wsss.commands.pseudo_labels import run_pseudo_labels
 from wsss.config import load_config, to_dict
+from wsss.core.registry import BACKBONES
+from wsss.core.weights import CheckpointError
 from wsss.data.io import load_mask
 from wsss.engine.checkpoint import export_model
-from wsss.hub import detect_backbone, from_pretrained, load_run
 from wsss.methods import build_network
 from wsss.model import WSSSNet
-from wsss.predictor import MIN_SIDE, Segmenter
-from wsss.registry import BACKBONES
 
 CFG = "cam_mit_tiny_synthetic"
 

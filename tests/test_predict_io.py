@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from wsss import cli
+from wsss.api.predictor import Segmenter
 from wsss.commands.predict import output_stems, run_predict
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
@@ -21,7 +22,6 @@ from wsss.data.synthetic import class_names_for
 from wsss.engine.checkpoint import export_model
 from wsss.engine.distributed import resolve_device
 from wsss.methods import build_network
-from wsss.predictor import Segmenter
 
 
 def _release(root: Path, config: str) -> Path:

@@ -207,9 +207,9 @@ def _maps_by_loop(method, net, dataset, n: int):  # noqa: ANN001, ANN202
 
 
 def test_pseudo_scored_both_ways(afa_run: Path) -> None:
+    from wsss.api.hub import load_run
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import evaluate, miou_table
-    from wsss.hub import load_run
     from wsss.methods import build_method
 
     net, cfg, _ = load_run(afa_run / "model")
