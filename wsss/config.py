@@ -16,12 +16,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import Rule, default_rule
-from wsss.engine.hardware import AMP_CHOICES
 from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES, config_sections, import_methods, method_names
 from wsss.ops.cam import DEFAULT_FUSE, FUSE_PRESETS
 
 # The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: train.amp values besides null: "bf16" (warns where bf16 is emulated), "auto" (bf16 where native)
+AMP_CHOICES = ("bf16", "auto")
 
 # Every generic key a config may set, with the defaults of the official AFA VOC recipe where one exists.
 # Each method's own section (its keys, defaults and rules) is declared by the method
