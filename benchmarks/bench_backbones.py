@@ -59,7 +59,7 @@ def _registry():
     """BACKBONES after importing every family that exists (others are optional)."""
     import importlib
 
-    from wsss.registry import BACKBONES
+    from wsss.core.registry import BACKBONES
 
     families = ("mit", "vit", "conformer", "hybrid")
     for mod in (f"wsss.backbones.{f}" for f in families):

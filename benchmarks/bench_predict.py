@@ -37,10 +37,10 @@ def child(name: str, device: str, max_size: int | None, config: str = CONFIG) ->
     import numpy as np
     import torch
 
+    from wsss.api.predictor import Segmenter
     from wsss.config import load_config
     from wsss.data.synthetic import class_names_for
     from wsss.methods import build_network
-    from wsss.predictor import Segmenter
 
     torch.manual_seed(0)
     cfg = load_config(config)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from wsss.analysis.analyze import add_parser, entropy_override
+from wsss.analysis.analyze import entropy_override
 from wsss.analysis.loading import load_model
 from wsss.analysis.probes import affinity_query_maps
 from wsss.analysis.statistics import (
@@ -19,6 +19,7 @@ from wsss.analysis.statistics import (
     layer_statistics,
     normalize_variants,
 )
+from wsss.commands.analyze import add_parser
 from wsss.config import load_config
 from wsss.data.build import build_dataset
 from wsss.data.synthetic import generate_synthetic

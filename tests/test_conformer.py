@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.backbones.conformer import Conformer, checkpoint_filter_fn, conformer_micro, conformer_s
-from wsss.checkpoint import CheckpointError, load_into
-from wsss.registry import BACKBONES
+from wsss.core.registry import BACKBONES
+from wsss.core.weights import CheckpointError, load_into
 
 HEADS, DIM = 2, 64  # conformer_micro
 

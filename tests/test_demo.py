@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wsss.demo import demo_configs, run_demo, seeds_table, summary_table
+from wsss.commands.demo import demo_configs, run_demo, seeds_table, summary_table
 
 
 def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
@@ -38,7 +38,7 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
 
 
 def test_demo_jobs_and_threads(monkeypatch):
-    from wsss import demo
+    from wsss.commands import demo
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
     assert demo.demo_jobs(None, None) == (2, 4)
@@ -52,10 +52,36 @@ def test_demo_jobs_and_threads(monkeypatch):
     assert not demo._ready("second_stage", {"cam"}, ["cam", "afa", "second_stage"])
     assert demo._ready("second_stage", {"afa"}, ["cam", "afa", "second_stage"])
     assert demo._ready("second_stage", set(), ["second_stage"])  # AFA trained before, on disk
-    # the longest ready run starts first
+    # the planned order: the shortest simulated demo, against the most-costly-first order
     listed = ["cam", "afa", "second_stage", "aream", "toco", "supervised"]
-    assert demo.start_order(listed, set(), listed) == ["toco", "afa", "aream", "cam", "supervised"]
-    assert demo.start_order(["second_stage", "supervised"], {"afa"}, listed) == ["supervised", "second_stage"]
+    lpt = ["toco", "afa", "aream", "cam", "supervised", "second_stage"]
+    plan = demo.plan_order(listed, 2)
+    assert sorted(plan) == sorted(listed) and plan[:2] == ["toco", "afa"]
+    assert demo._makespan(plan, 2, listed) < demo._makespan(lpt, 2, listed)
+    assert demo.start_order(listed, set(), plan, listed) == [m for m in plan if m != "second_stage"]
+    assert demo.start_order(["second_stage", "cam"], {"afa"}, plan, listed) == [
+        m for m in plan if m in ("second_stage", "cam")]
+
+
+def test_demo_makespan_by_hand(monkeypatch) -> None:
+    """Two workers, the costs of :data:`DEMO_COST` written out here. Most costly first: toco 0-6.4 |
+    afa 0-3.5, aream 3.5-6.9; cam 6.4-9.4 | supervised 6.9-9.0, second stage 9.0-10.3: 10.3. The order
+    toco, afa, supervised, second stage, aream, cam: toco 0-6.4, aream 6.4-9.8 | afa 0-3.5, supervised
+    3.5-5.6, second stage 5.6-6.9, cam 6.9-9.9: 9.9, and no order beats (sum 19.7) / 2 by less."""
+    from wsss.commands import demo
+
+    monkeypatch.setattr(demo, "DEMO_COST", {"toco": 6.4, "afa": 3.5, "aream": 3.4, "cam": 3.0,
+                                            "supervised": 2.1, "second_stage": 1.3})
+    monkeypatch.setattr(demo, "SECOND_STAGE_FROM", "afa")
+    ms = ["cam", "afa", "second_stage", "aream", "toco", "supervised"]
+    lpt = ["toco", "afa", "aream", "cam", "supervised", "second_stage"]
+    assert demo._makespan(lpt, 2, ms) == pytest.approx(10.3)
+    good = ["toco", "afa", "supervised", "second_stage", "aream", "cam"]
+    assert demo._makespan(good, 2, ms) == pytest.approx(9.9)
+    # the second stage first in the order still waits for afa (0-3.5): 3.5-4.8
+    assert demo._makespan(["second_stage", "afa"], 2, ms) == pytest.approx(4.8)
+    assert demo._makespan(demo.plan_order(ms, 2), 2, ms) == pytest.approx(9.9)
+    assert demo.plan_order(ms, 1) == lpt
 
 
 def test_demo_backbones_name_shipped_configs():
@@ -91,7 +117,7 @@ def test_second_stage_without_its_source_run_fails_before_training(tmp_path):
 
 
 def test_a_failing_worker_names_its_method_and_console_log(tmp_path):
-    from wsss import demo
+    from wsss.commands import demo
 
     log = tmp_path / "cam.log"
     task = {"method": "cam", "config": "no_such_config", "out": str(tmp_path), "quick": True, "threads": 1,
@@ -118,7 +144,7 @@ def test_seeds_table_means_and_per_seed_values():
 
 def test_quick_demo_per_seed(tmp_path):
     from wsss.cli import build_parser
-    from wsss.demo import run_seeds
+    from wsss.commands.demo import run_seeds
 
     args = build_parser().parse_args(["demo", "--quick", "--seeds", "0", "5"])
     assert args.seeds == [0, 5]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from wsss.backbones import dinov2 as D
 from wsss.backbones._layers import Block
 from wsss.backbones.vit import VisionTransformer
-from wsss.checkpoint import CheckpointError
+from wsss.core.weights import CheckpointError
 
 
 def _tiny(**kw) -> VisionTransformer:
@@ -150,7 +150,7 @@ def test_mctformer_class_tokens_repeat_the_class_token() -> None:
 
 
 def test_detection_and_from_pretrained(tmp_path) -> None:
-    from wsss.hub import detect_backbone, from_pretrained
+    from wsss.api.hub import detect_backbone, from_pretrained
 
     model = D.dinov2_small(img_size=224)
     _randomise(model)

@@ -21,7 +21,7 @@ from wsss.backbones.efficientnet import (
     efficientnet_lite0,
     weights_path,
 )
-from wsss.checkpoint import CheckpointError
+from wsss.core.weights import CheckpointError
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.checkpoint import CheckpointError
+from wsss.core.weights import CheckpointError
 from wsss.engine import checkpoint as ck
 from wsss.engine.distributed import (
     all_reduce_sum,

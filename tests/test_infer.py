@@ -11,17 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from wsss.checkpoint import CheckpointError
+from wsss.api.hub import detect_backbone, from_pretrained, load_run
+from wsss.api.predictor import MIN_SIDE, Segmenter
+from wsss.commands.evaluate import run_evaluate
+from wsss.commands.predict import run_predict
+from wsss.commands.pseudo_labels import run_pseudo_labels
 from wsss.config import load_config, to_dict
+from wsss.core.registry import BACKBONES
+from wsss.core.weights import CheckpointError
 from wsss.data.io import load_mask
 from wsss.engine.checkpoint import export_model
-from wsss.hub import detect_backbone, from_pretrained, load_run
-from wsss.infer_cmd import run_evaluate, run_pseudo_labels
 from wsss.methods import build_network
 from wsss.model import WSSSNet
-from wsss.predict_cmd import run_predict
-from wsss.predictor import MIN_SIDE, Segmenter
-from wsss.registry import BACKBONES
 
 CFG = "cam_mit_tiny_synthetic"
 
@@ -127,7 +128,7 @@ def test_predict_cli_with_corrupt_file(setup: dict, tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(imgs / "a.jpg")
     Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(imgs / "b.png")
     (imgs / "bad.jpg").write_bytes(b"\xff\xd8garbage")
-    from wsss.predict_cmd import add_parser
+    from wsss.commands.predict import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -174,8 +174,8 @@ def test_afa_head_leaves_the_class_tokens_out() -> None:
 
 
 def test_afa_rules_give_the_affinity_head_its_own_multiplier() -> None:
+    from wsss.core.param_rules import build_param_groups
     from wsss.methods.afa import afa_rules
-    from wsss.param_rules import build_param_groups
 
     cfg = load_config("afa_mit_tiny_synthetic")
     net = build_network(cfg, 5)

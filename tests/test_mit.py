@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from wsss.backbones.mit import MixVisionTransformer, checkpoint_filter_fn, mit_b0, mit_b1, mit_tiny
-from wsss.checkpoint import CheckpointError
+from wsss.core.registry import BACKBONES
+from wsss.core.weights import CheckpointError
 from wsss.heads.segformer import SegFormerHead
-from wsss.registry import BACKBONES
 
 
 @pytest.fixture(autouse=True)
@@ -392,7 +392,7 @@ def test_sharded_hf_directory(shard_suffix, tmp_path):
     import json
 
     import wsss
-    from wsss.checkpoint import read_state_dict
+    from wsss.core.weights import read_state_dict
 
     native = _tiny()
     _randomise_norms(native)

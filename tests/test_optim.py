@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from wsss.core.param_rules import ParamRule, build_param_groups
 from wsss.engine.optim import (
     EpochCosineLR,
     PolyWarmupLR,
@@ -18,7 +19,6 @@ from wsss.engine.optim import (
 )
 from wsss.methods.afa import afa_rules
 from wsss.methods.aream import aream_rules, mctformer_rules
-from wsss.param_rules import ParamRule, build_param_groups
 
 
 class ToyAFA(nn.Module):

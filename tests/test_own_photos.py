@@ -158,12 +158,12 @@ def test_predict_mask_is_evaluate_seg_map(seg_release: dict, tmp_path: Path) -> 
     """Problem 5: with a seg head, `wsss predict` on a split's images writes exactly the label maps of
     evaluate's 'seg' map (its argmax over all classes, whatever the classifier says), and those masks
     scored against the ground truth give evaluate's seg mIoU; --gate keeps the old classifier gate."""
+    from wsss.commands.evaluate import run_evaluate
+    from wsss.commands.predict import run_predict
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import predict_maps
     from wsss.engine.metrics import ConfusionMatrix
     from wsss.engine.runs import open_run
-    from wsss.infer_cmd import run_evaluate
-    from wsss.predict_cmd import run_predict
 
     scales, data = [1.0, 0.5], seg_release["data"]
     stems = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
@@ -198,8 +198,8 @@ def test_folder_val_fraction_holds_images_out(tmp_path: Path, capsys: pytest.Cap
     images; with data.val_fraction a fixed, seeded part is held out (disjoint from the training
     images, recorded in split.json, the same part for `wsss evaluate` on the run). Also: a class in
     fewer than 5 training images is named before training, and the per-class IoU is printed by name."""
+    from wsss.commands.evaluate import run_evaluate
     from wsss.data.build import build_dataset
-    from wsss.infer_cmd import run_evaluate
 
     fs = folder_set(tmp_path)
     one = folder_overrides(fs, tmp_path / "one", labels=fs["all"], **{"data.val_labels_file": None})
@@ -229,12 +229,13 @@ def test_calibrate_writes_thresholds_that_commands_use(tmp_path: Path) -> None:
     (no seg head) the classifier's presence threshold on the images with masks, writes them with the
     images used into the run, and evaluate, pseudo-labels and predict use them from then on (a
     command-line override still wins); --masks takes a folder of a few masks."""
-    from wsss.calibrate_cmd import run_calibrate
+    from wsss.commands.calibrate import run_calibrate
+    from wsss.commands.evaluate import run_evaluate
+    from wsss.commands.predict import run_predict
+    from wsss.commands.pseudo_labels import run_pseudo_labels
     from wsss.config import to_dict
     from wsss.data.synthetic import class_names_for, generate_synthetic
     from wsss.engine.checkpoint import export_model
-    from wsss.infer_cmd import run_evaluate, run_pseudo_labels
-    from wsss.predict_cmd import run_predict
 
     data = generate_synthetic(tmp_path / "data", num_train=4, num_val=3, size=64, num_classes=6)
     over = [f"data.root={data}", "data.num_train=4", "data.num_val=3", "data.size=64", "data.num_classes=6",
@@ -331,8 +332,8 @@ def test_class_list_travels_to_runs_and_pseudo_labels(tmp_path: Path) -> None:
     a second stage reading those labels with other classes is an error naming both lists."""
     from omegaconf import OmegaConf
 
+    from wsss.commands.pseudo_labels import run_pseudo_labels
     from wsss.data.build import build_dataset
-    from wsss.infer_cmd import run_pseudo_labels
 
     fs = folder_set(tmp_path)
     names = fs["names"]
@@ -392,7 +393,7 @@ def test_predict_mixed_sizes_orientations_and_an_empty_photo(seg_release: dict, 
     rotation and one of a flat wall (none of the classes), predicted in batches of 3: every mask and
     overlay has the displayed size, and with the classifier gate (which passes nothing here) every
     mask is background and every JSON says that no object is present."""
-    from wsss.predict_cmd import run_predict
+    from wsss.commands.predict import run_predict
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,14 @@ import torch
 from PIL import Image
 
 from wsss import cli
-from wsss import infer_cmd as infer
+from wsss.api.predictor import Segmenter
+from wsss.commands.predict import output_stems, run_predict
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.data.synthetic import class_names_for
 from wsss.engine.checkpoint import export_model
 from wsss.engine.distributed import resolve_device
 from wsss.methods import build_network
-from wsss.predict_cmd import output_stems, run_predict
-from wsss.predictor import Segmenter
 
 
 def _release(root: Path, config: str) -> Path:
@@ -167,8 +167,8 @@ def test_out_file_read_only_and_full_disk(models: dict, tmp_path: Path, capsys, 
     assert cli.main([*base, str(tmp_path / "file")]) == 2
     assert "is an existing file" in capsys.readouterr().err
 
-    real_access = infer.os.access
-    monkeypatch.setattr(infer.os, "access", lambda p, m: False if Path(p).name == "ro" else real_access(p, m))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).name == "ro" else real_access(p, m))
     (tmp_path / "ro").mkdir()
     assert cli.main([*base, str(tmp_path / "ro")]) == 1
     err = capsys.readouterr().err

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from wsss.analysis.report import add_parser, loss_svg, write_report
+from wsss.analysis.report import loss_svg, write_report
+from wsss.commands.report import add_parser
 from wsss.config import load_config, to_dict
 from wsss.data.synthetic import generate_synthetic
 from wsss.engine.checkpoint import export_model

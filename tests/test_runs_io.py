@@ -15,12 +15,12 @@ import torch
 from conftest import tiny_overrides
 
 from wsss import cli
+from wsss.commands.pseudo_labels import run_pseudo_labels
 from wsss.config import load_config, to_dict
 from wsss.data.io import load_mask
 from wsss.engine import checkpoint as ck
 from wsss.engine.checkpoint import export_model, find_latest
 from wsss.engine.train import train
-from wsss.infer_cmd import run_pseudo_labels
 from wsss.methods import build_network
 
 CFG = "cam_mit_tiny_synthetic"
@@ -45,7 +45,7 @@ def test_out_dir_reuse_needs_resume_or_overwrite(tiny_synthetic: Path, tmp_path:
 
 
 def test_demo_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
-    from wsss import demo
+    from wsss.commands import demo
 
     calls: list[tuple[str, bool]] = []
 

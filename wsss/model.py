@@ -24,9 +24,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput
+from wsss.core.registry import BACKBONES
 from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead, TokenHead
-from wsss.registry import BACKBONES
 
 HeadBuilder = Callable[[Backbone], Mapping[str, MethodHead]]
 

@@ -17,7 +17,7 @@ One dataset pass (eval mode, single scale, original size padded to 16) gives, pe
 
 Modules: :mod:`~wsss.analysis.loading` (model, batches, views), :mod:`~wsss.analysis.statistics`
 (per-layer statistics and their summary), :mod:`~wsss.analysis.probes` (a learned affinity),
-:mod:`~wsss.analysis.plots`; this module runs them and holds the command.
+:mod:`~wsss.analysis.plots`; this module runs them (the command: :mod:`wsss.commands.analyze`).
 
 Memory stays O(B N^2) per layer: a first forward gives the CAM (and MCTformer class attention, only its
 class rows), a second forward reduces each layer's logits to its statistics inside ``attn_reduce`` as
@@ -29,7 +29,6 @@ layer's grid are analysed (the JSON says which).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,6 @@ from wsss.analysis.plots import (
     plot_head_weights,
     plot_layer_cams,
     plot_layer_curves,
-    plots_available,
 )
 from wsss.analysis.probes import affinity_query_maps
 from wsss.analysis.statistics import (
@@ -166,31 +164,6 @@ def oracle_summary(q: dict[str, Any]) -> str:
             f"({m['refined_par']}), refined by the ground-truth affinity {m['oracle']} ({m['oracle_par']})")
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from wsss.data.build import build_dataset
-    from wsss.engine.runs import check_classes, open_run, run_dir_of
-
-    cfg, net, _, _, _ = open_run(args.config, args.checkpoint, args.overrides, args.device)
-    split = args.split or str(cfg.eval.get("split") or cfg.data.val_split)
-    dataset = build_dataset(cfg.data, split=split, train=False)
-    check_classes(net, dataset, args.checkpoint, split)
-    if args.resize:
-        dataset = SquareResized(dataset, args.resize)
-    missing = plots_available()
-    if missing:
-        print(f"wsss analyze: {missing}; writing analysis.json only")
-    run_dir = run_dir_of(args.checkpoint)
-    out = Path(args.out) if args.out else run_dir / "analysis"
-    data = run_analysis(net, cfg, dataset, out, split, args.max_images, args.batch_size, args.entropy,
-                        missing is None, iou=args.iou)
-    record_analysis(run_dir, out)
-    print(analysis_lines(data))
-    if args.entropy:
-        print("paste into the AReAM training command:\n  " + data["entropy"]["override"])
-    print(f"wrote {out / 'analysis.json'}")
-    return 0
-
-
 def analysis_lines(data: dict[str, Any]) -> str:
     """The printed summary of ``analysis.json``, each mIoU labelled with its scoring rule."""
     ref = data["refinement"]["_summary"]
@@ -227,29 +200,3 @@ def find_analysis(run_dir: Path) -> Path | None:
         if (folder / "analysis.json").is_file():
             return folder
     return None
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``wsss analyze``."""
-    p = sub.add_parser("analyze", help="layer-wise attention analyses (Hellinger, entropy, refinement mIoU)")
-    p.add_argument("config", nargs="?", default=None,
-                   help="optional: a config whose settings replace the run's, except its data, model and "
-                        "method (default: the checkpoint's run config alone)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. data.root=...")
-    p.add_argument("--checkpoint", required=True, help="model/ release dir, run dir or checkpoint file")
-    p.add_argument("--out", default=None,
-                   help="output directory (analysis.json + PNG plots; default: the run's analysis/)")
-    p.add_argument("--iou", choices=sorted(IOU_RULES), default="aream",
-                   help="rule of the refinement mIoUs: aream (AReAM's evaluate.py, absent classes count as "
-                        "0; default) or voc (wsss evaluate's rule); the oracle rows always use voc")
-    p.add_argument("--split", default=None, help="dataset split (default: eval.split)")
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--entropy", action="store_true",
-                   help="also write aream_entropy.yaml (aream.entropy for aream.weighting=entropy_offline)")
-    p.add_argument("--resize", type=int, default=None, metavar="N",
-                   help="resize every image to N x N first, as the official entropy pass does "
-                        "(224 for MCTformer, 384 for Conformer); default: the original size")
-    p.set_defaults(fn=cmd_analyze)
-    return p

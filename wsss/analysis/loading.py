@@ -20,7 +20,8 @@ from wsss.model import WSSSNet
 
 def load_model(source: str | Path, cfg: Any | None = None, device: str | torch.device = "cpu",
                ) -> tuple[WSSSNet, Any, list[str]]:
-    """A trained model from a release dir (``model/``), a run dir or a checkpoint (:func:`wsss.hub.load_run`).
+    """A trained model from a release dir (``model/``), a run dir or a checkpoint
+    (:func:`wsss.api.hub.load_run`).
 
     cfg: a config to use for everything but the weights (data, method); by default the stored one.
     Returns ``(net in eval mode on device, cfg, class names with background first)``.

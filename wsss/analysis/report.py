@@ -9,7 +9,6 @@ nothing is fetched from elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -353,18 +352,3 @@ def write_report(run_dir: str | Path, images: int = 6, out: str | Path | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_html(run_dir, images), encoding="utf-8")
     return path
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    print(f"wrote {write_report(args.run_dir, args.images, args.out)}")
-    return 0
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``wsss report``."""
-    p = sub.add_parser("report", help="self-contained HTML report of a run directory")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")
-    p.add_argument("--images", type=int, default=6, help="validation images in the grid")
-    p.set_defaults(fn=cmd_report)
-    return p

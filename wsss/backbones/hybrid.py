@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from wsss.backbones._layers import Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
 from wsss.backbones.efficientnet import EfficientNetLite0, load_pretrained
-from wsss.registry import BACKBONES, named_builder
+from wsss.core.registry import BACKBONES, named_builder
 
 QK_INITS = ("similarity", "random")
 CNN_DEPTH = 11  # Lite0 blocks 0..10: the 112-channel stage, the last one at ImageNet stride 16

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import DropPath, attend, conv_gelu, dpr, init_vit_weights, linear
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError
-from wsss.checkpoint import load_pretrained as load_weights
-from wsss.registry import BACKBONES, register_detector
+from wsss.core.registry import BACKBONES, register_detector
+from wsss.core.weights import CheckpointError
+from wsss.core.weights import load_pretrained as load_weights
 
 __all__ = [
     "MixVisionTransformer",
@@ -542,7 +542,7 @@ def mit_tiny(
 @register_detector
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
-    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    not one of its checkpoints (:func:`wsss.api.hub.detect_backbone`)."""
     native = checkpoint_filter_fn(sd)
     if "patch_embed1.proj.weight" not in native:
         return None

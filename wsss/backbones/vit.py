@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from wsss.backbones._layers import POS_INTERP_MODES, Block, dpr, init_vit_weights, resize_pos_grid, run_blocks
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput, check_input
-from wsss.checkpoint import CheckpointError
-from wsss.checkpoint import load_pretrained as load_weights
-from wsss.registry import BACKBONES, named_builder, register_detector
+from wsss.core.registry import BACKBONES, named_builder, register_detector
+from wsss.core.weights import CheckpointError
+from wsss.core.weights import load_pretrained as load_weights
 
 
 class PatchEmbed(nn.Module):
@@ -301,7 +301,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionTransformer
     - the patch rows of ``pos_embed`` are bicubically resized (``size=``, align_corners False) when the
       stored grid differs from the model's;
     - transformers 5.x / 4.x ViT names are renamed, q/k/v concatenated into ``qkv``.
-    Everything else keeps its name, so :func:`wsss.checkpoint.load_into` reports it.
+    Everything else keeps its name, so :func:`wsss.core.weights.load_into` reports it.
     """
     fmt = detect_format(state_dict)
     sd = dict(state_dict) if fmt == "timm" else _from_hf(state_dict, fmt)
@@ -388,7 +388,7 @@ mctformer_v2_base = BACKBONES.register("mctformer_v2_base", class_tokens_per_cla
 @register_detector
 def detect_checkpoint(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
     """This family's registered name and builder kwargs for a foreign state dict, or None when it is
-    not one of its checkpoints (:func:`wsss.hub.detect_backbone`)."""
+    not one of its checkpoints (:func:`wsss.api.hub.detect_backbone`)."""
     if any(".ls1.gamma" in k or ".layer_scale1." in k for k in sd):
         return None  # layer-scale checkpoints (DINOv2) are the DINOv2 family's
     fmt = detect_format(dict(sd))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from wsss.schema import cfg_get
+from wsss.core.schema import cfg_get
 
 from .coco import COCODataset
 from .folder import FolderDataset

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wsss.checkpoint import CheckpointError, strip_prefix
+from wsss.core.weights import CheckpointError, strip_prefix
 from wsss.model import unwrap
 
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")

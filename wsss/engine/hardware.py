@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from wsss.config import AMP_CHOICES  # the values train.amp may hold besides null
+
 log = logging.getLogger("wsss")
 
 #: /proc/cpuinfo flags of native bf16 arithmetic (x86: AVX512-BF16, AMX-BF16; Arm: the BF16 extension).
@@ -55,10 +57,6 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     if device.type != "cpu":
         return False
     return bool(cpu_info()[1] & BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
-
-
-#: train.amp values besides null: "bf16" (warns where bf16 is emulated), "auto" (bf16 where native)
-AMP_CHOICES = ("bf16", "auto")
 
 
 def resolve_amp(amp: str | None, device: torch.device | str) -> torch.dtype | None:

@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules of the official recipes.
 
-Parameter groups are built from :class:`~wsss.param_rules.ParamRule` lists (first match wins; the
-presets of each recipe are registered by the method files in ``wsss.registry.PARAM_RULES``). Every
+Parameter groups are built from :class:`~wsss.core.param_rules.ParamRule` lists (first match wins; the
+presets of each recipe are registered by the method files in ``wsss.core.registry.PARAM_RULES``). Every
 group carries an ``lr_mult``; the schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)``
 where ``base_lr`` is the group's initial lr divided by its ``lr_mult``. For multiplicative schedules
 (poly) this is the same as scaling each group's own lr; for schedules with absolute end points
@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from wsss.core.param_rules import build_param_groups
+from wsss.core.registry import PARAM_RULES
+from wsss.core.schema import cfg_get
 from wsss.methods import DEFAULT_PARAM_RULES, import_methods
-from wsss.param_rules import build_param_groups
-from wsss.registry import PARAM_RULES
-from wsss.schema import cfg_get
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.optim.AdamW:

@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from wsss.checkpoint import CheckpointError, load_into
 from wsss.config import defaults
+from wsss.core.weights import CheckpointError, load_into
 from wsss.methods import build_network
 from wsss.model import WSSSNet
 
@@ -78,7 +78,7 @@ def _training_state(path: Path) -> Mapping[str, Any]:
 
 
 def _load_checkpoint_file(path: Path, cfg_file: Path | None = None) -> tuple[WSSSNet, DictConfig, list[str]]:
-    from wsss.checkpoint import strip_prefix
+    from wsss.core.weights import strip_prefix
 
     state = _training_state(path)
     stored = (state.get("extra") or {}).get("config")

@@ -10,9 +10,9 @@ import importlib
 import pkgutil
 from typing import Any
 
+from wsss.core.registry import METHODS
 from wsss.methods.base import Method, MethodConfig
 from wsss.model import WSSSNet, build_model
-from wsss.registry import METHODS
 
 DEFAULT_METHOD = "afa"  # the config's ``method`` when none is given
 DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given

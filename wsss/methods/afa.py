@@ -22,12 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
+from wsss.core.param_rules import ParamRule, both, contains, prefix
+from wsss.core.registry import PARAM_RULES
+from wsss.core.schema import MethodConfig, Rule, option
 from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
-from wsss.param_rules import ParamRule, both, contains, prefix
 from wsss.refine.labels import (
     affinity_labels,
     box_mask,
@@ -39,8 +41,6 @@ from wsss.refine.labels import (
     token_labels,
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
-from wsss.registry import PARAM_RULES
-from wsss.schema import MethodConfig, Rule, option
 
 SAMPLING = ("topleft", "center", "mode")
 

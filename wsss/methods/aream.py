@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsss.core.param_rules import ParamRule, both, contains, no_decay
+from wsss.core.registry import PARAM_RULES
+from wsss.core.schema import MethodConfig, Rule, option
 from wsss.methods.afa import SAMPLING
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
@@ -35,10 +38,7 @@ from wsss.ops.attention import (
     slice_patches,
 )
 from wsss.ops.losses import seg_loss_bg_fg
-from wsss.param_rules import ParamRule, both, contains, no_decay
 from wsss.refine.labels import affinity_labels, cam_to_label, oracle_affinity
-from wsss.registry import PARAM_RULES
-from wsss.schema import MethodConfig, Rule, option
 
 
 def _attention_probs(layer: int, logits: Tensor) -> Tensor:

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone
+from wsss.core.registry import METHODS
+from wsss.core.schema import MethodConfig as MethodConfig  # re-exported: the base of method sections
+from wsss.core.schema import option as option
 from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
 from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
@@ -41,9 +44,6 @@ from wsss.refine.labels import (
     par_pseudo_label,
 )
 from wsss.refine.par import PAR
-from wsss.registry import METHODS
-from wsss.schema import MethodConfig as MethodConfig  # re-exported: the base of method sections
-from wsss.schema import option as option
 
 
 @dataclasses.dataclass

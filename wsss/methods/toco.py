@@ -27,6 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
+from wsss.core.param_rules import ParamRule, prefix
+from wsss.core.registry import PARAM_RULES
+from wsss.core.schema import MethodConfig, Rule, option
 from wsss.heads.base import MethodHead
 from wsss.heads.cam import CAMHead
 from wsss.heads.largefov import LargeFOVHead
@@ -43,10 +46,7 @@ from wsss.ops.contrast import (
 )
 from wsss.ops.losses import energy_loss, multilabel_soft_margin, seg_loss_bg_fg
 from wsss.ops.views import color_jitter, random_resized_crop, uniform
-from wsss.param_rules import ParamRule, prefix
 from wsss.refine.labels import box_mask, cam_to_label
-from wsss.registry import PARAM_RULES
-from wsss.schema import MethodConfig, Rule, option
 
 SEG_HEADS = ("largefov", "model")
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.refine.labels import kept_channels  # shared with the pseudo labels (refine is the lower layer)
+
 FlipFuse = Literal["max", "sum"]
 ReluMode = Literal["each", "after", "none"]
 
@@ -97,18 +99,6 @@ def fuse_multiscale(
 def _fused_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype :func:`fuse_multiscale` returns for CAMs of ``dtype`` (half precision fuses in float32)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def kept_channels(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Compact index of the kept channels of each row.
-
-    keep: (B, C) bool. Returns idx (B, M) long, each row's kept channels first in ascending order,
-    then (padding) unkept ones, and valid (B, M) bool, False on the padding; M = most kept in a row.
-    """
-    # a stable sort of the "dropped" flags puts the kept channels first, each group in channel order
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-    idx = order[:, : int(keep.sum(dim=1).max()) if keep.numel() else 0]
-    return idx, keep.gather(1, idx)
 
 
 def _fuse_kept(cams: Sequence[Tensor], size: tuple[int, int], batch: int, keep: Tensor,

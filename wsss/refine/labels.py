@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.ops.cam import kept_channels
 from wsss.refine.par import PAR
 
 _SAMPLING = ("topleft", "center", "mode")
@@ -56,6 +55,18 @@ def masked_softmax(scores: Tensor, labels: Tensor, dim: int = 1) -> Tensor:
         scores' shape; absent classes exactly 0.
     """
     return _softmax_keep(scores, _keep_with_bkg(labels), dim=dim)
+
+
+def kept_channels(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Compact index of the kept channels of each row.
+
+    keep: (B, C) bool. Returns idx (B, M) long, each row's kept channels first in ascending order,
+    then (padding) unkept ones, and valid (B, M) bool, False on the padding; M = most kept in a row.
+    """
+    # a stable sort of the "dropped" flags puts the kept channels first, each group in channel order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    idx = order[:, : int(keep.sum(dim=1).max()) if keep.numel() else 0]
+    return idx, keep.gather(1, idx)
 
 
 def present_index(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,8 +22,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from wsss.checkpoint import CheckpointError, read_state_dict, resolve_weights
-from wsss.engine.runs import (  # noqa: F401 - re-exported: wsss.hub is where users look for loaders
+from wsss.core.registry import BACKBONE_DETECTORS
+from wsss.core.weights import CheckpointError, read_state_dict, resolve_weights
+from wsss.engine.runs import (  # noqa: F401 - re-exported: wsss.api.hub is where users look for loaders
     config_from_dict,
     default_class_names,
     is_release_dir,
@@ -31,7 +32,6 @@ from wsss.engine.runs import (  # noqa: F401 - re-exported: wsss.hub is where us
     load_run,
 )
 from wsss.model import import_backbones
-from wsss.registry import BACKBONE_DETECTORS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.yaml", "*.safetensors", "*.bin", "*.pth", "*.pt"]
@@ -48,7 +48,7 @@ def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, An
     """Family and size of a foreign backbone state dict, from key names and tensor shapes only
     (meta tensors are fine). Returns ``(registered backbone name, builder kwargs)``, e.g.
     ``("mit_b1", {})``, ``("vit_small", {})``, ``("mctformer_v2_small", {"num_classes": 20})``."""
-    from wsss.checkpoint import strip_prefix
+    from wsss.core.weights import strip_prefix
 
     sd = strip_prefix(dict(state_dict), "module.")
     import_backbones()
@@ -64,7 +64,7 @@ def detect_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, An
 def load_backbone(path: str | os.PathLike, backbone: str | None = None, **kw: Any) -> nn.Module:
     """A backbone with the weights of a foreign checkpoint, built through its family's
     ``pretrained=`` path. ``backbone`` forces the registered name; ``kw`` go to the builder."""
-    from wsss.registry import BACKBONES
+    from wsss.core.registry import BACKBONES
 
     file = resolve_weights(path)
     name, detected = detect_backbone(read_state_dict(file))

@@ -1,6 +1,6 @@
 """``wsss predict``: mask PNG, colour overlay PNG and a JSON (present classes, scores) per image file.
 
-A command on top of :class:`wsss.predictor.Segmenter` (the engine never imports it).
+A command on top of :class:`wsss.api.predictor.Segmenter` (the engine never imports it).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from wsss.api.predictor import Segmenter
+from wsss.commands.common import IMAGE_EXTS, add_checkpoint_args, crf_guard
 from wsss.data.io import load_image, save_mask
 from wsss.engine.checkpoint import atomic_write_files, check_writable
 from wsss.engine.distributed import resolve_device
-from wsss.infer_cmd import IMAGE_EXTS, add_checkpoint_args, crf_guard
-from wsss.predictor import Segmenter
 
 PREDICT_MAX_SIZE = 2048  # `wsss predict` default long side: a 24 MP photo is predicted as 3 MP
 

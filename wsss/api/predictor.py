@@ -136,8 +136,8 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None
                         ) -> Segmenter:
-        """From a release dir, run dir, training checkpoint or hub id (see :mod:`wsss.hub`)."""
-        from wsss.hub import hub_download, load_run
+        """From a release dir, run dir, training checkpoint or hub id (see :mod:`wsss.api.hub`)."""
+        from wsss.api.hub import hub_download, load_run
 
         p = str(path_or_hub_id)
         if not os.path.exists(p) and "/" in p and not p.startswith((".", "/")):

@@ -1,6 +1,6 @@
 """Parameter groups of the official recipes: :class:`ParamRule` lists (first match wins) and
 :func:`build_param_groups`. Each method file registers its recipe's presets in
-:data:`wsss.registry.PARAM_RULES` (the config's ``optim.param_rules``)."""
+:data:`wsss.core.registry.PARAM_RULES` (the config's ``optim.param_rules``)."""
 
 from __future__ import annotations
 

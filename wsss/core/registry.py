@@ -57,7 +57,7 @@ class Registry:
 
 BACKBONES = Registry("backbone")
 # One function per backbone family: a foreign state dict -> (registered name, builder kwargs), or None
-# when it is not one of the family's checkpoints (wsss.hub.detect_backbone asks each in turn).
+# when it is not one of the family's checkpoints (wsss.api.hub.detect_backbone asks each in turn).
 BACKBONE_DETECTORS: list[Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]] | None]] = []
 
 
@@ -73,7 +73,7 @@ def register_detector(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 # Parameter-group presets of the official recipes (name -> builder of a ParamRule list), registered by
-# the method files (wsss.param_rules; the config's optim.param_rules).
+# the method files (wsss.core.param_rules; the config's optim.param_rules).
 PARAM_RULES = Registry("param_rules preset")
 # Method classes (:class:`wsss.methods.base.Method`), registered by their modules in wsss/methods/.
 METHODS = Registry("method")

@@ -3,6 +3,7 @@
 Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``: a checkpoint can never
 run code. Loading is strict by default and reports missing, unexpected and mis-shaped keys by name.
 Foreign formats are converted by each backbone family's ``checkpoint_filter_fn`` before loading.
+A run's training state (optimiser, schedule, resumable checkpoints) is :mod:`wsss.engine.checkpoint`.
 """
 
 from __future__ import annotations
