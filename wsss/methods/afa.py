@@ -31,6 +31,7 @@ from wsss.methods.base import MapInput, Method, pass_mode, register_method, resi
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.refine.labels import (
+    SAMPLING,
     affinity_labels,
     box_mask,
     channel_argmax,
@@ -41,8 +42,6 @@ from wsss.refine.labels import (
     token_labels,
 )
 from wsss.refine.propagation import propagate_affinity, window_mask
-
-SAMPLING = ("topleft", "center", "mode")
 
 
 @dataclass

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from wsss.core.param_rules import ParamRule, both, contains, no_decay
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import MethodConfig, Rule, option
-from wsss.methods.afa import SAMPLING
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.attention import (
@@ -38,7 +37,7 @@ from wsss.ops.attention import (
     slice_patches,
 )
 from wsss.ops.losses import seg_loss_bg_fg
-from wsss.refine.labels import affinity_labels, cam_to_label, oracle_affinity
+from wsss.refine.labels import SAMPLING, affinity_labels, cam_to_label, oracle_affinity
 
 
 def _attention_probs(layer: int, logits: Tensor) -> Tensor:

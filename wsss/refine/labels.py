@@ -18,7 +18,8 @@ from torch import Tensor
 
 from wsss.refine.par import PAR
 
-_SAMPLING = ("topleft", "center", "mode")
+#: how a token takes the label of its cell (:func:`token_labels`, :func:`affinity_labels`)
+SAMPLING = ("topleft", "center", "mode")
 
 
 def box_mask(img_box: Tensor, size: tuple[int, int]) -> Tensor:
@@ -350,8 +351,8 @@ def affinity_labels(
     Returns:
         (B, N, N) long in {0, 1, ignore_index}.
     """
-    if sampling not in _SAMPLING:
-        raise ValueError(f"sampling must be one of {_SAMPLING}, got {sampling!r}")
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     tok = token_labels(label, tuple(grid), sampling).flatten(1)  # (B, N)
     aff = (tok[:, :, None] == tok[:, None, :]).long()
     ign = tok == ignore_index
