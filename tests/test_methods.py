@@ -174,9 +174,10 @@ def test_afa_head_leaves_the_class_tokens_out() -> None:
 
 
 def test_afa_rules_give_the_affinity_head_its_own_multiplier() -> None:
-    from wsss.core.param_rules import build_param_groups
-    from wsss.methods.afa import afa_rules
+    from wsss.core.param_rules import afa_rules, build_param_groups
+    from wsss.methods.afa import AFAMethod
 
+    assert afa_rules.__defaults__[-1] == f"{AFAMethod.HEAD}."  # the preset's default affinity-head prefix
     cfg = load_config("afa_mit_tiny_synthetic")
     net = build_network(cfg, 5)
     groups = {g["name"]: g for g in build_param_groups(net, afa_rules(aff_head_mult=100.0), 1e-4, 0.01)}

@@ -10,12 +10,13 @@ import importlib
 import pkgutil
 from typing import Any
 
+import wsss.core.param_rules  # noqa: F401  (registers the default preset, DEFAULT_PARAM_RULES)
 from wsss.core.registry import METHODS
 from wsss.methods.base import Method, MethodConfig
 from wsss.model import WSSSNet, build_model
 
 DEFAULT_METHOD = "afa"  # the config's ``method`` when none is given
-DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given
+DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given (core.param_rules)
 
 
 def import_methods() -> None:

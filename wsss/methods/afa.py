@@ -22,8 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
-from wsss.core.param_rules import ParamRule, both, contains, prefix
-from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import MethodConfig, Rule, option
 from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
@@ -274,31 +272,3 @@ class AFAMethod(Method):
         names = [f"L{i}h{h}" for i in self.head.attn_layers for h in range(net.backbone.num_heads[i])]
         return {"layers": list(self.head.attn_layers), "weights": w.tolist(), "heads": names,
                 "bias": float(self.head.proj.bias.detach())}
-
-
-@PARAM_RULES.register("afa")
-def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
-              head_mult: float = 10.0, aff_head_mult: float | None = None) -> list[ParamRule]:
-    """AFA ``WeTr.get_param_groups`` (docs/methods/afa.md 9).
-
-    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
-    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
-    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
-    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
-
-    ``aff_head_mult``: the affinity head's own multiplier (None: ``head_mult``, as official). AdamW
-    moves a weight by about lr per step, so in a short schedule the head's 1x1 conv (13 numbers,
-    initial std 0.58) stays near its random init at x10 (400 steps x 6e-4 = 0.24 at most).
-    """
-    enc = prefix(encoder_prefix)
-    norm_rule = {
-        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
-        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
-        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
-    }
-    if norm not in norm_rule:
-        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
-    aff = [] if aff_head_mult is None else [
-        ParamRule(prefix(f"{AFAMethod.HEAD}."), lr_mult=aff_head_mult, name="aff_head")]
-    return [norm_rule[norm], ParamRule(enc, name="encoder"), *aff,
-            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]
