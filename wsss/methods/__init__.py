@@ -12,7 +12,7 @@ from typing import Any
 
 import wsss.core.param_rules  # noqa: F401  (registers the default preset, DEFAULT_PARAM_RULES)
 from wsss.core.registry import METHODS
-from wsss.methods.base import Method, MethodConfig
+from wsss.methods.base import SHARED_SECTIONS, Method, MethodConfig
 from wsss.model import WSSSNet, build_model
 
 DEFAULT_METHOD = "afa"  # the config's ``method`` when none is given
@@ -40,9 +40,10 @@ def method_class(name: str) -> type[Method]:
 
 
 def config_sections() -> dict[str, type[MethodConfig]]:
-    """Config section name -> its dataclass, over every registered method (methods may share one)."""
+    """Config section name -> its dataclass: the sections every method reads (``pseudo``), then each
+    registered method's own (methods may share one)."""
     import_methods()
-    out: dict[str, type[MethodConfig]] = {}
+    out: dict[str, type[MethodConfig]] = dict(SHARED_SECTIONS)
     for name in METHODS.names():
         cls = METHODS.get(name)
         if cls.Config is None:

@@ -1,6 +1,7 @@
 """AFA (Ru et al., CVPR 2022): affinity from attention.
 
-Per iteration, after a classification-only warm-up:
+Per iteration, after a classification-only warm-up (``pseudo.warmup_iters``, the section every method
+shares):
 1. a no-grad multi-scale + flip CAM pass also returns the AFA affinity predicted at the largest
    scale (only that pass computes attention);
 2. PAR-refined pseudo label from the CAM with the high/low background scores;
@@ -44,13 +45,12 @@ from wsss.refine.propagation import propagate_affinity, window_mask
 
 @dataclass
 class AFAConfig(MethodConfig):
-    """The ``afa`` section (defaults: the official VOC recipe)."""
+    """The ``afa`` section (defaults: the official VOC recipe). The warm-up and the segmentation loss's
+    weight are the shared ``pseudo`` section's (``pseudo.warmup_iters``, ``pseudo.seg_weight``)."""
 
     aff_layers: list[int] = option([-2, -1], Rule("list", item="int"))  # blocks feeding the AFA head
-    warmup_iters: int = option(2000)  # classification-only iterations
     switch_iter: int = option(6000)  # seg target: PAR label until here, then the propagated label
     aff_target_switch_iter: int | None = option(None, Rule("int", 0, null=True))  # COCO: 15000
-    seg_weight: float = option(0.1)
     aff_weight: float = option(0.1)
     reg_weight: float = option(0.0)  # released code: off; the paper's lambda3 = 0.01
     radius: int = option(8, Rule("int", 1))
@@ -165,7 +165,7 @@ class AFAMethod(Method):
     ) -> tuple[Tensor, dict[str, float]]:
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
-        warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
+        warm = it <= int(self.pseudo.warmup_iters)  # classification only; the rest is not computed at all
         out, l_cls, logs = self.classify(net, x, labels, with_seg=not warm, heads=not warm)
         if warm:
             return l_cls, logs
@@ -198,7 +198,7 @@ class AFAMethod(Method):
         l_aff = affinity_loss(out.heads[self.HEAD], target_aff, background)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
         l_seg = seg_loss_bg_fg(out.seg, seg_target)
-        loss = l_cls + float(self.a.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
+        loss = l_cls + float(self.pseudo.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
         logs.update(seg=l_seg.item(), aff=l_aff.item())
         if float(self.a.reg_weight) > 0:
             probs = resize(out.seg, size).softmax(1)

@@ -73,6 +73,21 @@ class MapInput:
         return self.x
 
 
+@dataclasses.dataclass
+class PseudoConfig(MethodConfig):
+    """The ``pseudo`` section, shared by every method (:attr:`Method.pseudo`): the schedule of the
+    segmentation head's CAM pseudo labels. Read by the cam baseline and AFA (defaults: the official AFA
+    VOC recipe); AReAM and ToCo keep schedules of their own (``aream.warmup_iters``,
+    ``toco.seg_start_iter``), with other defaults."""
+
+    warmup_iters: int = option(2000)  # classification-only iterations: no pseudo label before
+    seg_weight: float = option(0.1)  # weight of the segmentation loss on the pseudo labels
+
+
+#: config sections every method reads, whatever the method (section name -> its dataclass)
+SHARED_SECTIONS: dict[str, type[MethodConfig]] = {"pseudo": PseudoConfig}
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: register a :class:`Method` subclass under its ``name``."""
     METHODS.register(cls.name)(cls)
@@ -134,6 +149,8 @@ class Method:
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         self.cfg = cfg
         self.opts = self.options(cfg)
+        self.pseudo: PseudoConfig = PseudoConfig.parse(cfg.get("pseudo") if hasattr(cfg, "get") else None,
+                                                       "pseudo")  # type: ignore[assignment]
         p = cfg.par
         self.par = PAR(dilations=tuple(p.dilations), num_iter=int(p.num_iter), w1=float(p.w1), w2=float(p.w2))
         self.high = float(cfg.cam.high)
