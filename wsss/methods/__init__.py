@@ -20,10 +20,17 @@ DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is g
 
 
 def import_methods() -> None:
-    """Import every module of this package, so that each registers its method."""
+    """Import every module of this package, so that each registers its method. A method module that
+    cannot be found (removed, or hidden from the import system) is left out: the others stand alone.
+    Any other error, a missing dependency of the module included, is raised."""
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base" and not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+            name = f"{__name__}.{mod.name}"
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if err.name != name:
+                    raise
 
 
 def method_names() -> list[str]:
