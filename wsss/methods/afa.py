@@ -40,6 +40,7 @@ from wsss.refine.labels import (
     present_mask,
     token_labels,
 )
+from wsss.refine.par import ImageKernel
 from wsss.refine.propagation import propagate_affinity, window_mask
 
 
@@ -236,7 +237,7 @@ class AFAMethod(Method):
         if "aff" in want:
             maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
         if "aff_par" in want:
-            maps["aff_par"] = self.par_argmax(image01, scores, labels)
+            maps["aff_par"] = self.par_argmax(image01, scores, labels, inp.kernel)
         return maps
 
     # ----------------------------------------------------------------- analysis hooks
@@ -249,10 +250,11 @@ class AFAMethod(Method):
         cam = self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
-        maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels)}
+        kernel = ImageKernel(self.par, x)  # every map refines on x
+        maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels, kernel)}
         for name, a in (("learned_par", aff), ("oracle_par", oracle_affinity(target).to(aff.dtype))):
             scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
-            maps[name] = self.par_argmax(x, scores, labels)
+            maps[name] = self.par_argmax(x, scores, labels, kernel)
         background = token_labels(gt, grid, str(self.a.sampling)).flatten(1) == 0
         return maps, pair_agreement(aff, target, background)
 

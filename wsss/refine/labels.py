@@ -291,7 +291,8 @@ def par_refine_scores_label(
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
-def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) -> Tensor:
+def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR, kernel: Tensor | None = None
+                     ) -> Tensor:
     """PAR-refined argmax label of a score stack (the 'cam_par' / 'aff_par' evaluation maps).
 
     Softmax over background + present classes, PAR at the image size (PAR resizes the maps), argmax
@@ -303,12 +304,13 @@ def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) 
         image01: (B, 3, H, W) image in [0, 1].
         scores: (B, K+1, h, w), channel 0 = background.
         labels: (B, K) multi-hot labels.
+        kernel: PAR's kernel of ``image01`` when the caller holds it (:class:`~wsss.refine.par.ImageKernel`).
     Returns:
         (B, H, W) long class ids.
     """
     idx, valid = present_index(labels)
     probs = _softmax_keep(_gather_channels(scores, idx), valid)
-    refined = par(image01, probs).masked_fill(~valid[:, :, None, None], float("-inf"))
+    refined = par(image01, probs, kernel).masked_fill(~valid[:, :, None, None], float("-inf"))
     return _to_class_ids(refined, idx)
 
 
