@@ -1,4 +1,5 @@
-"""What every method shares: its plugin interface, the PAR module, CAM passes, evaluation label maps.
+"""What every method shares: its plugin interface, the ``pseudo`` config section, the PAR module, CAM
+passes, evaluation label maps.
 
 A method turns a batch into losses (``training_step``) and an image into label maps
 (``predict``). Methods never loop over images: every piece they call is batched.
@@ -152,8 +153,8 @@ class Method:
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         self.cfg = cfg
         self.opts = self.options(cfg)
-        self.pseudo: PseudoConfig = PseudoConfig.parse(cfg.get("pseudo") if hasattr(cfg, "get") else None,
-                                                       "pseudo")  # type: ignore[assignment]
+        shared = cfg.get("pseudo") if hasattr(cfg, "get") else None
+        self.pseudo: PseudoConfig = PseudoConfig.parse(shared, "pseudo")  # type: ignore[assignment]
         p = cfg.par
         self.par = PAR(dilations=tuple(p.dilations), num_iter=int(p.num_iter), w1=float(p.w1), w2=float(p.w2))
         self.high = float(cfg.cam.high)
