@@ -38,7 +38,7 @@ def tiny_overrides(root, out_dir, **extra) -> list[str]:
         "train.log_every": 1,
         "train.ckpt_every": 1,
         "eval.max_images": 2,
-        "afa.warmup_iters": 0,
+        "pseudo.warmup_iters": 0,
         "afa.switch_iter": 2,
         "aream.warmup_iters": 0,
         "cam.scales": [1.0, 0.5],

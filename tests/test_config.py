@@ -31,7 +31,7 @@ def test_paper_hyperparameters() -> None:
         1500,
     )
     assert (afa.eval.bkg_score, afa.cam.high, afa.cam.low, afa.afa.radius) == (0.45, 0.55, 0.35, 8)
-    assert (afa.afa.warmup_iters, afa.afa.switch_iter, afa.afa.seg_weight, afa.afa.aff_weight) == (
+    assert (afa.pseudo.warmup_iters, afa.afa.switch_iter, afa.pseudo.seg_weight, afa.afa.aff_weight) == (
         2000,
         6000,
         0.1,
@@ -75,3 +75,29 @@ def test_base_chain_and_cycle(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_moved_keys_keep_their_values(tmp_path: Path) -> None:
+    """afa.warmup_iters / afa.seg_weight moved to the shared pseudo section: a config file (at any depth
+    of its base chain), an override or a stored run's config naming the old key sets the new one."""
+    from omegaconf import OmegaConf
+
+    from wsss.config import run_config, to_dict
+    from wsss.engine.runs import config_from_dict
+
+    (tmp_path / "base.yaml").write_text("base: {}\nafa: {{warmup_iters: 7, seg_weight: 0.3}}\n".format(
+        CONFIG_DIR / "afa_mit_tiny_synthetic.yaml"))
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nafa: {warmup_iters: 9}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.pseudo.warmup_iters, cfg.pseudo.seg_weight) == (9, 0.3) and "warmup_iters" not in cfg.afa
+    assert load_config("afa_mit_tiny_synthetic", ["afa.warmup_iters=3"]).pseudo.warmup_iters == 3
+    stored = to_dict(load_config("afa_mit_tiny_synthetic"))
+    stored["afa"].update(warmup_iters=11, seg_weight=0.2)  # a run trained before the move
+    del stored["pseudo"]
+    for cfg in (run_config(stored), config_from_dict(stored)):
+        assert (cfg.pseudo.warmup_iters, cfg.pseudo.seg_weight) == (11, 0.2) and "seg_weight" not in cfg.afa
+    both = tmp_path / "both.yaml"
+    both.write_text("afa: {warmup_iters: 1}\npseudo: {warmup_iters: 2}\n")
+    with pytest.raises(ValueError, match="'afa.warmup_iters' and 'pseudo.warmup_iters' are both set"):
+        load_config(both)
+    assert OmegaConf.select(load_config(None), "afa.warmup_iters") is None

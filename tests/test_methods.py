@@ -65,12 +65,12 @@ def test_warmup_trains_classification_only() -> None:
         "labels": labels,
         "img_box": torch.tensor([[0, 64, 0, 64]] * 2),
     }
-    loss, logs = method.training_step(net, batch, int(cfg.afa.warmup_iters))
+    loss, logs = method.training_step(net, batch, int(cfg.pseudo.warmup_iters))
     assert set(logs) == {"cls"}
     loss.backward()
     assert all(p.grad is None for p in net.seg_head.parameters())
     assert all(p.grad is None for p in net.aff_head.parameters())
-    loss, logs = method.training_step(net, batch, int(cfg.afa.warmup_iters) + 1)
+    loss, logs = method.training_step(net, batch, int(cfg.pseudo.warmup_iters) + 1)
     assert {"cls", "seg", "aff"} <= set(logs) and torch.isfinite(loss)
 
 
@@ -144,7 +144,7 @@ def test_afa_balanced_positives_pass_the_background_tokens(monkeypatch) -> None:
         torch.manual_seed(0)
         cfg = load_config("afa_mit_tiny_synthetic", [f"afa.aff_positives={mode}"])
         net = build_network(cfg, 5)
-        loss, _ = build_method(cfg, net).training_step(net, batch, int(cfg.afa.warmup_iters) + 1)
+        loss, _ = build_method(cfg, net).training_step(net, batch, int(cfg.pseudo.warmup_iters) + 1)
         assert torch.isfinite(loss)
     (_, none), (target, background) = seen
     assert none is None and background.shape == target.shape[:2] and background.dtype == torch.bool
@@ -174,9 +174,10 @@ def test_afa_head_leaves_the_class_tokens_out() -> None:
 
 
 def test_afa_rules_give_the_affinity_head_its_own_multiplier() -> None:
-    from wsss.core.param_rules import build_param_groups
-    from wsss.methods.afa import afa_rules
+    from wsss.core.param_rules import afa_rules, build_param_groups
+    from wsss.methods.afa import AFAMethod
 
+    assert afa_rules.__defaults__[-1] == f"{AFAMethod.HEAD}."  # the preset's default affinity-head prefix
     cfg = load_config("afa_mit_tiny_synthetic")
     net = build_network(cfg, 5)
     groups = {g["name"]: g for g in build_param_groups(net, afa_rules(aff_head_mult=100.0), 1e-4, 0.01)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.core.param_rules import ParamRule, build_param_groups
+from wsss.core.param_rules import ParamRule, afa_rules, build_param_groups
 from wsss.engine.optim import (
     EpochCosineLR,
     PolyWarmupLR,
@@ -17,7 +17,6 @@ from wsss.engine.optim import (
     build_optimizer,
     build_scheduler,
 )
-from wsss.methods.afa import afa_rules
 from wsss.methods.aream import aream_rules, mctformer_rules
 
 

@@ -22,6 +22,7 @@ from wsss.methods import (
 )
 from wsss.methods.afa import AFAConfig, AFAHead
 from wsss.methods.aream import AReAMConfig
+from wsss.methods.base import PseudoConfig
 
 
 def test_registry_holds_every_method_file():
@@ -35,7 +36,8 @@ def test_registry_holds_every_method_file():
 def test_sections_come_from_the_methods():
     sections = config_sections()
     assert sections["afa"] is AFAConfig and sections["aream"] is AReAMConfig
-    assert method_class("cam").section_name() == "afa"  # the baseline reads AFA's schedule
+    assert sections["pseudo"] is PseudoConfig  # the section every method shares
+    assert method_class("cam").Config is None  # the baseline reads the shared schedule only
     d = defaults()
     assert dict(d.afa) == AFAConfig.defaults() and dict(d.aream) == AReAMConfig.defaults()
     assert AFAConfig.defaults()["radius"] == 8 and AReAMConfig.defaults()["layer_index"] == 7

@@ -533,25 +533,47 @@ def test_affinity_labels_match_reference_with_window():
     assert torch.equal(out, ref_affinity_labels(tok, win))
 
 
-def test_par_sharing_kernels_computes_each_image_once(monkeypatch):
-    """Inside sharing_kernels the kernel of one image tensor is computed once and reused; another
-    tensor, the same tensor after an in-place change, and any call outside the block compute anew."""
+def test_held_image_kernel_is_computed_once_and_changes_nothing(monkeypatch):
+    """An ImageKernel computes its image's PAR kernel on first use and reuses it: refinements with it
+    equal refinements without it, bit for bit; without one, every call computes its own."""
+    from wsss.refine.par import ImageKernel
+
     par = PAR(num_iter=2)
     computed: list[int] = []
     plain = par._kernel
     monkeypatch.setattr(par, "_kernel", lambda img: computed.append(id(img)) or plain(img))
-    img, other = torch.rand(2, 3, 6, 7), torch.rand(2, 3, 6, 7)
-    maps = torch.rand(2, 4, 6, 7)
-    with par.sharing_kernels():
-        first = par(img, maps)
-        assert torch.equal(par(img, maps * 2), par.propagate(plain(img), maps * 2))
-        assert len(computed) == 1 and torch.equal(first, par.propagate(plain(img), maps))
-        par(other, maps)
-        assert len(computed) == 2
-        img.mul_(0.5)  # in place: the stored kernel is stale
-        assert torch.equal(par(img, maps), par.propagate(plain(img), maps)) and len(computed) == 3
-    par(img, maps)
-    assert len(computed) == 4 and par._kernels is None
+    img = torch.rand(2, 3, 6, 7)
+    maps, other = torch.rand(2, 4, 6, 7), torch.rand(2, 2, 3, 4)  # other: resized to the image first
+    alone = [par(img, maps), par(img, other)]
+    assert len(computed) == 2
+    held = ImageKernel(par, img)
+    assert len(computed) == 2  # nothing computed before it is used
+    shared = [held.refine(maps), par(img, other, kernel=held.kernel)]
+    assert len(computed) == 3 and held.kernel is held.kernel
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared))
+
+
+def test_par_argmax_with_a_held_kernel_equals_without() -> None:
+    """Two refinements of one image (two score stacks, as 'cam_par' and 'aff_par') with a held kernel
+    give the labels of each alone."""
+    from wsss.methods.base import Method
+    from wsss.refine.par import ImageKernel
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 12, 10, generator=g)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    stacks = [torch.rand(2, 4, 6, 5, generator=g), torch.rand(2, 4, 12, 10, generator=g)]
+    par = PAR(num_iter=3)
+    held = ImageKernel(par, img)
+    for scores in stacks:
+        want = par_argmax_label(img, scores, labels, par)
+        assert torch.equal(par_argmax_label(img, scores, labels, par, held.kernel), want)
+    method = Method.__new__(Method)  # par_argmax reads only the PAR module
+    method.par = par
+    want = par_argmax_label(img, stacks[0], labels, par)
+    assert torch.equal(method.par_argmax(img, stacks[0], labels, held), want)
+    with pytest.raises(ValueError, match="another image"):
+        method.par_argmax(img.clone(), stacks[0], labels, held)
 
 
 def test_oracle_affinity_keeps_every_token_s_self_pair() -> None:

@@ -47,7 +47,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_kill_and_resume_matches_uninterrupted(tiny_synthetic: Path, tmp_path: Path) -> None:
     """A run killed with SIGKILL mid-training and resumed ends with the uninterrupted run's weights."""
-    extra = {"train.max_iters": 6, "afa.warmup_iters": 1, "afa.switch_iter": 3}
+    extra = {"train.max_iters": 6, "pseudo.warmup_iters": 1, "afa.switch_iter": 3}
     full = tmp_path / "full"
     train(load_config("afa_mit_tiny_synthetic", tiny_overrides(tiny_synthetic, full, **extra)))
 

@@ -11,7 +11,7 @@ RUN2=$WORK/runs/second
 PL=$WORK/pseudo_train
 wsss() { "$PY" -m wsss.cli "$@"; }
 TINY=(train.max_iters=4 train.log_every=1 train.ckpt_every=2 data.crop_size=64 data.batch_size=2
-      afa.warmup_iters=1 afa.switch_iter=2 eval.max_images=4)
+      pseudo.warmup_iters=1 afa.switch_iter=2 eval.max_images=4)
 
 # A VOC-layout root with VOC's 21 classes and no class_names.json, like PASCAL VOC itself.
 "$PY" -m wsss.data.synthetic "$ROOT" --num-train 6 --num-val 3 --size 64 --num-classes 21 > /dev/null

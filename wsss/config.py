@@ -140,6 +140,37 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Keys that moved (old dotted key -> new): a config file, a stored run's config or an override that
+# names the old key sets the new one, so configs and runs written before the move keep their values.
+MOVED_KEYS = {
+    # the warm-up and seg weight of the cam baseline and AFA: the section every method shares
+    "afa.warmup_iters": "pseudo.warmup_iters",
+    "afa.seg_weight": "pseudo.seg_weight",
+}
+
+
+def upgrade_config(cfg: DictConfig, where: str) -> DictConfig:
+    """Move the keys of :data:`MOVED_KEYS` that ``cfg`` (a config file, or a stored run's config) sets to
+    their new place, in place; setting a key under both names is a ``ValueError``."""
+    for old, new in MOVED_KEYS.items():
+        section, key = old.rsplit(".", 1)
+        sub = cfg.get(section)
+        if not isinstance(sub, DictConfig) or key not in sub:
+            continue
+        if OmegaConf.select(cfg, new) is not None:
+            raise ValueError(f"config keys '{old}' and '{new}' are both set ({where}): '{old}' is now "
+                             f"'{new}'")
+        value = sub.pop(key)
+        OmegaConf.update(cfg, new, value, force_add=True)
+    return cfg
+
+
+def _moved_override(item: str) -> str:
+    """A ``key=value`` override with a moved key renamed (:data:`MOVED_KEYS`)."""
+    key, sep, value = item.partition("=")
+    return f"{MOVED_KEYS.get(key, key)}{sep}{value}"
+
+
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -148,6 +179,7 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     cfg = OmegaConf.load(path)
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"config {path} must be a mapping")
+    upgrade_config(cfg, str(path))
     base = cfg.pop("base", None)
     if base is None:
         return cfg
@@ -185,7 +217,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like key=value")
-    over = OmegaConf.from_dotlist(list(overrides))
+    over = OmegaConf.from_dotlist([_moved_override(item) for item in overrides])
     _check_keys(cfg, over, "command line")
     cfg = OmegaConf.merge(cfg, over)
     OmegaConf.resolve(cfg)
@@ -205,7 +237,7 @@ def run_config(run_cfg: Any, path: str | os.PathLike | None = None, overrides: S
     command line (``path``) replaces its settings except the run's ``data``, ``model`` and ``method``;
     dotted ``overrides`` replace anything (e.g. ``data.root=...`` to evaluate on other data).
     """
-    cfg = OmegaConf.merge(defaults(), run_cfg)
+    cfg = OmegaConf.merge(defaults(), upgrade_config(OmegaConf.create(run_cfg), "the run's config"))
     if path is not None:
         named = load_config(path)
         for key in RUN_SECTIONS:

@@ -57,8 +57,7 @@ def oracle_quality(
     with pass_mode(net, "eval"), method.flipping(False):
         for x, labels, gt, gt_pad in _samples(net, dataset, max_images, device):
             h, w = gt.shape[-2:]
-            with method.par.sharing_kernels():  # every '*_par' map of the batch refines on x
-                maps, pairs = method.oracle_batch(net, x, labels, gt_pad)
+            maps, pairs = method.oracle_batch(net, x, labels, gt_pad)  # one PAR kernel per image
             for k, label in maps.items():
                 cms[k].update(label[:, :h, :w], gt)
             if pairs is not None:

@@ -147,7 +147,7 @@ def _method_overrides(method: str, out: Path, quick: bool, threads: int | None, 
             "data.num_train=16",  # the second stage needs pseudo labels of every train image
             "data.num_val=8",
             "eval.max_images=4",
-            "afa.warmup_iters=1",
+            "pseudo.warmup_iters=1",
             "afa.switch_iter=2",
             "aream.warmup_iters=1",
             "toco.seg_start_iter=1",

@@ -1,6 +1,7 @@
 """Parameter groups of the official recipes: :class:`ParamRule` lists (first match wins) and
-:func:`build_param_groups`. Each method file registers its recipe's presets in
-:data:`wsss.core.registry.PARAM_RULES` (the config's ``optim.param_rules``)."""
+:func:`build_param_groups`. The presets live in :data:`wsss.core.registry.PARAM_RULES` (the config's
+``optim.param_rules``): the default one every method may use, ``afa`` (:func:`afa_rules`), is
+registered here; a recipe with parameter groups of its own registers them in its method file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from wsss.core.registry import PARAM_RULES
 
 Matcher = Callable[[str, nn.Parameter], bool]
 
@@ -82,3 +85,35 @@ def build_param_groups(
             groups.append({"params": params, "lr": base_lr * mult, "lr_mult": mult, "name": gname,
                            "weight_decay": weight_decay if wd is None else wd})
     return groups
+
+
+@PARAM_RULES.register("afa")
+def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze", head_mult: float = 10.0,
+              aff_head_mult: float | None = None, aff_head_prefix: str = "aff_head.") -> list[ParamRule]:
+    """AFA ``WeTr.get_param_groups`` (docs/methods/afa.md 9).
+
+    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
+    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
+    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
+    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
+
+    The default preset of every method (the config's ``optim.param_rules: afa``): method heads fall in
+    "heads".
+
+    ``aff_head_mult``: the affinity head's own multiplier (None: ``head_mult``, as official), for the
+    parameters under ``aff_head_prefix`` (AFA's head, ``AFAMethod.HEAD``). AdamW
+    moves a weight by about lr per step, so in a short schedule the head's 1x1 conv (13 numbers,
+    initial std 0.58) stays near its random init at x10 (400 steps x 6e-4 = 0.24 at most).
+    """
+    enc = prefix(encoder_prefix)
+    norm_rule = {
+        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
+        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
+        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
+    }
+    if norm not in norm_rule:
+        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
+    aff = [] if aff_head_mult is None else [
+        ParamRule(prefix(aff_head_prefix), lr_mult=aff_head_mult, name="aff_head")]
+    return [norm_rule[norm], ParamRule(enc, name="encoder"), *aff,
+            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]

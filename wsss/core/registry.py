@@ -72,8 +72,8 @@ def register_detector(fn: Callable[..., Any]) -> Callable[..., Any]:
     BACKBONE_DETECTORS.append(fn)
     return fn
 
-# Parameter-group presets of the official recipes (name -> builder of a ParamRule list), registered by
-# the method files (wsss.core.param_rules; the config's optim.param_rules).
+# Parameter-group presets of the official recipes (name -> builder of a ParamRule list): the default
+# "afa" registered by wsss.core.param_rules, a recipe's own by its method file (optim.param_rules).
 PARAM_RULES = Registry("param_rules preset")
 # Method classes (:class:`wsss.methods.base.Method`), registered by their modules in wsss/methods/.
 METHODS = Registry("method")

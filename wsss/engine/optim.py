@@ -1,11 +1,12 @@
 """Optimisers and learning-rate schedules of the official recipes.
 
 Parameter groups are built from :class:`~wsss.core.param_rules.ParamRule` lists (first match wins; the
-presets of each recipe are registered by the method files in ``wsss.core.registry.PARAM_RULES``). Every
-group carries an ``lr_mult``; the schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)``
-where ``base_lr`` is the group's initial lr divided by its ``lr_mult``. For multiplicative schedules
-(poly) this is the same as scaling each group's own lr; for schedules with absolute end points
-(AReAM's cosine from 1e-6 to 1e-6) it reproduces the official "lr * lr_scale" behaviour, so a x10
+presets are registered in ``wsss.core.registry.PARAM_RULES``: the default ``afa`` by
+``wsss.core.param_rules``, a recipe's own by its method file). Every group carries an ``lr_mult``; the
+schedulers set ``group["lr"] = lr_mult * schedule(base_lr, t)`` where ``base_lr`` is the group's
+initial lr divided by its ``lr_mult``. For multiplicative schedules (poly) this is the same as scaling
+each group's own lr; for schedules with absolute end points (AReAM's cosine from 1e-6 to 1e-6) it
+reproduces the official "lr * lr_scale" behaviour, so a x10
 head also starts at 10 * 1e-6.
 
 Schedulers are stepped once per optimiser step (``PolyWarmupLR``, ``WarmupCosineLR``) or once per

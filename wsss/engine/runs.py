@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from wsss.config import defaults
+from wsss.config import defaults, upgrade_config
 from wsss.core.weights import CheckpointError, load_into
 from wsss.methods import build_network
 from wsss.model import WSSSNet
@@ -24,7 +24,7 @@ from wsss.model import WSSSNet
 def config_from_dict(d: Mapping[str, Any]) -> DictConfig:
     """A full config from a stored config dict (merged over the defaults; ``model.pretrained`` cleared,
     since the stored weights replace the ImageNet ones and that file need not exist here)."""
-    cfg = OmegaConf.merge(defaults(), OmegaConf.create(dict(d)))
+    cfg = OmegaConf.merge(defaults(), upgrade_config(OmegaConf.create(dict(d)), "a stored config"))
     cfg.model.pretrained = None
     return cfg  # type: ignore[return-value]
 

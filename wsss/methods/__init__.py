@@ -10,19 +10,27 @@ import importlib
 import pkgutil
 from typing import Any
 
+import wsss.core.param_rules  # noqa: F401  (registers the default preset, DEFAULT_PARAM_RULES)
 from wsss.core.registry import METHODS
-from wsss.methods.base import Method, MethodConfig
+from wsss.methods.base import SHARED_SECTIONS, Method, MethodConfig
 from wsss.model import WSSSNet, build_model
 
 DEFAULT_METHOD = "afa"  # the config's ``method`` when none is given
-DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given
+DEFAULT_PARAM_RULES = "afa"  # the config's ``optim.param_rules`` when none is given (core.param_rules)
 
 
 def import_methods() -> None:
-    """Import every module of this package, so that each registers its method."""
+    """Import every module of this package, so that each registers its method. A method module that
+    cannot be found (removed, or hidden from the import system) is left out: the others stand alone.
+    Any other error, a missing dependency of the module included, is raised."""
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base" and not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+            name = f"{__name__}.{mod.name}"
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if err.name != name:
+                    raise
 
 
 def method_names() -> list[str]:
@@ -39,9 +47,10 @@ def method_class(name: str) -> type[Method]:
 
 
 def config_sections() -> dict[str, type[MethodConfig]]:
-    """Config section name -> its dataclass, over every registered method (methods may share one)."""
+    """Config section name -> its dataclass: the sections every method reads (``pseudo``), then each
+    registered method's own (methods may share one)."""
     import_methods()
-    out: dict[str, type[MethodConfig]] = {}
+    out: dict[str, type[MethodConfig]] = dict(SHARED_SECTIONS)
     for name in METHODS.names():
         cls = METHODS.get(name)
         if cls.Config is None:

@@ -1,6 +1,7 @@
 """AFA (Ru et al., CVPR 2022): affinity from attention.
 
-Per iteration, after a classification-only warm-up:
+Per iteration, after a classification-only warm-up (``pseudo.warmup_iters``, the section every method
+shares):
 1. a no-grad multi-scale + flip CAM pass also returns the AFA affinity predicted at the largest
    scale (only that pass computes attention);
 2. PAR-refined pseudo label from the CAM with the high/low background scores;
@@ -22,8 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from wsss.backbones.base import Backbone, BackboneOutput
-from wsss.core.param_rules import ParamRule, both, contains, prefix
-from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import MethodConfig, Rule, option
 from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
@@ -31,6 +30,7 @@ from wsss.methods.base import MapInput, Method, pass_mode, register_method, resi
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.refine.labels import (
+    SAMPLING,
     affinity_labels,
     box_mask,
     channel_argmax,
@@ -40,20 +40,18 @@ from wsss.refine.labels import (
     present_mask,
     token_labels,
 )
+from wsss.refine.par import ImageKernel
 from wsss.refine.propagation import propagate_affinity, window_mask
-
-SAMPLING = ("topleft", "center", "mode")
 
 
 @dataclass
 class AFAConfig(MethodConfig):
-    """The ``afa`` section (defaults: the official VOC recipe)."""
+    """The ``afa`` section (defaults: the official VOC recipe). The warm-up and the segmentation loss's
+    weight are the shared ``pseudo`` section's (``pseudo.warmup_iters``, ``pseudo.seg_weight``)."""
 
     aff_layers: list[int] = option([-2, -1], Rule("list", item="int"))  # blocks feeding the AFA head
-    warmup_iters: int = option(2000)  # classification-only iterations
     switch_iter: int = option(6000)  # seg target: PAR label until here, then the propagated label
     aff_target_switch_iter: int | None = option(None, Rule("int", 0, null=True))  # COCO: 15000
-    seg_weight: float = option(0.1)
     aff_weight: float = option(0.1)
     reg_weight: float = option(0.0)  # released code: off; the paper's lambda3 = 0.01
     radius: int = option(8, Rule("int", 1))
@@ -168,7 +166,7 @@ class AFAMethod(Method):
     ) -> tuple[Tensor, dict[str, float]]:
         x, labels, box = batch["image"], batch["labels"], batch["img_box"]
         m = unwrap(net)
-        warm = it <= int(self.a.warmup_iters)  # classification only; the rest is not computed at all
+        warm = it <= int(self.pseudo.warmup_iters)  # classification only; the rest is not computed at all
         out, l_cls, logs = self.classify(net, x, labels, with_seg=not warm, heads=not warm)
         if warm:
             return l_cls, logs
@@ -201,7 +199,7 @@ class AFAMethod(Method):
         l_aff = affinity_loss(out.heads[self.HEAD], target_aff, background)
         seg_target = par_label if it <= int(self.a.switch_iter) else aff_label
         l_seg = seg_loss_bg_fg(out.seg, seg_target)
-        loss = l_cls + float(self.a.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
+        loss = l_cls + float(self.pseudo.seg_weight) * l_seg + float(self.a.aff_weight) * l_aff
         logs.update(seg=l_seg.item(), aff=l_aff.item())
         if float(self.a.reg_weight) > 0:
             probs = resize(out.seg, size).softmax(1)
@@ -239,7 +237,7 @@ class AFAMethod(Method):
         if "aff" in want:
             maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
         if "aff_par" in want:
-            maps["aff_par"] = self.par_argmax(image01, scores, labels)
+            maps["aff_par"] = self.par_argmax(image01, scores, labels, inp.kernel)
         return maps
 
     # ----------------------------------------------------------------- analysis hooks
@@ -252,10 +250,11 @@ class AFAMethod(Method):
         cam = self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
-        maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels)}
+        kernel = ImageKernel(self.par, x)  # every map refines on x
+        maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels, kernel)}
         for name, a in (("learned_par", aff), ("oracle_par", oracle_affinity(target).to(aff.dtype))):
             scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
-            maps[name] = self.par_argmax(x, scores, labels)
+            maps[name] = self.par_argmax(x, scores, labels, kernel)
         background = token_labels(gt, grid, str(self.a.sampling)).flatten(1) == 0
         return maps, pair_agreement(aff, target, background)
 
@@ -275,31 +274,3 @@ class AFAMethod(Method):
         names = [f"L{i}h{h}" for i in self.head.attn_layers for h in range(net.backbone.num_heads[i])]
         return {"layers": list(self.head.attn_layers), "weights": w.tolist(), "heads": names,
                 "bias": float(self.head.proj.bias.detach())}
-
-
-@PARAM_RULES.register("afa")
-def afa_rules(encoder_prefix: str = "backbone.", norm: str = "freeze",
-              head_mult: float = 10.0, aff_head_mult: float | None = None) -> list[ParamRule]:
-    """AFA ``WeTr.get_param_groups`` (docs/methods/afa.md 9).
-
-    Encoder parameters with "norm" in the name: ``norm="freeze"`` (official: lr 0, wd 0, still held by
-    the optimiser), ``"train"`` (lr x1, no weight decay) or ``"drop"`` (left out of the optimiser, so no
-    Adam moments are kept; they receive no update). Other encoder parameters: lr x1, default wd
-    (biases included, as official). Everything else (classifier, AFA head, decoder): ``head_mult``.
-
-    ``aff_head_mult``: the affinity head's own multiplier (None: ``head_mult``, as official). AdamW
-    moves a weight by about lr per step, so in a short schedule the head's 1x1 conv (13 numbers,
-    initial std 0.58) stays near its random init at x10 (400 steps x 6e-4 = 0.24 at most).
-    """
-    enc = prefix(encoder_prefix)
-    norm_rule = {
-        "freeze": ParamRule(both(enc, contains("norm")), lr_mult=0.0, weight_decay=0.0, name="encoder_norm"),
-        "train": ParamRule(both(enc, contains("norm")), lr_mult=1.0, weight_decay=0.0, name="encoder_norm"),
-        "drop": ParamRule(both(enc, contains("norm")), name="encoder_norm", exclude=True),
-    }
-    if norm not in norm_rule:
-        raise ValueError(f"norm must be 'freeze', 'train' or 'drop', got '{norm}'")
-    aff = [] if aff_head_mult is None else [
-        ParamRule(prefix(f"{AFAMethod.HEAD}."), lr_mult=aff_head_mult, name="aff_head")]
-    return [norm_rule[norm], ParamRule(enc, name="encoder"), *aff,
-            ParamRule(lambda _n, _p: True, lr_mult=head_mult, name="heads")]

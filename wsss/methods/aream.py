@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from wsss.core.param_rules import ParamRule, both, contains, no_decay
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import MethodConfig, Rule, option
-from wsss.methods.afa import SAMPLING
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
 from wsss.ops.attention import (
@@ -38,7 +37,8 @@ from wsss.ops.attention import (
     slice_patches,
 )
 from wsss.ops.losses import seg_loss_bg_fg
-from wsss.refine.labels import affinity_labels, cam_to_label, oracle_affinity
+from wsss.refine.labels import SAMPLING, affinity_labels, cam_to_label, oracle_affinity
+from wsss.refine.par import ImageKernel
 
 
 def _attention_probs(layer: int, logits: Tensor) -> Tensor:
@@ -278,7 +278,8 @@ class AReAMMethod(Method):
         if "refined" in want:
             maps["refined"] = cam_to_label(cams["refined"], labels, bkg_score=bkg)
         if "refined_par" in want:
-            maps["refined_par"] = self.par_argmax(image01, with_background(cams["refined"], bkg), labels)
+            maps["refined_par"] = self.par_argmax(image01, with_background(cams["refined"], bkg), labels,
+                                                  inp.kernel)
         if "pseudo" in want:
             maps["pseudo"] = self.pseudo_label(image01, cams["shallow"], labels, None)
         return maps
@@ -301,11 +302,11 @@ class AReAMMethod(Method):
             "refined": self.aream_cam(net, x, labels, self.layers, None, [1.0]),
             "oracle": self.aream_cam(net, x, labels, self.layers, None, [1.0], affinity=oracle),
         }
-        maps = {}
+        maps, kernel = {}, ImageKernel(self.par, x)  # every '*_par' map refines on x
         for k, cam in cams.items():
             bkg = float(self.cfg.eval.bkg_score) if k == "cam" else self.refined_bkg_score()
             maps[k] = cam_to_label(cam, labels, bkg_score=bkg)
-            maps[f"{k}_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
+            maps[f"{k}_par"] = self.par_argmax(x, with_background(cam, bkg), labels, kernel)
         return maps, None
 
     def oracle_protocol(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What every method shares: its plugin interface, the PAR module, CAM passes, evaluation label maps.
+"""What every method shares: its plugin interface, the ``pseudo`` config section, the PAR module, CAM
+passes, evaluation label maps.
 
 A method turns a batch into losses (``training_step``) and an image into label maps
 (``predict``). Methods never loop over images: every piece they call is batched.
@@ -43,7 +44,7 @@ from wsss.refine.labels import (
     par_argmax_label,
     par_pseudo_label,
 )
-from wsss.refine.par import PAR
+from wsss.refine.par import PAR, ImageKernel
 
 
 @dataclasses.dataclass
@@ -53,13 +54,16 @@ class MapInput:
     x: padded [0, 1] RGB images (B, 3, H, W) (the network's input and PAR's image); labels: (B, K)
     ground-truth image labels; cam: the normalised multi-scale CAM (B, K, H, W) masked by ``labels``;
     scales: the CAM scales; kept: per scale, what :meth:`Method.eval_keep` took from that scale's CAM
-    forward (empty when the maps are asked for without those forwards: compute them afresh)."""
+    forward (empty when the maps are asked for without those forwards: compute them afresh); kernel:
+    PAR's kernel of ``x``, held while the maps are made (:meth:`Method.label_maps` sets one), that
+    every '*_par' map of ``x`` refines with (None: each computes its own)."""
 
     x: Tensor
     labels: Tensor
     cam: Tensor
     scales: list[float]
     kept: dict[float, Any] = dataclasses.field(default_factory=dict)
+    kernel: ImageKernel | None = None
 
     def kept_all(self) -> list[Any] | None:
         """What was kept from every scale's forward, in the order of ``scales``, or None if any is
@@ -71,6 +75,21 @@ class MapInput:
     def image01(self) -> Tensor:
         """The [0, 1] image: ``x`` itself (the network normalises its input)."""
         return self.x
+
+
+@dataclasses.dataclass
+class PseudoConfig(MethodConfig):
+    """The ``pseudo`` section, shared by every method (:attr:`Method.pseudo`): the schedule of the
+    segmentation head's CAM pseudo labels. Read by the cam baseline and AFA (defaults: the official AFA
+    VOC recipe); AReAM and ToCo keep schedules of their own (``aream.warmup_iters``,
+    ``toco.seg_start_iter``), with other defaults."""
+
+    warmup_iters: int = option(2000)  # classification-only iterations: no pseudo label before
+    seg_weight: float = option(0.1)  # weight of the segmentation loss on the pseudo labels
+
+
+#: config sections every method reads, whatever the method (section name -> its dataclass)
+SHARED_SECTIONS: dict[str, type[MethodConfig]] = {"pseudo": PseudoConfig}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -134,6 +153,8 @@ class Method:
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         self.cfg = cfg
         self.opts = self.options(cfg)
+        shared = cfg.get("pseudo") if hasattr(cfg, "get") else None
+        self.pseudo: PseudoConfig = PseudoConfig.parse(shared, "pseudo")  # type: ignore[assignment]
         p = cfg.par
         self.par = PAR(dilations=tuple(p.dilations), num_iter=int(p.num_iter), w1=float(p.w1), w2=float(p.w2))
         self.high = float(cfg.cam.high)
@@ -213,9 +234,14 @@ class Method:
         )
 
     # ----------------------------------------------------------------- evaluation
-    def par_argmax(self, image01: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax."""
-        return par_argmax_label(image01, scores, labels, self.par)
+    def par_argmax(self, image01: Tensor, scores: Tensor, labels: Tensor, kernel: ImageKernel | None = None
+                   ) -> Tensor:
+        """Refine a score stack (B, K+1, h, w) with PAR at full resolution and take the argmax.
+        ``kernel``: PAR's kernel of ``image01`` that the caller holds for several maps (None: computed
+        for this call)."""
+        if kernel is not None and kernel.image01 is not image01:
+            raise ValueError("par_argmax: the held PAR kernel is of another image")
+        return par_argmax_label(image01, scores, labels, self.par, None if kernel is None else kernel.kernel)
 
     @torch.no_grad()
     @contextmanager
@@ -248,8 +274,7 @@ class Method:
         # the net's seg head rides on the CAM forwards (a method's own seg head does not)
         segs: list[Tensor] | None = [] if msc_seg and "seg" in want and net.seg_head is not None else None
         if want & {*self.MAPS, *self.EXTRA_MAPS}:
-            # every '*_par' map of the batch refines on x: one PAR kernel for all of them
-            with self.flipping(flip), self.par.sharing_kernels():
+            with self.flipping(flip):
                 cam, kept = self._eval_forwards(net, x, labels, scales, want, segs)
                 out.update(self.label_maps(net, MapInput(x, labels, cam, scales, kept), want))
         if "seg" in want:
@@ -265,14 +290,18 @@ class Method:
     def label_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
         """The CAM-derived label maps (B, H, W) named in ``want`` from the evaluation forwards' output
         ``inp`` (the masked multi-scale CAM and what each scale kept): no network pass of its own, so
-        the thresholds of the config can be swept over one set of forwards (``wsss calibrate``)."""
+        the thresholds of the config can be swept over one set of forwards (``wsss calibrate``). Every
+        '*_par' map refines on x with one PAR kernel (``inp.kernel``; one is held for the call if
+        ``inp`` has none)."""
+        if inp.kernel is None:
+            inp = dataclasses.replace(inp, kernel=ImageKernel(self.par, inp.x))
         x, labels, cam = inp.x, inp.labels, inp.cam
         out: dict[str, Tensor] = {}
         bkg = float(self.cfg.eval.bkg_score)
         if "cam" in want:
             out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
         if "cam_par" in want:
-            out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels)
+            out["cam_par"] = self.par_argmax(x, with_background(cam, bkg), labels, inp.kernel)
         if "pseudo" in want and not self.OWN_PSEUDO:
             out["pseudo"] = self.pseudo_label(x, cam, labels, None)
         out.update(self.extra_maps(net, inp, want))

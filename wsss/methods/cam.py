@@ -1,6 +1,7 @@
 """CAM baseline: classification only, plus (optionally) a segmentation head trained on the
 PAR-refined CAM pseudo labels. This is AFA without the affinity module (the official
-baseline model), so it isolates what learned affinity adds.
+baseline model), so it isolates what learned affinity adds: it follows the same schedule, the shared
+``pseudo`` section (``pseudo.warmup_iters``, ``pseudo.seg_weight``), and has no section of its own.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.methods.afa import AFAConfig
 from wsss.methods.base import Method, pass_mode, register_method
 from wsss.model import WSSSNet, unwrap
 from wsss.ops.losses import seg_loss_bg_fg
@@ -18,17 +18,14 @@ from wsss.ops.losses import seg_loss_bg_fg
 
 @register_method
 class CAMMethod(Method):
-    """Reads the schedule of the AFA section (``afa.warmup_iters``, ``afa.seg_weight``): the baseline is
-    AFA's recipe without the affinity."""
+    """AFA's recipe without the affinity: the schedule of the ``pseudo`` section, as AFA's."""
 
     name = "cam"
-    Config = AFAConfig
-    section = "afa"
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
         super().__init__(cfg, net)
-        self.warmup = int(self.opts.warmup_iters)  # type: ignore[union-attr]
-        self.seg_weight = float(self.opts.seg_weight)  # type: ignore[union-attr]
+        self.warmup = int(self.pseudo.warmup_iters)
+        self.seg_weight = float(self.pseudo.seg_weight)
 
     def training_step(
         self, net: nn.Module, batch: dict[str, Tensor], it: int

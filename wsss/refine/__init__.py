@@ -13,11 +13,12 @@ from wsss.refine.labels import (
     par_refine_scores_label,
     present_index,
 )
-from wsss.refine.par import PAR, neighbour_distances, neighbour_offsets
+from wsss.refine.par import PAR, ImageKernel, neighbour_distances, neighbour_offsets
 from wsss.refine.propagation import propagate_affinity, propagate_affinity_plain, window_mask
 
 __all__ = [
     "PAR",
+    "ImageKernel",
     "affinity_labels",
     "box_mask",
     "cam_to_label",

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from wsss.refine.par import PAR
 
-_SAMPLING = ("topleft", "center", "mode")
+#: how a token takes the label of its cell (:func:`token_labels`, :func:`affinity_labels`)
+SAMPLING = ("topleft", "center", "mode")
 
 
 def box_mask(img_box: Tensor, size: tuple[int, int]) -> Tensor:
@@ -290,7 +291,8 @@ def par_refine_scores_label(
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
-def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) -> Tensor:
+def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR, kernel: Tensor | None = None
+                     ) -> Tensor:
     """PAR-refined argmax label of a score stack (the 'cam_par' / 'aff_par' evaluation maps).
 
     Softmax over background + present classes, PAR at the image size (PAR resizes the maps), argmax
@@ -302,12 +304,13 @@ def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR) 
         image01: (B, 3, H, W) image in [0, 1].
         scores: (B, K+1, h, w), channel 0 = background.
         labels: (B, K) multi-hot labels.
+        kernel: PAR's kernel of ``image01`` when the caller holds it (:class:`~wsss.refine.par.ImageKernel`).
     Returns:
         (B, H, W) long class ids.
     """
     idx, valid = present_index(labels)
     probs = _softmax_keep(_gather_channels(scores, idx), valid)
-    refined = par(image01, probs).masked_fill(~valid[:, :, None, None], float("-inf"))
+    refined = par(image01, probs, kernel).masked_fill(~valid[:, :, None, None], float("-inf"))
     return _to_class_ids(refined, idx)
 
 
@@ -350,8 +353,8 @@ def affinity_labels(
     Returns:
         (B, N, N) long in {0, 1, ignore_index}.
     """
-    if sampling not in _SAMPLING:
-        raise ValueError(f"sampling must be one of {_SAMPLING}, got {sampling!r}")
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     tok = token_labels(label, tuple(grid), sampling).flatten(1)  # (B, N)
     aff = (tok[:, :, None] == tok[:, None, :]).long()
     ign = tok == ignore_index

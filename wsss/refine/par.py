@@ -18,13 +18,15 @@ width clamps to the same border values, so every neighbour is a shifted slice of
 tensor) and the weighted sum is accumulated neighbour by neighbour, so the (B, C, 48, H, W) gather of
 the official one-hot-convolution code is never materialised. Channels are independent, so any number
 of maps (several images' class subsets, the high/low background stacks) is refined in one call.
+
+A caller that refines several score maps of one image holds its kernel in an :class:`ImageKernel`
+(computed on first use) and passes it to each call: ``par(image01, maps, kernel=held.kernel)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +87,6 @@ class PAR(nn.Module):
         self.offsets = neighbour_offsets(self.dilations)
         self.pad = max(self.dilations)
         self._pos_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        # inside sharing_kernels(): id(image) -> (image, its version, kernel)
-        self._kernels: dict[int, tuple[Tensor, int, Tensor]] | None = None
 
     @classmethod
     def from_paper(
@@ -134,19 +134,8 @@ class PAR(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         return F.pad(x, [self.pad] * 4, mode="replicate")
 
-    @contextmanager
-    def sharing_kernels(self) -> Iterator[None]:
-        """Within the block, :meth:`kernel` of one image tensor (the same object, not modified in
-        place since) is computed once: the evaluation refines several score maps of a batch
-        ('cam_par', 'aff_par', ...) on the same image. The kernels are dropped on exit."""
-        saved, self._kernels = self._kernels, {}
-        try:
-            yield
-        finally:
-            self._kernels = saved
-
     def kernel(self, image01: Tensor) -> Tensor:
-        """Refinement kernel K(p, n) (shared within :meth:`sharing_kernels`).
+        """Refinement kernel K(p, n) (held for several refinements of one image: :class:`ImageKernel`).
 
         Args:
             image01: (B, 3, H, W) image (any channel count works), values in [0, 1].
@@ -155,13 +144,6 @@ class PAR(nn.Module):
         """
         if image01.dim() != 4:
             raise ValueError(f"image01 must be (B, 3, H, W), got {tuple(image01.shape)}")
-        if self._kernels is not None:
-            hit = self._kernels.get(id(image01))
-            if hit is not None and hit[0] is image01 and hit[1] == image01._version:
-                return hit[2]
-            k = self._kernel(image01)
-            self._kernels[id(image01)] = (image01, image01._version, k)
-            return k
         return self._kernel(image01)
 
     def _kernel(self, image01: Tensor) -> Tensor:
@@ -227,13 +209,15 @@ class PAR(nn.Module):
             maps = out
         return maps
 
-    def forward(self, image01: Tensor, maps: Tensor) -> Tensor:
+    def forward(self, image01: Tensor, maps: Tensor, kernel: Tensor | None = None) -> Tensor:
         """Refine ``maps`` with the kernel of ``image01``.
 
         Args:
             image01: (B, 3, H, W) image in [0, 1].
             maps: (B, C, h, w) score maps; resized to (H, W) bilinearly with align_corners=True first
                 when the sizes differ (as the AFA code does).
+            kernel: :meth:`kernel` of ``image01`` when the caller holds it (:class:`ImageKernel`);
+                None: computed for this call.
         Returns:
             (B, C, H, W) refined maps.
         """
@@ -241,4 +225,29 @@ class PAR(nn.Module):
             raise ValueError(f"maps must be (B, C, h, w) with B={image01.shape[0]}, got {tuple(maps.shape)}")
         if maps.shape[-2:] != image01.shape[-2:]:
             maps = F.interpolate(maps, size=image01.shape[-2:], mode="bilinear", align_corners=True)
-        return self.propagate(self.kernel(image01), maps)
+        return self.propagate(self.kernel(image01) if kernel is None else kernel, maps)
+
+
+class ImageKernel:
+    """The PAR kernel of one image batch, held by a caller that refines several score maps of it (the
+    evaluation's 'cam_par', 'aff_par', ... maps of a batch): computed the first time it is used, then
+    reused. The image must not change in place while the kernel is held.
+
+    ``par(image01, maps, kernel=held.kernel)`` is ``par(image01, maps)`` without computing the kernel
+    again."""
+
+    def __init__(self, par: PAR, image01: Tensor) -> None:
+        self.par = par
+        self.image01 = image01
+        self._kernel: Tensor | None = None
+
+    @property
+    def kernel(self) -> Tensor:
+        """(B, 48, H, W): :meth:`PAR.kernel` of the image, computed on first use."""
+        if self._kernel is None:
+            self._kernel = self.par.kernel(self.image01)
+        return self._kernel
+
+    def refine(self, maps: Tensor) -> Tensor:
+        """``par(image01, maps)`` with the held kernel."""
+        return self.par(self.image01, maps, kernel=self.kernel)
