@@ -18,8 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_MODULES = ("afa", "aream", "cam", "supervised", "toco")
 
-# A tiny network per method, from the defaults: a hidden method's section must not be named (the
-# config would name an unknown section), so no shipped config (they set the afa section) is used.
+# A tiny network per method, from the defaults (the shipped configs are loaded apart, in the child).
 MIT_TINY = ["model.backbone=mit_tiny", "model.backbone_kwargs.strides=[4,2,1,1]",
             "model.backbone_kwargs.depths=[1,1,1,4]", "model.backbone_kwargs.drop_path_rate=0.0"]
 COMMON = ["model.pretrained=null", "model.seg_head.embed_dim=16", "cam.scales=[1.0]", "par.num_iter=2",
@@ -76,14 +75,32 @@ for name in names:
     grads = sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
     assert math.isfinite(float(loss)) and grads > 0, (name, logs)
     losses[name] = sorted(logs)
+# every shipped config of a remaining method loads; those of the hidden method are refused
+for name, method in json.loads(sys.argv[5]).items():
+    if method != hidden:
+        load_config(name)
+        continue
+    try:
+        load_config(name)
+    except (KeyError, ValueError):
+        continue
+    raise AssertionError(f"{name} of the hidden method {hidden} loaded")
 print(json.dumps(losses))
 """
+
+
+def _shipped_methods() -> dict[str, str]:
+    """Each shipped config's method, read with every method present."""
+    from wsss.config import CONFIG_DIR, load_config
+
+    return {p.stem: str(load_config(p.stem).method) for p in sorted(CONFIG_DIR.glob("[!_]*.yaml"))}
 
 
 def _run(hidden: str, missing: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    args = [sys.executable, "-c", CHILD, hidden, missing, json.dumps(TINY), json.dumps(COMMON)]
+    args = [sys.executable, "-c", CHILD, hidden, missing, json.dumps(TINY), json.dumps(COMMON),
+            json.dumps(_shipped_methods())]
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
