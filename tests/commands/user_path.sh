@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The user's path on a VOC-layout root, with only the overrides a user must give (data.root, out_dir)
 # plus tiny iteration counts at training time; the commands after training read the run they are given.
-#   tests/user_path.sh WORK_DIR      (PYTHON=... to choose the interpreter; run from the repository root)
+#   tests/commands/user_path.sh WORK_DIR      (PYTHON=... to choose the interpreter; run from the repository root)
 set -euo pipefail
 WORK=$1
 PY=${PYTHON:-python}
@@ -31,7 +31,7 @@ wsss report "$RUN" --images 2 > "$WORK/report.out"
 # Real photographs (msrc_dev beside the repository; skipped when absent) as a folder dataset: a labels
 # CSV built from the masks (negatives included: photos without any object), a held-out val part,
 # photos read in place from msrc_dev; calibrate on 20 masks, then evaluate, pseudo-labels, predict.
-MSRC=${MSRC_DEV:-$(cd "$(dirname "$0")/.." && pwd)/../shared/data/msrc_dev}
+MSRC=${MSRC_DEV:-$(cd "$(dirname "$0")/../.." && pwd)/../shared/data/msrc_dev}
 if [ -d "$MSRC" ]; then
   OWN=$WORK/own
   mkdir -p "$OWN/masks20"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHOD_MODULES = ("afa", "aream", "cam", "supervised", "toco")
 
 # A tiny network per method, from the defaults (the shipped configs are loaded apart, in the child).

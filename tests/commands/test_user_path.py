@@ -1,7 +1,7 @@
 """The user's path (issue 12): commands that read the run they are given, honest output, a second stage.
 
-``test_user_path_shell`` runs ``tests/user_path.sh`` (train -> evaluate -> pseudo-labels -> second stage
--> evaluate -> predict -> analyze -> report on a VOC-layout root, with only data.root / out_dir given)
+``test_user_path_shell`` runs ``tests/commands/user_path.sh`` (train -> evaluate -> pseudo-labels -> second
+stage -> evaluate -> predict -> analyze -> report on a VOC-layout root, with only data.root / out_dir given)
 and rescores the pseudo-label PNGs with a scorer written here. The other tests each pin one of the
 problems the issue lists.
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from tests.conftest import tiny_overrides
 from wsss.config import load_config
 from wsss.data.io import DataError, load_mask
 from wsss.engine.train import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rescore(pred_dir: Path, gt_dir: Path, names: list[str], c: int) -> tuple[float, float, float]:
@@ -55,7 +55,7 @@ def rescore(pred_dir: Path, gt_dir: Path, names: list[str], c: int) -> tuple[flo
 def test_user_path_shell(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        ["bash", str(REPO / "tests" / "user_path.sh"), str(tmp_path)],
+        ["bash", str(REPO / "tests" / "commands" / "user_path.sh"), str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

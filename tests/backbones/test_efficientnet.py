@@ -23,7 +23,7 @@ from wsss.backbones.efficientnet import (
 )
 from wsss.core.weights import CheckpointError
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+COCO128 = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128"
 
 
 def have_weights() -> bool:

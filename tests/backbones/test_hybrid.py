@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ref_blocks
 
+from tests.conftest import ref_blocks
 from wsss.backbones.hybrid import HybridTransformer, hybrid_lite0_tiny
 from wsss.config import load_config
 from wsss.methods import build_method, build_network

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
 
+from tests.conftest import tiny_overrides
 from wsss.config import load_config
 from wsss.engine.train import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {
     "cam": "cam_mit_tiny_synthetic",
     "afa": "afa_mit_tiny_synthetic",

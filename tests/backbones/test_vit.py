@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ref_blocks
 from safetensors.torch import save_file
 
 import wsss.backbones.vit as vit_module
+from tests.conftest import ref_blocks
 from wsss.backbones.vit import (
     VisionTransformer,
     checkpoint_filter_fn,

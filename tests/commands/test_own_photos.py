@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 
+from tests.conftest import tiny_overrides
 from wsss.config import load_config
 from wsss.data.io import DataError
 from wsss.engine.train import train

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from tests.conftest import tiny_overrides
 from wsss import cli
 from wsss.commands.pseudo_labels import run_pseudo_labels
 from wsss.config import load_config, to_dict
