@@ -143,3 +143,135 @@ def test_afa_rules_give_the_affinity_head_its_own_multiplier() -> None:
     assert groups["heads"]["lr"] == pytest.approx(1e-3)  # classifier and seg head keep head_mult
     official = {g["name"] for g in build_param_groups(net, afa_rules(), 1e-4, 0.01)}
     assert "aff_head" not in official
+
+
+# ----------------------------------------------------------------- written-out references
+def _ref_propagate(cam, aff, labels, bkg, radius, power, eps, transpose=False):
+    """Official AFA propagation, one token pair at a time (docs/methods/afa.md 6): the background score
+    prepended, softmax over background + present classes per token, T[i, j] = A'[i, j] / (sum_i'
+    A'[i', j] + eps) with A' = (A inside the square window) ** power, out[c, j] = sum_i P[c, i] T[i, j].
+    Returns (B, K+1, h, w), absent classes 0."""
+    b_, k_, h, w = cam.shape
+    n = h * w
+    out = torch.zeros(b_, k_ + 1, h, w, dtype=torch.float64)
+    for b in range(b_):
+        present = [0] + [c + 1 for c in range(k_) if labels[b, c] > 0]
+        a = aff[b].tolist()
+        probs = {}
+        for i in range(n):
+            r, c = divmod(i, w)
+            s = {ch: bkg if ch == 0 else float(cam[b, ch - 1, r, c]) for ch in present}
+            z = sum(math.exp(v) for v in s.values())
+            probs[i] = {ch: math.exp(v) / z for ch, v in s.items()}
+        for j in range(n):
+            rj, cj = divmod(j, w)
+            col = []
+            for i in range(n):
+                ri, ci = divmod(i, w)
+                inside = abs(ri - rj) <= radius and abs(ci - cj) <= radius
+                v = a[j][i] if transpose else a[i][j]
+                col.append(v ** power if inside else 0.0)
+            norm = sum(col) + eps
+            for ch in present:
+                out[b, ch, rj, cj] = sum(probs[i][ch] * col[i] for i in range(n)) / norm
+    return out
+
+
+def _ref_affinity_target(label, grid, radius, ignore=255):
+    """Token-pair affinity labels of a pixel label, one pair at a time: each token takes the top-left
+    pixel of its cell; 255 outside the square window or where either token is 255, else 1 iff equal."""
+    b_, hh, ww = label.shape
+    h, w = grid
+    n = h * w
+    out = torch.empty(b_, n, n, dtype=torch.long)
+    for b in range(b_):
+        tok = [int(label[b, (i // w) * hh // h, (i % w) * ww // w]) for i in range(n)]
+        for i in range(n):
+            for j in range(n):
+                inside = abs(i // w - j // w) <= radius and abs(i % w - j % w) <= radius
+                if not inside or ignore in (tok[i], tok[j]):
+                    out[b, i, j] = ignore
+                else:
+                    out[b, i, j] = int(tok[i] == tok[j])
+    return out
+
+
+def _tiny_afa(radius: int = 1):
+    cfg = load_config("afa_mit_tiny_synthetic", [f"afa.radius={radius}", "cam.scales=[1.0]"])
+    net = build_network(cfg, 5)
+    return cfg, net, build_method(cfg, net)
+
+
+def test_afa_propagate_and_aff_map_match_a_loop_over_token_pairs() -> None:
+    """AFAMethod.propagate (the method's window, power and leak) and the evaluation's 'aff' map (its
+    argmax over background + present classes) on a random CAM and affinity on a 3 x 4 grid."""
+    from wsss.methods.base import MapInput
+
+    torch.manual_seed(0)
+    cfg, net, method = _tiny_afa(radius=1)
+    grid, k = (3, 4), 5
+    cam = torch.rand(2, k, *grid, dtype=torch.float64) * 3
+    aff = torch.rand(2, 12, 12, dtype=torch.float64)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.float64)
+    bkg = float(cfg.eval.aff_bkg_score)
+    args = (labels, bkg, int(cfg.afa.radius), float(cfg.afa.power), float(cfg.afa.norm_eps))
+    ref = _ref_propagate(cam, aff, *args)
+    got = method.propagate(cam, aff, grid, labels, bkg)
+    torch.testing.assert_close(got, ref)
+    # the reference can tell a transposed affinity (row normalisation instead of column) apart
+    assert not torch.allclose(got, _ref_propagate(cam, aff, *args, transpose=True))
+
+    x = torch.rand(2, 3, *grid, dtype=torch.float64)  # the image on the token grid: no resizing
+    maps = method.extra_maps(net, MapInput(x, labels, cam, [1.0], kept={1.0: (aff, grid)}), {"aff"})
+    ref_map = torch.empty(2, *grid, dtype=torch.long)
+    for b in range(2):
+        present = [0] + [c + 1 for c in range(k) if labels[b, c] > 0]
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                ref_map[b, r, c] = max(present, key=lambda ch: (float(ref[b, ch, r, c]), -ch))
+    assert torch.equal(maps["aff"], ref_map)
+
+
+def test_afa_training_targets_come_from_the_par_label(monkeypatch) -> None:
+    """training_step (before afa.switch_iter): the affinity loss's target is the token-pair label of
+    the PAR pseudo label (loop over pairs, window radius 1 on the 8 x 8 grid) and the seg loss's target
+    is the PAR label itself. The PAR label is replaced by a random one (with 255s) to test the wiring."""
+    import wsss.methods.afa as afa_module
+    from wsss.ops.losses import seg_loss_bg_fg
+
+    torch.manual_seed(0)
+    cfg, net, method = _tiny_afa(radius=1)
+    labels = torch.zeros(2, 5)
+    labels[0, 1] = labels[1, 3] = labels[1, 4] = 1
+    batch = {"image": torch.rand(2, 3, 64, 64), "labels": labels,
+             "img_box": torch.tensor([[0, 64, 0, 64]] * 2)}
+    par = torch.randint(0, 3, (2, 64, 64))
+    par[par == 2] = 255
+    par[1][par[1] == 1] = 4
+    seen = {}
+
+    def fake_pseudo(image01, cam, lab, box):
+        seen["pseudo"] = seen.get("pseudo", 0) + 1
+        return par
+
+    def aff_spy(aff, target, background=None):
+        seen["aff"] = target
+        return affinity_loss(aff, target, background)
+
+    def seg_spy(seg, target):
+        seen["seg"] = target
+        return seg_loss_bg_fg(seg, target)
+
+    monkeypatch.setattr(method, "pseudo_label", fake_pseudo)
+    monkeypatch.setattr(afa_module, "affinity_loss", aff_spy)
+    monkeypatch.setattr(afa_module, "seg_loss_bg_fg", seg_spy)
+    loss, _ = method.training_step(net, batch, int(cfg.pseudo.warmup_iters) + 1)
+    assert torch.isfinite(loss) and seen["pseudo"] == 1
+    assert torch.equal(seen["seg"], par)
+    target = seen["aff"]
+    assert target.shape == (2, 64, 64)  # the 8 x 8 grid of the captured blocks
+    ref = _ref_affinity_target(par, (8, 8), radius=1)
+    assert torch.equal(target, ref)
+    assert {0, 1, 255} <= set(target.unique().tolist())
+    # the reference tells a transposed label apart
+    assert not torch.equal(target, _ref_affinity_target(par.transpose(1, 2), (8, 8), radius=1))

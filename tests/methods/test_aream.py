@@ -3,6 +3,7 @@ refined maps' background score and the refined CAM (checked against a written-ou
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from wsss.config import load_config
@@ -55,3 +56,105 @@ def test_aream_refined_maps_use_their_own_background_score() -> None:
         assert torch.equal(maps["refined"], cam_to_label(refined, labels, bkg_score=score))
         seen.add(int((maps["refined"] == 0).sum()))
     assert len(seen) == 2  # the score changed the background
+
+
+def _aream(layer_index: int | None = None):
+    over = ["model.backbone_kwargs.img_size=64"]
+    if layer_index is not None:
+        over.append(f"aream.layer_index={layer_index}")
+    cfg = load_config("aream_mctformer_micro_synthetic", over)
+    net = build_network(cfg, 5)
+    return cfg, net, build_method(cfg, net)
+
+
+def _ref_refined(cam, affs, all_layers, layers, weights, t, grid, transpose=False):
+    """R(k, i) = sum_j A[i, j] M(k, j), one pixel pair at a time (docs/methods/aream.md 4-5):
+    M(k, j) = relu(CAM(k, j)) x the mean over all layers of the class-k-token-to-patch-j attention,
+    A[i, j] = (1 / l) sum over the l fused layers of w_l x attention of patch i to patch j."""
+    n_, k_ = cam.shape[:2]
+    h, w = grid
+    npatch = h * w
+    out = torch.zeros(n_, k_, h, w, dtype=torch.float64)
+    for b in range(n_):
+        m = [[max(float(cam[b, k, j // w, j % w]), 0.0)
+              * sum(float(affs[i][b, k, t + j]) for i in all_layers) / len(all_layers)
+              for j in range(npatch)] for k in range(k_)]
+        for i in range(npatch):
+            for j in range(npatch):
+                q, key = (j, i) if transpose else (i, j)
+                a = sum((1.0 if weights is None else float(weights[n])) * float(affs[lay][b, t + q, t + key])
+                        for n, lay in enumerate(layers)) / len(layers)
+                for k in range(k_):
+                    out[b, k, i // w, i % w] += a * m[k][j]
+    return out
+
+
+def test_aream_refined_cam_single_matches_a_loop_over_patch_pairs() -> None:
+    """refined_cam_single on random head-mean attentions (K class tokens first) and a random raw CAM:
+    the CAM x class-to-patch attention, refined by the fused patch attention of the chosen layers,
+    with uniform and with given fusion weights."""
+    torch.manual_seed(0)
+    _, _, method = _aream(layer_index=2)
+    t, grid = method.T, (3, 3)
+    assert t == 5 and method.class_attention
+    n = t + 9
+    affs = {i: torch.rand(2, n, n, dtype=torch.float64).softmax(-1) for i in method.layers}
+    cam = torch.randn(2, 5, *grid, dtype=torch.float64)
+    shallow = method.shallow_layers()
+    for weights in (None, torch.tensor([0.3, 1.2], dtype=torch.float64)):
+        got = method.refined_cam_single(cam, affs, grid, shallow, weights)
+        ref = _ref_refined(cam, affs, method.layers, shallow, weights, t, grid)
+        torch.testing.assert_close(got, ref)
+        # the reference tells the transposed affinity (sum_j A[j, i] M(j)) apart
+        assert not torch.allclose(got, _ref_refined(cam, affs, method.layers, shallow, weights, t, grid,
+                                                    transpose=True))
+    got = method.refined_cam_single(cam, affs, grid, method.layers, None)  # the 'refined' map: all layers
+    torch.testing.assert_close(got, _ref_refined(cam, affs, method.layers, method.layers, None, t, grid))
+
+
+def test_aream_layer_index_splits_shallow_fusion_from_deep_supervision(monkeypatch) -> None:
+    """aream.layer_index = k: the pseudo label's CAM fuses layers [0, k), the affinity loss gets the
+    logits of layers [k, L) and its target is the token-pair label of the pseudo label (a loop over
+    pairs, no window; the pseudo label is replaced by a random one with 255s to test the wiring)."""
+    import wsss.methods.aream as aream_module
+
+    torch.manual_seed(0)
+    cfg, net, method = _aream(layer_index=2)
+    assert method.layers == list(range(6))
+    assert method.shallow_layers() == [0, 1] and method.deep_layers() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="layer_index"):
+        _aream(layer_index=6)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    x = torch.rand(2, 3, 64, 64)
+    label = torch.randint(0, 3, (2, 64, 64))
+    label[label == 2] = 255
+    seen: dict = {}
+    real_cam = method.aream_cam
+
+    def cam_spy(net_, x_, labels_, layers, weights, *a, **kw):
+        seen["layers"] = list(layers)
+        return real_cam(net_, x_, labels_, layers, weights, *a, **kw)
+
+    def loss_spy(attn, target, weights=None):
+        seen["attn"], seen["target"] = attn, target
+        return aream_affinity_loss(attn, target, weights)
+
+    monkeypatch.setattr(method, "aream_cam", cam_spy)
+    monkeypatch.setattr(method, "pseudo_label", lambda *a: label)
+    monkeypatch.setattr(aream_module, "aream_affinity_loss", loss_spy)
+    loss, logs = method.training_step(net, {"image": x, "labels": labels}, int(cfg.aream.warmup_iters) + 1)
+    assert torch.isfinite(loss) and "aff" in logs
+    assert seen["layers"] == [0, 1] and len(seen["attn"]) == 4
+    # the supervised logits are those of layers 2..5: the head-mean pre-softmax patch block
+    out = net(x, [2, 3, 4, 5], lambda layer, z: layer_logit_mean(z, method.T), with_seg=False)
+    for got, i in zip(seen["attn"], [2, 3, 4, 5]):
+        torch.testing.assert_close(got, out.attn[i])
+    target = seen["target"]
+    h = w = 8  # patch size 8 on 64 x 64
+    ref = torch.empty(2, h * w, h * w, dtype=torch.long)
+    for b in range(2):
+        tok = [int(label[b, (i // w) * 64 // h, (i % w) * 64 // w]) for i in range(h * w)]
+        for i in range(h * w):
+            for j in range(h * w):
+                ref[b, i, j] = 255 if 255 in (tok[i], tok[j]) else int(tok[i] == tok[j])
+    assert torch.equal(target, ref)
