@@ -223,7 +223,7 @@ def dict_cfg(cfg):
 
 
 def test_pair_agreement_matches_loops():
-    from wsss.analysis.affinity import pair_agreement
+    from wsss.analysis.oracle import pair_agreement
 
     g = torch.Generator().manual_seed(3)
     aff = torch.rand(2, 7, 7, generator=g)
@@ -253,7 +253,7 @@ def test_pair_agreement_matches_loops():
 
 
 def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
-    from wsss.analysis.affinity import oracle_quality as affinity_quality
+    from wsss.analysis.oracle import oracle_quality as affinity_quality
     from wsss.methods import build_method
     from wsss.refine.labels import affinity_labels
 
@@ -295,7 +295,7 @@ def test_affinity_quality_oracle(afa_net, data_root, monkeypatch):
 
 
 def test_refinement_quality_oracle(aream_net, data_root):
-    from wsss.analysis.affinity import oracle_quality as refinement_quality
+    from wsss.analysis.oracle import oracle_quality as refinement_quality
     from wsss.methods import build_method
     net, cfg = aream_net
     ds = build_dataset(cfg.data, split="val", train=False)
@@ -356,3 +356,29 @@ def test_class_heat_matches_loops():
                 best = max(best, float(v))
             assert heat[i, j] == pytest.approx(best, abs=1e-6)
     assert class_heat(cam, labels, (8, 10)).shape == (8, 10)
+
+
+
+def test_analysis_hooks_are_protocols_not_method_members(afa_net, aream_net):
+    """``Method`` serves training and map prediction: the analysis hooks are the protocols of
+    wsss.analysis.hooks, which AFA (both) and AReAM (the oracle replay) implement, no other method."""
+    from wsss.analysis.hooks import LearnedAffinity, OracleRefinement
+    from wsss.core.registry import METHODS
+    from wsss.methods import build_method, import_methods
+    from wsss.methods.base import Method
+
+    members = {OracleRefinement: ("ORACLE_MAPS", "oracle_batch", "oracle_protocol"),
+               LearnedAffinity: ("affinity_probe", "head_weights")}
+    assert not [m for names in members.values() for m in names if hasattr(Method, m)]
+    import_methods()
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        has = {p: all(hasattr(cls, m) for m in names) for p, names in members.items()}
+        assert has[OracleRefinement] == (name in ("afa", "aream")), name
+        assert has[LearnedAffinity] == (name == "afa"), name
+    afa = build_method(afa_net[1], afa_net[0])
+    aream = build_method(aream_net[1], aream_net[0])
+    assert isinstance(afa, OracleRefinement) and isinstance(afa, LearnedAffinity)
+    assert isinstance(aream, OracleRefinement) and not isinstance(aream, LearnedAffinity)
+    with pytest.raises(ValueError, match="learns no affinity"):
+        affinity_query_maps(aream, aream_net[0], torch.zeros(1, 3, 64, 64))

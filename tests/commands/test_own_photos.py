@@ -377,8 +377,8 @@ def test_analyze_affinity_on_negatives_alone() -> None:
     """Problem 1 in `wsss analyze`: on images without any object (batches of negatives alone) the
     affinity check runs, and the mean affinity of different-class pairs, which do not exist there, is
     None and said so, not a 0 that reads as a perfect separation."""
-    from wsss.analysis.affinity import oracle_quality
     from wsss.analysis.analyze import oracle_summary
+    from wsss.analysis.oracle import oracle_quality
 
     _, net, method = _tiny("afa_mit_tiny_synthetic")
     q = oracle_quality(method, net, _samples([[0.0] * 5, [0.0] * 5]), 6)

@@ -11,9 +11,9 @@ One dataset pass (eval mode, single scale, original size padded to 16) gives, pe
 - the mIoU (best background threshold of a vectorised sweep) of the raw CAM, of the CAM refined by each
   single layer and by the mean of all analysed layers (AReAM fig. 2b / 10);
 - the column mass sum_i A[i, j] (sink tokens, fig. 8) and, for one image, every layer's patch affinity;
-- methods with an affinity refinement (``Method.ORACLE_MAPS``): the refinement with the model's
-  affinity against the same refinement with a perfect affinity from the ground truth
-  (:mod:`wsss.analysis.affinity`), under ``"oracle"``.
+- methods with an affinity refinement (:class:`~wsss.analysis.hooks.OracleRefinement`): the
+  refinement with the model's affinity against the same refinement with a perfect affinity from the
+  ground truth (:mod:`wsss.analysis.oracle`), under ``"oracle"``.
 
 Modules: :mod:`~wsss.analysis.loading` (model, batches, views), :mod:`~wsss.analysis.statistics`
 (per-layer statistics and their summary), :mod:`~wsss.analysis.probes` (a learned affinity),
@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from wsss.analysis.hooks import LearnedAffinity, OracleRefinement
 from wsss.analysis.loading import SquareResized
+from wsss.analysis.oracle import oracle_quality
 from wsss.analysis.plots import pad_image as _pad_image
 from wsss.analysis.plots import (
     plot_affinity_grid,
@@ -104,13 +106,10 @@ def run_analysis(net: WSSSNet, cfg: Any, dataset: Any, out_dir: str | Path, spli
         "plots": {},
     }
     method = build_method(cfg, net)
-    weights = method.head_weights(net)
-    if weights is not None:
-        data["learned_affinity"] = weights
+    if isinstance(method, LearnedAffinity):
+        data["learned_affinity"] = method.head_weights(net)
     has_masks = getattr(dataset, "has_masks", None)
-    if method.ORACLE_MAPS and (has_masks is None or has_masks()):
-        from wsss.analysis.affinity import oracle_quality
-
+    if isinstance(method, OracleRefinement) and (has_masks is None or has_masks()):
         data["oracle"] = oracle_quality(method, net, dataset, num_classes, max_images)
     if entropy:
         if len(res.layers) != bb.num_layers:
@@ -148,7 +147,7 @@ def _write_plots(method: Method, net: WSSSNet, res: AnalysisResult, data: dict[s
 
 
 def oracle_summary(q: dict[str, Any]) -> str:
-    """One or two lines on :mod:`wsss.analysis.affinity`'s numbers."""
+    """One or two lines on :mod:`wsss.analysis.oracle`'s numbers."""
     m = {k: f"{100 * v:.2f}" for k, v in q["miou"].items()}
     if "pairs" in q:  # a learned affinity, propagated
         p = q["pairs"]

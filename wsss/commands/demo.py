@@ -8,7 +8,7 @@
 3. evaluate each (CAM, refined CAM, pseudo label, segmentation head) on the validation split;
 4. for AFA and AReAM, ``wsss analyze`` on part of the validation split: attention statistics and the
    refinement with the model's own affinity against a perfect one from the ground truth
-   (:mod:`wsss.analysis.affinity`), which tells whether the affinity is what holds a method back;
+   (:mod:`wsss.analysis.oracle`), which tells whether the affinity is what holds a method back;
 5. print the mIoU table and write ``summary.json`` / ``summary.md`` and the HTML reports.
 """
 

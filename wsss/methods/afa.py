@@ -240,7 +240,7 @@ class AFAMethod(Method):
             maps["aff_par"] = self.par_argmax(image01, scores, labels, inp.kernel)
         return maps
 
-    # ----------------------------------------------------------------- analysis hooks
+    # ------------------------------------------- analysis hooks (wsss.analysis.hooks protocols)
     @torch.no_grad()
     def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:

@@ -284,7 +284,7 @@ class AReAMMethod(Method):
             maps["pseudo"] = self.pseudo_label(image01, cams["shallow"], labels, None)
         return maps
 
-    # ----------------------------------------------------------------- analysis hooks
+    # ------------------------------------------- analysis hooks (wsss.analysis.hooks protocols)
     @torch.no_grad()
     def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
                      ) -> tuple[dict[str, Tensor], Tensor | None]:

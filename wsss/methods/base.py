@@ -126,7 +126,6 @@ class Method:
     OWN_PSEUDO: ClassVar[bool] = False  # extra_maps makes the 'pseudo' map itself
     PSEUDO_MAP: ClassVar[str | None] = "cam_par"  # its pseudo label for a second stage (None: none)
     REFINED_MAP: ClassVar[str | None] = None  # its refined-CAM label map, when it has one
-    ORACLE_MAPS: ClassVar[tuple[str, ...]] = ()  # maps of :meth:`oracle_batch` (none: no oracle probe)
     # the config key holding each map's background score (what `wsss calibrate` sweeps); a map and its
     # PAR-refined version share a key, and calibrate keeps the PAR-refined map's choice
     BKG_KEYS: ClassVar[dict[str, str]] = {"cam": "eval.bkg_score", "cam_par": "eval.bkg_score"}
@@ -389,30 +388,6 @@ class Method:
         the saved pseudo-label scores use: the multi-scale CAM (a method with a refined CAM returns
         that)."""
         return self.multiscale_cam(net, x, scales, keep=labels) * labels[..., None, None]
-
-
-    # ----------------------------------------------------------------- analysis hooks (wsss analyze)
-    def oracle_batch(self, net: WSSSNet, x: Tensor, labels: Tensor, gt: Tensor
-                     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The method's refinement with the model's own affinity and with a perfect one built from the
-        ground truth ``gt`` (B, H, W) (255 = ignored), for padded images x (B, 3, H, W): label maps
-        (B, H, W) named as :attr:`ORACLE_MAPS`, and float64 pair-agreement sums (6,) of a learned
-        affinity (:func:`wsss.refine.labels.pair_agreement`) or None."""
-        return {}, None
-
-    def oracle_protocol(self) -> dict[str, Any]:
-        """The settings of :meth:`oracle_batch`, for the analysis JSON."""
-        return {}
-
-    def affinity_probe(self, net: WSSSNet, x: Tensor) -> dict[str, Any] | None:
-        """A learned token affinity for single-scale images x (B, 3, H, W): ``{"affinity": (B, N, N),
-        "grid": (h, w), "attn": [(B, heads, N', N') logits it is computed from], "cam": (B, K, h', w')}``,
-        or None when the method learns none."""
-        return None
-
-    def head_weights(self, net: WSSSNet) -> dict[str, Any] | None:
-        """The learned weight of each attention head in the method's affinity head, or None."""
-        return None
 
 
 def with_background(cam: Tensor, score: float) -> Tensor:

@@ -1,11 +1,11 @@
 """Is the affinity the bottleneck? A method's affinity refinement run with the model's own
 affinity and with a perfect ("oracle") one built from the ground-truth masks.
 
-The method says what it compares (:meth:`wsss.methods.base.Method.oracle_batch`, its
-``ORACLE_MAPS``): e.g. AFA's propagated label with the learned against the oracle affinity (and the
-pair agreement of the learned affinity with the ground truth), AReAM's CAM refined by the fused
-attention against the CAM refined by the oracle affinity. The gap between the oracle map and the
-learned one is what a better affinity could still gain on this model's CAMs.
+The method says what it compares (its :class:`~wsss.analysis.hooks.OracleRefinement` members
+``oracle_batch`` and ``ORACLE_MAPS``): e.g. AFA's propagated label with the learned against the
+oracle affinity (and the pair agreement of the learned affinity with the ground truth), AReAM's
+CAM refined by the fused attention against the CAM refined by the oracle affinity. The gap between
+the oracle map and the learned one is what a better affinity could still gain on this model's CAMs.
 Single scale, no flip, eval mode, images padded to a multiple of 16.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wsss.analysis.hooks import OracleRefinement
 from wsss.engine.evaluate import num_images
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.methods.base import Method, pass_mode
@@ -49,7 +50,7 @@ def oracle_quality(
     """mIoU of each map of ``method.ORACLE_MAPS`` on a dataset with masks and, when the method learns an
     affinity, its pair agreement with the ground truth (mean affinity on same-class and
     different-class pairs, accuracy at 0.5)."""
-    if not method.ORACLE_MAPS:
+    if not isinstance(method, OracleRefinement):
         raise ValueError(f"method '{method.name}' has no affinity refinement to compare with an oracle")
     device = next(net.parameters()).device
     sums: Tensor | None = None
