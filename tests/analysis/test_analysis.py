@@ -98,7 +98,8 @@ def test_layer_statistics_matches_loops(aream_net):
             d = [float(torch.linalg.vector_norm(full[bi, i].sqrt() - full[bi, j].sqrt()) / math.sqrt(2))
                  for i in range(npatch) for j in range(i + 1, npatch)]
             assert math.isclose(float(st.hellinger[li, bi]), sum(d) / len(d), rel_tol=1e-6, abs_tol=1e-9)
-        # Entropy (aream.md 6.2): ReLU CAM of the GT classes, refined, summed, softmax, base 2.
+        # Entropy (docs/methods/aream.md section 6.2): ReLU CAM of the GT classes, refined, summed,
+        # softmax, base 2.
         for bi in range(b):
             s = [sum(float(a[bi, i, j]) * max(float(raw[bi, c].flatten()[j]), 0.0) * float(labels[bi, c])
                      for j in range(npatch) for c in range(k)) for i in range(npatch)]

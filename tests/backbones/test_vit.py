@@ -62,7 +62,8 @@ def ref_bicubic(grid: torch.Tensor, out: tuple[int, int], inv_scale: tuple[float
 
 
 def ref_pos_embed(model: VisionTransformer, h: int, w: int, mode: str = "dino") -> torch.Tensor:
-    """(1, T + h*w, D) by the rule of aream.md 2 (dino) or ToCo (size), using ref_bicubic."""
+    """(1, T + h*w, D) by the rule of docs/methods/aream.md section 2 (dino) or ToCo (size), using
+    ref_bicubic."""
     t, (gh, gw) = model.num_prefix_tokens, model.grid
     pos = model.pos_embed.detach()
     if (h, w) == (gh, gw):
@@ -150,7 +151,7 @@ def test_forward_backward_cpu(builder, t):
     loss.backward()
     for name, prm in m.named_parameters():
         if name.startswith("norm."):
-            # MCTformer: the final norm exists but is never applied (aream.md 2)
+            # MCTformer: the final norm exists but is never applied (docs/methods/aream.md section 2)
             assert (prm.grad is None) == (t > 1), name
         else:
             assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
@@ -314,7 +315,7 @@ def cloned(sd):
 
 
 def to_hf5(sd):
-    """timm names -> transformers 5.x ViT names (ecosystem.md 4), written out independently."""
+    """timm names -> transformers 5.x ViT names, written out independently."""
     out = {
         "embeddings.cls_token": sd["cls_token"],
         "embeddings.position_embeddings": sd["pos_embed"],

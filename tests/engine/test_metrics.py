@@ -97,7 +97,7 @@ def test_random_against_naive(shape, c):
 
 
 def test_against_torchmetrics():
-    try:  # test-only oracle; a broken torchvision makes torchmetrics crash at import (ecosystem.md hazard 2)
+    try:  # test-only oracle; a broken torchvision makes torchmetrics crash at import
         from torchmetrics.classification import MulticlassJaccardIndex
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"torchmetrics unavailable: {err}")
@@ -281,7 +281,7 @@ def test_ddp_all_reduce_confusion_matrix():
         expected.update(pred, gt)
     ctx = tmp.get_context("spawn")
     last_err: Exception | None = None
-    for _attempt in range(2):  # mp.spawn rarely aborts on its first run (ecosystem.md 5): one retry
+    for _attempt in range(2):  # mp.spawn rarely aborts on its first run on CPU-only hosts: one retry
         q = ctx.SimpleQueue()
         try:
             tmp.spawn(_ddp_worker, args=(2, _free_port(), q), nprocs=2, join=True)

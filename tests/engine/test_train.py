@@ -96,7 +96,7 @@ def test_ddp_two_processes_gloo(tiny_synthetic: Path, tmp_path: Path) -> None:
         *args,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for _attempt in range(2):  # a first gloo start can abort spuriously (ecosystem.md 5): one retry
+    for _attempt in range(2):  # a first gloo start can abort spuriously on CPU-only hosts: one retry
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
         if res.returncode == 0:
             break

@@ -46,7 +46,7 @@ def test_normalize_cam_constant_map_is_zero():
 
 
 def _official_afa(cam_fn, x, scales):
-    """AFA multi_scale_cam, step by step (afa.md 3)."""
+    """AFA multi_scale_cam, step by step (docs/methods/afa.md section 3)."""
     b, _, h, w = x.shape
     per_scale = []
     for s in scales:
@@ -65,7 +65,7 @@ def _official_afa(cam_fn, x, scales):
 
 
 def _official_aream(cam_fn, x, scales):
-    """AReAM gen_msf_cam merge, step by step (aream.md 5.1)."""
+    """AReAM gen_msf_cam merge, step by step (docs/methods/aream.md section 5.1)."""
     b, _, h, w = x.shape
     maps = []
     for s in scales:

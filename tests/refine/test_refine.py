@@ -1,4 +1,5 @@
-"""Tests of wsss.refine against slow loop references written here (official semantics, afa.md 3-7)."""
+"""Tests of wsss.refine against slow loop references written here (official semantics,
+docs/methods/afa.md sections 3-7)."""
 
 from __future__ import annotations
 
