@@ -1,4 +1,4 @@
-"""The code's shape, read from the source with ``ast``: the layers, and no function longer than 80 lines.
+"""The code's shape, read from the source with ``ast``: the layers, and no function longer than 60 lines.
 
 Layers of ``wsss/``, lowest first (docs/ARCHITECTURE.md, "Layers"). A module may import only from its own
 layer or a lower one, at any depth (imports inside functions count too, relative ones are resolved):
@@ -40,7 +40,7 @@ LAYERS = (
     ("commands", "cli"),
 )
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
-MAX_LINES = 80
+MAX_LINES = 60
 
 
 def _modules(folder: Path) -> list[Path]:
@@ -143,7 +143,7 @@ def long_functions(path: Path) -> list[tuple[int, str, int]]:
     return out
 
 
-def test_no_function_is_longer_than_80_lines(tmp_path):
+def test_no_function_is_longer_than_60_lines(tmp_path):
     bad = [f"{p.relative_to(ROOT.parent)}:{line} {name} ({n} lines)"
            for p in _modules(ROOT) for line, name, n in long_functions(p)]
     assert not bad, "\n".join(bad)

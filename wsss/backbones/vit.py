@@ -44,6 +44,16 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _check_vit_args(depth: int, freeze_blocks: int, pos_interp: str, num_prefix_tokens: int) -> None:
+    """Raise ValueError on the first invalid :class:`VisionTransformer` argument, before any module exists."""
+    if not 0 <= freeze_blocks <= depth:
+        raise ValueError(f"freeze_blocks must be in [0, {depth}], got {freeze_blocks}")
+    if pos_interp not in POS_INTERP_MODES:
+        raise ValueError(f"pos_interp must be one of {POS_INTERP_MODES}, got {pos_interp!r}")
+    if num_prefix_tokens < 1:
+        raise ValueError(f"num_prefix_tokens must be >= 1, got {num_prefix_tokens}")
+
+
 class VisionTransformer(Backbone):
     """ViT / DeiT encoder with T prefix tokens (T = 1: ViT/DeiT; T = K: MCTformer-V2).
 
@@ -86,12 +96,7 @@ class VisionTransformer(Backbone):
         train_prefix: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= freeze_blocks <= depth:
-            raise ValueError(f"freeze_blocks must be in [0, {depth}], got {freeze_blocks}")
-        if pos_interp not in POS_INTERP_MODES:
-            raise ValueError(f"pos_interp must be one of {POS_INTERP_MODES}, got {pos_interp!r}")
-        if num_prefix_tokens < 1:
-            raise ValueError(f"num_prefix_tokens must be >= 1, got {num_prefix_tokens}")
+        _check_vit_args(depth, freeze_blocks, pos_interp, num_prefix_tokens)
         size = _pair(img_size)
         self.grid = (size[0] // patch_size, size[1] // patch_size)
         self.patch_size = self.patch_stride = self.input_multiple = patch_size
@@ -124,10 +129,15 @@ class VisionTransformer(Backbone):
         self.freeze_blocks = freeze_blocks
         self.train_prefix = train_prefix
         if freeze_blocks:
-            for m in (self.patch_embed, *self.blocks[:freeze_blocks]):
-                m.requires_grad_(False)
-            self.pos_embed.requires_grad_(False)
-            self.cls_token.requires_grad_(train_prefix)
+            self._freeze_input(freeze_blocks, train_prefix)
+
+    def _freeze_input(self, freeze_blocks: int, train_prefix: bool) -> None:
+        """No gradient for the patch embedding, the positional embedding and the first ``freeze_blocks``
+        blocks; the class tokens train only with ``train_prefix``."""
+        for m in (self.patch_embed, *self.blocks[:freeze_blocks]):
+            m.requires_grad_(False)
+        self.pos_embed.requires_grad_(False)
+        self.cls_token.requires_grad_(train_prefix)
 
     @property
     def frozen_input(self) -> bool:

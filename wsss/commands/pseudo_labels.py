@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,59 @@ def _write_label(out_dir: Path, name: str, label: torch.Tensor, scores: torch.Te
     return lab
 
 
+def _manifest(cfg: Any, net: torch.nn.Module, map_name: str, scales: list[float], flip: bool,
+              logit_stride: int | None) -> dict[str, Any]:
+    """What makes the labels what they are (:func:`claim_out_dir`): the model's weights, the map, the
+    inference settings, the stride of the saved scores (None: no scores) and the config sections that
+    shape the label (method, CAM, PAR, the methods' own, the background scores)."""
+    from wsss.config import to_dict
+
+    c = to_dict(cfg)
+    return {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales, "flip": flip,
+            "logit_stride": logit_stride, "method": c["method"],
+            "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
+            "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+
+
+def _label_and_write(method: Any, net: torch.nn.Module, dev: torch.device, batches: Iterable[dict[str, Any]],
+                     out_dir: Path, map_name: str, scales: list[float], flip: bool, logits: bool, stride: int,
+                     scorer: LabelScorer, progress: tuple[int, int] | None) -> tuple[int, np.ndarray]:
+    """Label each batch (``map_name``, with its scores when ``logits``), score the labels against the
+    batch's masks and write each image's files. ``progress`` (images done before, total): a line on
+    stderr every 50 images written (None: silent).
+
+    Returns the number of images written and the pixel counts (256,) int64 of their labels by value."""
+    written, counts = 0, np.zeros(256, dtype=np.int64)
+    for batch in batches:
+        label_b, scores_b = label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
+                                              map_name, scales, flip, logits)
+        scorer.update(label_b.cpu(), batch["mask"])
+        for i, name in enumerate(batch["name"]):
+            lab = _write_label(out_dir, name, label_b[i], scores_b[i] if logits else None, stride, map_name)
+            counts += np.bincount(lab.reshape(-1), minlength=256)
+            written += 1
+            if progress is not None and written % 50 == 0:
+                print(f"pseudo-labels: {written + progress[0]}/{progress[1]}", file=sys.stderr)
+    return written, counts
+
+
+def _settings_note(cfg: Any, config: str | os.PathLike | None, checkpoint: str | os.PathLike,
+                   overrides: Sequence[str], map_name: str, scales: list[float], flip: bool,
+                   logit_stride: int | None) -> dict[str, Any]:
+    """The summary's record of how the labels were made: checkpoint, config and overrides, inference
+    settings, thresholds, calibration and the format of the saved scores (None: no scores)."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()), "config": config_note(config),
+        "overrides": list(overrides),
+        "scales": scales, "flip": flip, "image_labels": "ground truth", "ignore_value": 255,
+        "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
+        "calibration": calibration_note(checkpoint),
+        "logits": ({"stride": logit_stride, "dtype": "float16",
+                    "kind": "seg_logits" if map_name == "seg" else "cam (K, h, w) in [0, 1], masked"}
+                   if logit_stride is not None else None),
+    }
+
+
 def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.PathLike,
                       overrides: Sequence[str], split: str, out: str | os.PathLike, map_name: str = "pseudo",
                       logits: bool = False, logit_stride: int = 4, scales: Sequence[float] | None = None,
@@ -139,7 +192,6 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     those already present) are scored against them: uncertain pixels (255) left out, with the
     coverage, and counted as wrong (``summary["scores"]``).
     """
-    from wsss.config import to_dict
     from wsss.data.build import PSEUDO_CLASSES_FILE, build_dataset
     from wsss.engine.evaluate import num_images, same_size_batches
 
@@ -156,40 +208,22 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
     out_dir = Path(out)
-    c = to_dict(cfg)
-    manifest = {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales_l, "flip": flip_b,
-                "logit_stride": stride if logits else None, "method": c["method"],
-                "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
-                "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+    manifest = _manifest(cfg, net, map_name, scales_l, flip_b, stride if logits else None)
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
     n = num_images(dataset, max_images)
-    written, counts = 0, np.zeros(256, dtype=np.int64)
     scorer = LabelScorer(int(dataset.num_classes))
     t0 = time.time()
     pending = [idx for idx in range(n) if overwrite or not _label_done(out_dir, dataset.names[idx], logits)]
     skipped = n - len(pending)
     scorer.update_existing(dataset, sorted(set(range(n)) - set(pending)), out_dir)
-    for batch in same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"]):
-        label_b, scores_b = label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
-                                              map_name, scales_l, flip_b, logits)
-        scorer.update(label_b.cpu(), batch["mask"])
-        for i, name in enumerate(batch["name"]):
-            lab = _write_label(out_dir, name, label_b[i], scores_b[i] if logits else None, stride, map_name)
-            counts += np.bincount(lab.reshape(-1), minlength=256)
-            written += 1
-            if verbose and written % 50 == 0:
-                print(f"pseudo-labels: {written + skipped}/{n}", file=sys.stderr)
+    batches = same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"])
+    written, counts = _label_and_write(method, net, dev, batches, out_dir, map_name, scales_l, flip_b, logits,
+                                       stride, scorer, progress=(skipped, n) if verbose else None)
     summary = {
         "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
-        "checkpoint": str(Path(checkpoint).resolve()), "config": config_note(config),
-        "overrides": list(overrides),
-        "scales": scales_l, "flip": flip_b, "image_labels": "ground truth", "ignore_value": 255,
-        "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
-        "calibration": calibration_note(checkpoint),
-        "logits": ({"stride": stride, "dtype": "float16",
-                    "kind": "seg_logits" if map_name == "seg" else "cam (K, h, w) in [0, 1], masked"}
-                   if logits else None),
+        **_settings_note(cfg, config, checkpoint, overrides, map_name, scales_l, flip_b,
+                         stride if logits else None),
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
         "scores": scorer.compute(),

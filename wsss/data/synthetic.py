@@ -120,6 +120,101 @@ def _background(
     return img
 
 
+def _draw_object(
+    rng: np.random.Generator, size: int, num_objects: int, yy: np.ndarray, xx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One object before occlusion: its body and its discriminative part, bool ``(S, S)`` each (the part
+    all False when not shown). Smaller bodies when ``num_objects`` share the image."""
+    a = rng.uniform(0.16, 0.3) * size / (1 + 0.15 * (num_objects - 1))
+    b = a * rng.uniform(0.55, 0.85)
+    theta = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
+    wobble = rng.uniform([0, 0, 0, 0], [0.08, 6.3, 0.06, 6.3])
+    body = _blob(yy, xx, cy, cx, a, b, theta, wobble)
+    area = body.sum()
+    frac = rng.uniform(*PART_FRACTION)
+    pr = np.sqrt(frac * area / np.pi) * 1.05  # the disc is clipped by the body edge
+    side = 1.0 if rng.random() < 0.5 else -1.0
+    dist = max(0.0, a - pr) * 0.75 * side  # toward one end of the body, along its long axis
+    py, px = cy + dist * np.sin(theta), cx + dist * np.cos(theta)
+    part = body & ((yy - py) ** 2 + (xx - px) ** 2 <= pr**2)
+    if rng.random() >= PART_PROB:
+        part = np.zeros_like(body)
+    return body, part
+
+
+def _draw_layout(
+    rng: np.random.Generator, size: int, k: int, yy: np.ndarray, xx: np.ndarray, allow_twin: bool
+) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """One layout of 1-3 classes (``allow_twin``: sometimes a second instance of one), painted in sequence.
+
+    Returns the shapes ``(class, body, part)`` (bool ``(S, S)`` before occlusion), the owner map int64
+    ``(S, S)`` (index of the object on top, -1 background) and the visible-part map bool ``(S, S)``."""
+    n_cls = int(rng.integers(1, min(3, k) + 1))
+    classes = list(rng.choice(np.arange(1, k + 1), size=n_cls, replace=False))
+    if rng.random() < 0.2 and allow_twin:  # the draw comes first: it is made on every attempt
+        classes.append(classes[0])  # a second instance of one class
+    owner = np.full((size, size), -1, dtype=np.int64)
+    is_part = np.zeros((size, size), dtype=bool)
+    shapes = []
+    for j, c in enumerate(classes):
+        body, part = _draw_object(rng, size, len(classes), yy, xx)
+        owner[body] = j  # later objects occlude earlier ones
+        is_part[body] = part[body]
+        shapes.append((int(c), body, part))
+    return shapes, owner, is_part
+
+
+def _visible_objects(
+    shapes: list[tuple[int, np.ndarray, np.ndarray]], owner: np.ndarray, is_part: np.ndarray
+) -> tuple[list[dict], bool]:
+    """Per-object metadata (class, visible and full areas of body and part) of a layout, and whether it
+    is kept: every object keeps at least half its body and 60 % of its part."""
+    objects = []
+    ok = True
+    for j, (c, body, part) in enumerate(shapes):
+        vis = owner == j
+        vis_part = vis & is_part
+        objects.append({"class": c, "area": int(vis.sum()), "part_area": int(vis_part.sum()),
+                        "full_area": int(body.sum()), "full_part_area": int(part.sum())})  # fmt: skip
+        ok &= vis.sum() >= 0.5 * body.sum() and vis_part.sum() >= 0.6 * part.sum()
+    return objects, ok
+
+
+def _paint_objects(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    shapes: list[tuple[int, np.ndarray, np.ndarray]],
+    owner: np.ndarray,
+    is_part: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    parts_rgb: np.ndarray,
+    bodies_rgb: np.ndarray,
+) -> None:
+    """Paint the visible bodies (textured, sometimes in another class's colour) and parts (checkered)
+    over the background ``img`` float ``(S, S, 3)``, in place, object by object."""
+    for j, (c, _, _) in enumerate(shapes):
+        body, part = (owner == j) & ~is_part, (owner == j) & is_part
+        bc = c if rng.random() >= BODY_CONFUSION else int(rng.integers(1, len(bodies_rgb) + 1))
+        texture = 0.85 + 0.3 * _smooth_noise(rng, img.shape[0], 6, 1)[..., 0]  # smooth, low contrast
+        img[body] = bodies_rgb[bc - 1] * rng.uniform(0.85, 1.15) * texture[body][:, None]
+        checker = (yy[part] // 3 + xx[part] // 3) % 2
+        img[part] = parts_rgb[c - 1] * (0.65 + 0.35 * checker)[:, None]
+
+
+def _label_masks(
+    shapes: list[tuple[int, np.ndarray, np.ndarray]], owner: np.ndarray, is_part: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The class mask and the part mask, int64 ``(S, S)`` each, of the visible objects."""
+    mask = np.zeros(owner.shape, dtype=np.int64)
+    part_mask = np.zeros(owner.shape, dtype=np.int64)
+    for j, (c, _, _) in enumerate(shapes):
+        mask[owner == j] = c
+        part_mask[(owner == j) & is_part] = c
+    return mask, part_mask
+
+
 def render_sample(
     rng: np.random.Generator, size: int = 128, num_classes: int = 5, max_tries: int = 20
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
@@ -131,57 +226,17 @@ def render_sample(
     parts_rgb, bodies_rgb = _palette(k)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     for attempt in range(max_tries):
-        n_cls = int(rng.integers(1, min(3, k) + 1))
-        classes = list(rng.choice(np.arange(1, k + 1), size=n_cls, replace=False))
-        if rng.random() < 0.2 and attempt < max_tries // 2:
-            classes.append(classes[0])  # a second instance of one class
-        owner = np.full((size, size), -1, dtype=np.int64)
-        is_part = np.zeros((size, size), dtype=bool)
-        shapes = []
-        for j, c in enumerate(classes):
-            a = rng.uniform(0.16, 0.3) * size / (1 + 0.15 * (len(classes) - 1))
-            b = a * rng.uniform(0.55, 0.85)
-            theta = rng.uniform(0, np.pi)
-            cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
-            wobble = rng.uniform([0, 0, 0, 0], [0.08, 6.3, 0.06, 6.3])
-            body = _blob(yy, xx, cy, cx, a, b, theta, wobble)
-            area = body.sum()
-            frac = rng.uniform(*PART_FRACTION)
-            pr = np.sqrt(frac * area / np.pi) * 1.05  # the disc is clipped by the body edge
-            side = 1.0 if rng.random() < 0.5 else -1.0
-            dist = max(0.0, a - pr) * 0.75 * side
-            py, px = cy + dist * np.sin(theta), cx + dist * np.cos(theta)
-            part = body & ((yy - py) ** 2 + (xx - px) ** 2 <= pr**2)
-            if rng.random() >= PART_PROB:
-                part = np.zeros_like(body)
-            owner[body] = j
-            is_part[body] = part[body]
-            shapes.append((int(c), body, part))
-        objects = []
-        ok = True
-        for j, (c, body, part) in enumerate(shapes):
-            vis = owner == j
-            vis_part = vis & is_part
-            objects.append({"class": c, "area": int(vis.sum()), "part_area": int(vis_part.sum()),
-                            "full_area": int(body.sum()), "full_part_area": int(part.sum())})  # fmt: skip
-            ok &= vis.sum() >= 0.5 * body.sum() and vis_part.sum() >= 0.6 * part.sum()
+        # a layout that hides too much of an object is drawn again (with no twin in the second half);
+        # the last one is kept if none passes
+        shapes, owner, is_part = _draw_layout(rng, size, k, yy, xx, allow_twin=attempt < max_tries // 2)
+        objects, ok = _visible_objects(shapes, owner, is_part)
         if ok:
             break
     img = _background(rng, size, yy, xx, bodies_rgb)
-    for j, (c, _, _) in enumerate(shapes):
-        body, part = (owner == j) & ~is_part, (owner == j) & is_part
-        bc = c if rng.random() >= BODY_CONFUSION else int(rng.integers(1, k + 1))
-        texture = 0.85 + 0.3 * _smooth_noise(rng, size, 6, 1)[..., 0]  # smooth, low contrast
-        img[body] = bodies_rgb[bc - 1] * rng.uniform(0.85, 1.15) * texture[body][:, None]
-        checker = (yy[part] // 3 + xx[part] // 3) % 2
-        img[part] = parts_rgb[c - 1] * (0.65 + 0.35 * checker)[:, None]
+    _paint_objects(rng, img, shapes, owner, is_part, yy, xx, parts_rgb, bodies_rgb)
     img += rng.normal(0.0, 6.0, img.shape)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    mask = np.zeros((size, size), dtype=np.int64)
-    part_mask = np.zeros((size, size), dtype=np.int64)
-    for j, (c, _, _) in enumerate(shapes):
-        mask[owner == j] = c
-        part_mask[(owner == j) & is_part] = c
+    mask, part_mask = _label_masks(shapes, owner, is_part)
     return image, mask, part_mask, objects
 
 

@@ -130,17 +130,11 @@ def evaluate(
     cms: dict[str, ConfusionMatrix] = {}
     covered = torch.zeros(2, dtype=torch.float64, device=device)  # pseudo: labelled, valid gt
     if crf:
-        from wsss.refine.crf import INSTALL_HINT, CRFUnavailableError, crf_available
-
-        if not crf_available():  # fail before the first image
-            raise CRFUnavailableError(f"--crf needs the pydensecrf2 package: {INSTALL_HINT}")
+        _require_crf()  # fail before the first image
     msc_seg = crf or flip or scales != [1.0]
     want = None if maps is None else {"pseudo" if m == "pseudo_strict" else m for m in maps}
     crf_seg_map, now = _crf_split(method, net, want, crf)
-    sweeper = None
-    if sweep:
-        thr = {"thresholds": sweep_thresholds} if sweep_thresholds else {}
-        sweeper = SweepAccumulator(num_classes, **thr)
+    sweeper = _sweep_accumulator(num_classes, sweep_thresholds) if sweep else None
     for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
         image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
         # the multi-scale seg map shares the CAM's forwards; the CRF needs its logits: computed apart
@@ -149,15 +143,49 @@ def evaluate(
             preds["seg"] = predict_seg(method, net, image, scales, flip, crf)
         if sweeper is not None:
             sweeper.update(sweep_cam(method, net, image, labels, scales, flip), labels, gt)
-        for name, pred in preds.items():
-            target = gt
-            if name == "pseudo":
-                # 255 is out of range for the confusion matrix: a miss of the ground-truth class
-                cms.setdefault("pseudo_strict", ConfusionMatrix(num_classes, device=device)).update(pred, gt)
-                pred, target, counts = leave_out_uncertain(pred, gt)
-                covered += counts
-            cms.setdefault(name, ConfusionMatrix(num_classes, device=device)).update(pred, target)
+        _score_batch(cms, covered, preds, gt, num_classes, device)
     net.train(was)
+    results = _gather_results(cms, covered, sweeper, world_size)
+    results["_protocol"] = {"images": n, "scales": scales, "flip": flip, "crf": ["seg"] if crf else False}
+    return results
+
+
+def _require_crf() -> None:
+    """Raise CRFUnavailableError (with how to install it) when the dense CRF cannot run."""
+    from wsss.refine.crf import INSTALL_HINT, CRFUnavailableError, crf_available
+
+    if not crf_available():
+        raise CRFUnavailableError(f"--crf needs the pydensecrf2 package: {INSTALL_HINT}")
+
+
+def _sweep_accumulator(num_classes: int, thresholds: list[float] | None) -> SweepAccumulator:
+    """The background-threshold sweep's accumulator: over ``thresholds``, or its own default ones when
+    None or empty."""
+    thr = {"thresholds": thresholds} if thresholds else {}
+    return SweepAccumulator(num_classes, **thr)
+
+
+def _score_batch(cms: dict[str, ConfusionMatrix], covered: Tensor, preds: dict[str, Tensor], gt: Tensor,
+                 num_classes: int, device: torch.device) -> None:
+    """Add one batch's label maps ``preds`` (name -> (B, H, W)) against ``gt`` (B, H, W) to ``cms`` (a
+    matrix per map, created on first use), in place. The pseudo label is scored both ways ('pseudo',
+    'pseudo_strict') and its coverage counts are added to ``covered`` (float64 (2,), in place)."""
+    for name, pred in preds.items():
+        target = gt
+        if name == "pseudo":
+            # 255 is out of range for the confusion matrix: a miss of the ground-truth class
+            cms.setdefault("pseudo_strict", ConfusionMatrix(num_classes, device=device)).update(pred, gt)
+            pred, target, counts = leave_out_uncertain(pred, gt)
+            covered += counts
+        cms.setdefault(name, ConfusionMatrix(num_classes, device=device)).update(pred, target)
+
+
+def _gather_results(cms: dict[str, ConfusionMatrix], covered: Tensor, sweeper: SweepAccumulator | None,
+                    world_size: int) -> dict[str, Any]:
+    """The results of every map (by name) and of the sweep ('_sweep'), with the pseudo label's coverage;
+    all-reduced over the ranks first when ``world_size`` > 1 (every rank must call it).
+
+    covered: float64 (2,) (labelled valid pixels, valid pixels) of the pseudo label."""
     results: dict[str, Any] = {}
     for name in sorted(cms):
         cm = cms[name]
@@ -172,7 +200,6 @@ def evaluate(
         if world_size > 1:
             sweeper.all_reduce()
         results["_sweep"] = sweeper.compute()
-    results["_protocol"] = {"images": n, "scales": scales, "flip": flip, "crf": ["seg"] if crf else False}
     return results
 
 

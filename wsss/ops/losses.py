@@ -186,6 +186,41 @@ def window_bilateral_filter(
     )
 
 
+def _energy_inputs(
+    probs: Tensor, image01: Tensor, roi: Tensor, label: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The energy loss's inputs at its working resolution and dtype (float32, or float64 for float64
+    probabilities), resized by ``scale`` as the official code does.
+
+    probs (B, C, H, W) bilinearly (align_corners False); image01 (B, 3, H, W) as 0..255 RGB, roi (B, H, W)
+    and label (B, H, W) as float (B, 1, H, W) by nearest. Returns (probs, rgb, roi, label), each
+    (B, ., h, w) with h, w the scaled size; label None when not given.
+    """
+    if probs.dtype != torch.float64:
+        probs = probs.float()
+    rgb = image01.to(probs.dtype) * 255.0
+    roi_f = roi.to(probs.dtype).unsqueeze(1)
+    lab = None if label is None else label.to(probs.dtype).unsqueeze(1)
+    if scale != 1.0:
+        probs = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
+        rgb = F.interpolate(rgb, scale_factor=scale)
+        roi_f = F.interpolate(roi_f, scale_factor=scale)
+        if lab is not None:
+            lab = F.interpolate(lab, scale_factor=scale)
+    return probs, rgb, roi_f, lab
+
+
+def _energy_gate(probs: Tensor, roi: Tensor, label: Tensor | None, ignore_index: int) -> Tensor:
+    """The energy loss's pixel gate (B, 1, H, W): clamp(roi - max_k S_k, min=0), 1 on pixels labelled
+    ``ignore_index`` (the loss counts in full where the pseudo label gives no supervision).
+
+    probs: (B, C, H, W); roi and label: float (B, 1, H, W), as :func:`_energy_inputs` returns them."""
+    gate = roi - probs.amax(dim=1, keepdim=True)
+    if label is not None:
+        gate = torch.where(label == ignore_index, torch.ones_like(gate), gate)
+    return gate.clamp_min(0.0)
+
+
 def energy_loss(
     probs: Tensor,
     image01: Tensor,
@@ -224,25 +259,12 @@ def energy_loss(
     Returns a scalar (float32, or float64 for float64 inputs).
     """
     batch = probs.shape[0]
-    if probs.dtype != torch.float64:
-        probs = probs.float()
-    rgb = image01.to(probs.dtype) * 255.0
-    roi_f = roi.to(probs.dtype).unsqueeze(1)
-    lab = None if label is None else label.to(probs.dtype).unsqueeze(1)
-    if scale != 1.0:
-        probs = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
-        rgb = F.interpolate(rgb, scale_factor=scale)
-        roi_f = F.interpolate(roi_f, scale_factor=scale)
-        if lab is not None:
-            lab = F.interpolate(lab, scale_factor=scale)
+    probs, rgb, roi_f, lab = _energy_inputs(probs, image01, roi, label, scale)
     sigma = sigma_xy * scale
     if dilation is None:
         dilation = max(1, math.ceil(2.0 * sigma / max(radius, 1)))
 
-    gate = roi_f - probs.amax(dim=1, keepdim=True)
-    if lab is not None:
-        gate = torch.where(lab == ignore_index, torch.ones_like(gate), gate)
-    gate = gate.clamp_min(0.0)
+    gate = _energy_gate(probs, roi_f, lab, ignore_index)
     seg = probs * roi_f
     scale_loss = -weight / batch
     if gradient == "official":

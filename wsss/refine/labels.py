@@ -224,6 +224,45 @@ def _refine_in_box(
     return _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
 
 
+def _present_score_stack(
+    scores_high: Tensor, scores_low: Tensor, idx: Tensor, valid: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """The compact channels ``idx`` (B, M) of both score stacks (B, K+1, h, w), at ``size`` (H, W):
+    (B, 2M, H, W), high then low; the padding channels (``valid`` False) are 0."""
+    # scores are >= 0 and padding channels hold absent classes' values: zero them, as the official
+    # code scatters the refined present classes into a zero tensor
+    stack = torch.cat([scores_high, scores_low], dim=0)
+    # gathered before the (per-channel) resize: absent classes are never resized
+    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
+    if stack.shape[-2:] != size:
+        stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
+    return torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
+
+
+def _refine_per_box(
+    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, img_box: Tensor, downscale: int
+) -> tuple[Tensor, Tensor]:
+    """PAR labels (Lh, Ll), each (B, H, W) long, with every image refined inside its own box (0 outside).
+
+    image01: (B, 3, H, W); stack: (B, 2M, H, W) high then low; idx: (B, M) class ids of the channels;
+    img_box: (B, 4) long."""
+    b, _, h, w = image01.shape
+    lab_h = torch.zeros((b, h, w), dtype=torch.long, device=image01.device)
+    lab_l = torch.zeros_like(lab_h)
+    # images with the same box (e.g. every one that fills the crop) are refined in one call: each
+    # image's result is the same as alone
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, box in enumerate(img_box.tolist()):
+        groups.setdefault(tuple(box), []).append(i)
+    for box, rows in groups.items():
+        r0, r1, c0, c1 = box
+        sel = torch.tensor(rows, device=image01.device)
+        lab_h[sel, r0:r1, c0:c1], lab_l[sel, r0:r1, c0:c1] = _refine_in_box(
+            image01[sel], stack[sel], idx[sel], par, box, downscale  # type: ignore[arg-type]
+        )
+    return lab_h, lab_l
+
+
 def par_refine_scores_label(
     image01: Tensor,
     scores_high: Tensor,
@@ -262,28 +301,9 @@ def par_refine_scores_label(
     """
     b, _, h, w = image01.shape
     idx, valid = present_index(labels)
-    # scores are >= 0 and padding channels hold absent classes' values: zero them, as the official
-    # code scatters the refined present classes into a zero tensor
-    stack = torch.cat([scores_high, scores_low], dim=0)
-    # gathered before the (per-channel) resize: absent classes are never resized
-    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
-    if stack.shape[-2:] != (h, w):
-        stack = F.interpolate(stack, size=(h, w), mode="bilinear", align_corners=False)
-    stack = torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
+    stack = _present_score_stack(scores_high, scores_low, idx, valid, (h, w))
     if crop_to_box:
-        lab_h = torch.zeros((b, h, w), dtype=torch.long, device=image01.device)
-        lab_l = torch.zeros_like(lab_h)
-        # images with the same box (e.g. every one that fills the crop) are refined in one call: each
-        # image's result is the same as alone
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, box in enumerate(img_box.tolist()):
-            groups.setdefault(tuple(box), []).append(i)
-        for box, rows in groups.items():
-            r0, r1, c0, c1 = box
-            sel = torch.tensor(rows, device=image01.device)
-            lab_h[sel, r0:r1, c0:c1], lab_l[sel, r0:r1, c0:c1] = _refine_in_box(
-                image01[sel], stack[sel], idx[sel], par, box, downscale  # type: ignore[arg-type]
-            )
+        lab_h, lab_l = _refine_per_box(image01, stack, idx, par, img_box, downscale)
     else:
         size = (h // downscale, w // downscale)
         image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
