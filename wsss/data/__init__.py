@@ -1,10 +1,11 @@
 """Datasets (VOC, COCO, your own folder, synthetic), augmentation, robust IO and loaders.
 
-Every dataset returns the sample dict documented in :class:`wsss.data.voc.SegmentationDataset`
+Every dataset returns the sample dict documented in :class:`wsss.data.base.SegmentationDataset`
 and exposes ``class_names`` / ``num_classes``; :func:`build_dataset` / :func:`build_loader` build
 them from a config section.
 """
 
+from .base import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
 from .build import SeededSampler, build_dataset, build_loader, build_transform, collate
 from .coco import COCO_CLASSES, COCODataset, convert_coco_instances
 from .folder import FolderDataset
@@ -20,7 +21,6 @@ from .transforms import (
     random_resized_crop,
     to_image01,
 )
-from .voc import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
 
 
 def __getattr__(name: str) -> object:  # lazy: `python -m wsss.data.synthetic` must not import it twice

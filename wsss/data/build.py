@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from wsss.core.schema import cfg_get
 
+from .base import SegmentationDataset, VOCDataset, _missing_error, list_stems
 from .coco import COCODataset
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError
 from .randaugment import build_rand_augment
 from .transforms import EvalTransform, TrainTransform
-from .voc import SegmentationDataset, VOCDataset, _missing_error, list_stems
 
 PSEUDO_CLASSES_FILE = "class_names.json"  # in a pseudo-label folder: its classes, background first
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import DataError
-from .voc import (
+from .base import (
     SegmentationDataset,
     Transform,
     build_from_dirs,
@@ -34,6 +33,7 @@ from .voc import (
     read_labels_file,
     with_background,
 )
+from .io import DataError
 
 
 def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:

@@ -236,7 +236,7 @@ def read_labels_file(path: str | os.PathLike, class_names: Sequence[str] | None)
     if suffix == ".npy":
         raise DataError(
             f"{path}: .npy label dicts are pickles (np.load needs allow_pickle=True, which can run code); "
-            "convert it once with wsss.data.voc.convert_cls_labels_npy(path, out_json) and pass the JSON"
+            "convert it once with wsss.data.base.convert_cls_labels_npy(path, out_json) and pass the JSON"
         )
     declared = declared_classes(path)
     file_classes = declared[0] if declared else None
