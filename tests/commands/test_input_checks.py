@@ -11,9 +11,9 @@ from PIL import Image
 
 from wsss import cli
 from wsss.config import DEFAULTS, load_config
-from wsss.data.base import read_labels_file
 from wsss.data.folder import FolderDataset
 from wsss.data.io import DataError
+from wsss.data.labels_file import read_labels_file
 
 CLASSES = ["cat", "dog", "person"]
 

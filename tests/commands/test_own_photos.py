@@ -292,8 +292,8 @@ def test_labels_file_carries_its_classes(tmp_path: Path) -> None:
     the CSV's first line (``#classes:``, background implied) or a ``classes.txt`` beside it lists the
     classes in the masks' order, ids-only rows included; a list that differs from data.class_names, or
     the two lists that differ, are an error naming both."""
-    from wsss.data.base import read_labels_file
     from wsss.data.folder import FolderDataset
+    from wsss.data.labels_file import read_labels_file
 
     fs = folder_set(tmp_path)
     names = fs["names"]

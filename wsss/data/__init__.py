@@ -5,11 +5,12 @@ and exposes ``class_names`` / ``num_classes``; :func:`build_dataset` / :func:`bu
 them from a config section.
 """
 
-from .base import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
+from .base import SegmentationDataset
 from .build import SeededSampler, build_dataset, build_loader, build_transform, collate
 from .coco import COCO_CLASSES, COCODataset, convert_coco_instances
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError, load_image, load_mask, save_mask, voc_palette
+from .labels_file import convert_cls_labels_npy, read_labels_file
 from .transforms import (
     EvalTransform,
     TrainTransform,
@@ -21,6 +22,7 @@ from .transforms import (
     random_resized_crop,
     to_image01,
 )
+from .voc import VOC_CLASSES, VOCDataset
 
 
 def __getattr__(name: str) -> object:  # lazy: `python -m wsss.data.synthetic` must not import it twice

@@ -40,8 +40,8 @@ def default_class_names(cfg: Any, num_classes: int) -> list[str]:
         from wsss.data.synthetic import class_names_for
 
         return class_names_for(num_classes)
-    from wsss.data.base import VOC_CLASSES
     from wsss.data.coco import COCO_CLASSES
+    from wsss.data.voc import VOC_CLASSES
 
     for known in (VOC_CLASSES, COCO_CLASSES):
         if len(known) == num_classes:
