@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import Rule, default_rule
 from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES, config_sections, import_methods, method_names
-from wsss.ops.cam import DEFAULT_FUSE, FUSE_PRESETS
+from wsss.ops.cam_fusion import DEFAULT_FUSE, FUSE_PRESETS
 
 # The shipped configs: package data of an installed wsss; in the repository wsss/configs links to configs/.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -116,7 +116,7 @@ DEFAULTS: dict[str, Any] = {
     "cam": {
         "scales": [1.0, 0.5, 1.5],
         "flip": True,
-        "fuse": DEFAULT_FUSE,  # a rule of wsss.ops.cam.FUSE_PRESETS
+        "fuse": DEFAULT_FUSE,  # a rule of wsss.ops.cam_fusion.FUSE_PRESETS
         "high": 0.55,
         "low": 0.35,
     },

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from wsss.backbones.base import AttnReduce, Backbone, BackboneOutput
 from wsss.core.registry import BACKBONES
 from wsss.heads.base import MethodHead
-from wsss.heads.cam import CAMHead, TokenHead
+from wsss.heads.classifier import CAMHead, TokenHead
 
 HeadBuilder = Callable[[Backbone], Mapping[str, MethodHead]]
 

@@ -13,7 +13,7 @@ from wsss import cli
 from wsss.config import DEFAULTS, load_config
 from wsss.data.folder import FolderDataset
 from wsss.data.io import DataError
-from wsss.data.voc import read_labels_file
+from wsss.data.labels_file import read_labels_file
 
 CLASSES = ["cat", "dog", "person"]
 

@@ -293,7 +293,7 @@ def test_labels_file_carries_its_classes(tmp_path: Path) -> None:
     classes in the masks' order, ids-only rows included; a list that differs from data.class_names, or
     the two lists that differ, are an error naming both."""
     from wsss.data.folder import FolderDataset
-    from wsss.data.voc import read_labels_file
+    from wsss.data.labels_file import read_labels_file
 
     fs = folder_set(tmp_path)
     names = fs["names"]

@@ -56,7 +56,7 @@ def test_warmup_trains_classification_only() -> None:
 def test_afa_cam_and_affinity_matches_the_plain_passes() -> None:
     """Capturing attention for the un-flipped rows only changes nothing: reference = every scale run on
     [x_s, flip(x_s)] in one pass, the largest with capture, fused with the official AFA rule."""
-    from wsss.ops.cam import AFA_FUSE, fuse_multiscale
+    from wsss.ops.cam_fusion import AFA_FUSE, fuse_multiscale
 
     torch.manual_seed(0)
     cfg = load_config("afa_mit_tiny_synthetic", ["cam.scales=[1.0,0.5,1.5]"])

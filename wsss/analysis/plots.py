@@ -14,7 +14,7 @@ from torch import Tensor
 
 from wsss.analysis.statistics import NORM_EPS
 from wsss.methods.base import resize
-from wsss.ops.cam import normalize_cam
+from wsss.ops.cam_fusion import normalize_cam
 
 # ---------------------------------------------------------------------------------------------
 # Plots (matplotlib, optional extra ``viz``)

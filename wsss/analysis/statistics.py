@@ -21,7 +21,7 @@ from wsss.methods import build_method
 from wsss.methods.base import resize
 from wsss.model import WSSSNet
 from wsss.ops.attention import attention_probs, layer_entropy, refine_by_affinity, slice_patches, upcast
-from wsss.ops.cam import normalize_cam
+from wsss.ops.cam_fusion import normalize_cam
 
 NORM_EPS = 1e-6  # AReAM inference min-max epsilon (docs/methods/aream.md 5.2)
 # The mIoU rules (wsss.engine.metrics protocols), as the printed output names them.

@@ -1,14 +1,16 @@
 """Datasets (VOC, COCO, your own folder, synthetic), augmentation, robust IO and loaders.
 
-Every dataset returns the sample dict documented in :class:`wsss.data.voc.SegmentationDataset`
+Every dataset returns the sample dict documented in :class:`wsss.data.base.SegmentationDataset`
 and exposes ``class_names`` / ``num_classes``; :func:`build_dataset` / :func:`build_loader` build
 them from a config section.
 """
 
+from .base import SegmentationDataset
 from .build import SeededSampler, build_dataset, build_loader, build_transform, collate
 from .coco import COCO_CLASSES, COCODataset, convert_coco_instances
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError, load_image, load_mask, save_mask, voc_palette
+from .labels_file import convert_cls_labels_npy, read_labels_file
 from .transforms import (
     EvalTransform,
     TrainTransform,
@@ -20,7 +22,7 @@ from .transforms import (
     random_resized_crop,
     to_image01,
 )
-from .voc import VOC_CLASSES, SegmentationDataset, VOCDataset, convert_cls_labels_npy, read_labels_file
+from .voc import VOC_CLASSES, VOCDataset
 
 
 def __getattr__(name: str) -> object:  # lazy: `python -m wsss.data.synthetic` must not import it twice

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from wsss.core.schema import cfg_get
 
+from .base import SegmentationDataset, list_stems, missing_error
 from .coco import COCODataset
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError
 from .randaugment import build_rand_augment
 from .transforms import EvalTransform, TrainTransform
-from .voc import SegmentationDataset, VOCDataset, _missing_error, list_stems
+from .voc import VOCDataset
 
 PSEUDO_CLASSES_FILE = "class_names.json"  # in a pseudo-label folder: its classes, background first
 
@@ -157,7 +158,7 @@ def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> S
     pngs = list_stems(folder, (".png",))
     missing = [n for n in dataset.names if n not in pngs]
     if missing:
-        raise _missing_error("pseudo-label PNGs", missing, folder)
+        raise missing_error("pseudo-label PNGs", missing, folder)
     dataset.mask_paths = {n: pngs[n] for n in dataset.names}
     dataset.pseudo_dir = folder
     return dataset

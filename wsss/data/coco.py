@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import IGNORE_INDEX, DataError, dataset_root, save_mask
-from .voc import (
+from .base import (
     IMAGE_EXTS,
     SegmentationDataset,
     Transform,
@@ -31,6 +30,7 @@ from .voc import (
     read_split,
     writable_cache,
 )
+from .io import IGNORE_INDEX, DataError, dataset_root, save_mask
 
 COCO_CLASSES = (
     "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",

@@ -24,16 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import SegmentationDataset, Transform, build_from_dirs
 from .io import DataError
-from .voc import (
-    SegmentationDataset,
-    Transform,
-    build_from_dirs,
-    declared_classes,
-    read_csv_labels,
-    read_labels_file,
-    with_background,
-)
+from .labels_file import declared_classes, read_csv_labels, read_labels_file, with_background
 
 
 def _infer_classes(labels_file: Path) -> tuple[str, ...] | None:

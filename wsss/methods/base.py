@@ -37,7 +37,13 @@ from wsss.core.schema import option as option
 from wsss.heads.base import MethodHead
 from wsss.model import NetOutput, WSSSNet
 from wsss.model import unwrap as unwrap  # re-exported: methods import it from here
-from wsss.ops.cam import FUSE_PRESETS, fuse_multiscale, fuse_multiscale_seg, multiscale_cam, scaled_input
+from wsss.ops.cam_fusion import (
+    FUSE_PRESETS,
+    fuse_multiscale,
+    fuse_multiscale_seg,
+    multiscale_cam,
+    scaled_input,
+)
 from wsss.ops.losses import multilabel_soft_margin
 from wsss.refine.labels import (
     cam_to_label,
@@ -216,7 +222,8 @@ class Method:
 
     def fused_cam(self, cam_fn: Callable[[Tensor], Tensor], x: Tensor, scales: list[float] | None = None,
                   keep: Tensor | None = None) -> Tensor:
-        """:func:`wsss.ops.cam.multiscale_cam` of ``cam_fn`` with this method's scales, flip and fusion."""
+        """:func:`wsss.ops.cam_fusion.multiscale_cam` of ``cam_fn`` with this method's scales, flip and
+        fusion."""
         return multiscale_cam(cam_fn, x, scales or self.scales, self.flip, keep=keep, **self.fuse_kwargs())
 
     def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
@@ -361,8 +368,9 @@ class Method:
     def multiscale_segment(self, net: WSSSNet, x: Tensor, scales: list[float], flip: bool,
                            segs: list[Tensor] | None = None) -> Tensor | None:
         """Multi-scale (+flip) segmentation logits (B, C, H, W) at the size of ``x``
-        (:func:`~wsss.ops.cam.fuse_multiscale_seg`), or None without the net's seg head. ``segs``: the
-        per-scale logits already computed on :func:`~wsss.ops.cam.scaled_input` of these scales."""
+        (:func:`~wsss.ops.cam_fusion.fuse_multiscale_seg`), or None without the net's seg head. ``segs``:
+        the per-scale logits already computed on :func:`~wsss.ops.cam_fusion.scaled_input` of these
+        scales."""
         if net.seg_head is None:
             return None
         if segs is None:

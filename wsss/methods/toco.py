@@ -31,7 +31,7 @@ from wsss.core.param_rules import ParamRule, prefix
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import MethodConfig, Rule, option
 from wsss.heads.base import MethodHead
-from wsss.heads.cam import CAMHead
+from wsss.heads.classifier import CAMHead
 from wsss.heads.largefov import LargeFOVHead
 from wsss.heads.projection import ProjectionHead, ema_update_
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, unwrap

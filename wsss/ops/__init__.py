@@ -15,7 +15,7 @@ from wsss.ops.attention import (
     refine_by_affinity,
     slice_patches,
 )
-from wsss.ops.cam import AFA_FUSE, AREAM_FUSE, fuse_multiscale, multiscale_cam, normalize_cam
+from wsss.ops.cam_fusion import AFA_FUSE, AREAM_FUSE, fuse_multiscale, multiscale_cam, normalize_cam
 from wsss.ops.losses import (
     affinity_loss,
     affinity_loss_logits,

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wsss.ops.cam import normalize_cam
+from wsss.ops.cam_fusion import normalize_cam
 from wsss.ops.losses import affinity_loss_logits
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.ops.cam import AFA_FUSE, AREAM_FUSE, fuse_multiscale, kept_channels, multiscale_cam, normalize_cam
+from wsss.ops.cam_fusion import (
+    AFA_FUSE,
+    AREAM_FUSE,
+    fuse_multiscale,
+    kept_channels,
+    multiscale_cam,
+    normalize_cam,
+)
 
 
 def _normalize_loop(cam: torch.Tensor, eps: float) -> torch.Tensor:
