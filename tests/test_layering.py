@@ -55,8 +55,6 @@ SHARED_NAMES = {
     "calibrate.py": {"commands/calibrate.py", "engine/calibrate.py"},
     "analyze.py": {"commands/analyze.py", "analysis/analyze.py"},
     "report.py": {"commands/report.py", "analysis/report.py"},
-    # TEMPORARY: analysis/affinity.py is being renamed; drop this entry when that lands
-    "affinity.py": {"heads/affinity.py", "analysis/affinity.py"},
 }
 
 
