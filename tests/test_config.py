@@ -101,3 +101,23 @@ def test_moved_keys_keep_their_values(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'afa.warmup_iters' and 'pseudo.warmup_iters' are both set"):
         load_config(both)
     assert OmegaConf.select(load_config(None), "afa.warmup_iters") is None
+
+
+def test_generic_sections_are_dataclasses() -> None:
+    """Every generic key's default and rule is a field of its section's dataclass; DEFAULTS is derived
+    from them, the free-form sub-sections are the dict fields, relations are the sections' check()."""
+    from wsss.config import DEFAULTS, OPEN_KEYS, SECTIONS, CamConfig, DataConfig, ModelConfig, TopConfig
+    from wsss.core.schema import ConfigSection, MethodConfig
+
+    assert MethodConfig is ConfigSection
+    assert list(DEFAULTS) == [*TopConfig.defaults(), *SECTIONS]
+    assert all(DEFAULTS[key] == cls.defaults() for key, cls in SECTIONS.items())
+    assert OPEN_KEYS == {"model.backbone_kwargs", "model.cam_head", "model.seg_head",
+                         "optim.param_rules_args"}
+    assert ModelConfig.defaults()["cam_head"] == {"kernel_size": 1, "bias": False, "pooling": "gmp"}
+    assert ModelConfig().seg_head is not ModelConfig().seg_head  # each instance its own dict
+    assert load_config(None, ["model.cam_head.anything=1"]).model.cam_head.anything == 1  # not checked
+    with pytest.raises(ValueError, match=r"'data.scale_range' must be \[low, high\] with low <= high"):
+        DataConfig(scale_range=[2.0, 1.0]).check("data")
+    with pytest.raises(ValueError, match=r"'cam.low' \(0.6\) must be <= 'cam.high' \(0.55\)"):
+        CamConfig.of({"low": 0.6}).check("cam")

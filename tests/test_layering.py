@@ -9,7 +9,7 @@ layer or a lower one, at any depth (imports inside functions count too, relative
      4. backbones, heads, data
      5. model (wsss/model.py)
      6. methods
-     7. config (wsss/config.py)
+     7. config (wsss/config/)
      8. engine
      9. analysis
     10. api (predictor, hub) and the package's ``__init__`` (``wsss.Segmenter``, ``wsss.from_pretrained``)

@@ -1,7 +1,8 @@
 """What a config key may hold: :class:`Rule` (type, range, choices, null, list shape).
 
-The generic config schema (:mod:`wsss.config`) and every method's config section
-(:class:`MethodConfig`, a dataclass of :func:`option` fields) check their values with these rules.
+Every config section is a :class:`ConfigSection`: a dataclass of :func:`option` fields, each stating
+its key's default and rule in one place. The generic sections (:mod:`wsss.config.sections`) and every
+method's section (``Method.Config``; :class:`MethodConfig` is the same class) are declared this way.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Rule:
 
 
 def default_rule(value: Any) -> Rule:
-    """Rule of a key without an entry in :data:`RULES`: the type of its default, non-negative numbers."""
+    """Rule of a key declared without one: the type of its default, non-negative numbers."""
     if isinstance(value, bool):
         return Rule("bool")
     if isinstance(value, int):
@@ -74,7 +75,7 @@ def default_rule(value: Any) -> Rule:
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     """``cfg[key]`` of a dict, an OmegaConf config or a plain object; ``default`` when it is missing or
-    null. Callers pass the default of :data:`wsss.config.DEFAULTS` for that key."""
+    null. Callers pass the key's default (its section's field in :mod:`wsss.config.sections`)."""
     if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
         try:
             value = cfg.get(key, default)
@@ -86,8 +87,9 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def option(default: Any, rule: Rule | None = None) -> Any:
-    """A :class:`MethodConfig` field: its default and the rule its values follow (default: the type of
-    the default, non-negative numbers)."""
+    """A :class:`ConfigSection` field: its default and the rule its values follow (default: the type of
+    the default, non-negative numbers). A dict default makes the key a free-form sub-section: its
+    contents are not checked."""
     meta = {"rule": rule}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -95,38 +97,66 @@ def option(default: Any, rule: Rule | None = None) -> Any:
 
 
 @dataclasses.dataclass
-class MethodConfig:
-    """A method's config section: subclasses are dataclasses whose fields (declared with
-    :func:`option`) are the section's keys. :meth:`parse` checks a section: unknown keys, types,
-    ranges and choices, then :meth:`check` (relations between keys)."""
+class ConfigSection:
+    """A config section: subclasses are dataclasses whose fields (declared with :func:`option`) are the
+    section's keys. :meth:`parse` checks a section: unknown keys, types, ranges and choices, then
+    :meth:`check` (relations between keys)."""
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return dataclasses.asdict(cls())
 
     @classmethod
-    def parse(cls, section: Mapping[str, Any] | None, where: str) -> MethodConfig:
+    def rules(cls) -> dict[str, tuple[Any, Rule]]:
+        """Each key's default and the rule its values follow, in the order of the fields."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            out[f.name] = (default, f.metadata.get("rule") or default_rule(default))
+        return out
+
+    @classmethod
+    def parse(cls, section: Mapping[str, Any] | None, where: str) -> ConfigSection:
         """The section ``where`` of a config as this dataclass; a ``KeyError`` names an unknown key, a
         ``ValueError`` a bad value (key, value and what it should be)."""
         values = _plain(section)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in names]
+        rules = cls.rules()
+        unknown = [k for k in values if k not in rules]
         if unknown:
-            raise KeyError(f"unknown config key '{where}.{unknown[0]}' (known: {', '.join(names)})")
+            raise KeyError(f"unknown config key '{where}.{unknown[0]}' (known: {', '.join(rules)})")
         kw = {}
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            value = values.get(f.name, default)
-            problem = (f.metadata.get("rule") or default_rule(default)).problem(value)
+        for name, (default, rule) in rules.items():
+            value = values.get(name, default)
+            problem = rule.problem(value)
             if problem:
-                raise ValueError(f"config key '{where}.{f.name}' must be {problem}, got {value!r}")
-            kw[f.name] = value
+                raise ValueError(f"config key '{where}.{name}' must be {problem}, got {value!r}")
+            kw[name] = value
         opts = cls(**kw)
         opts.check(where)
         return opts
 
+    @classmethod
+    def of(cls, section: Mapping[str, Any]) -> ConfigSection:
+        """The values of a config's section as this dataclass, unchecked (defaults for keys it lacks;
+        keys it does not declare are left out). Read key by key: a free-form sub-section's contents are
+        taken as they are, unresolved."""
+        from omegaconf import DictConfig, OmegaConf
+
+        kw = {}
+        for name in cls.rules():
+            if name in section:
+                value = section[name]
+                if isinstance(value, (DictConfig, ListConfig)):
+                    value = OmegaConf.to_container(value, resolve=isinstance(value, ListConfig))
+                kw[name] = value
+        return cls(**kw)
+
     def check(self, where: str) -> None:
         """Relations between keys (one ``ValueError`` naming them); none by default."""
+
+
+#: the name method plugins know the base of their sections by
+MethodConfig = ConfigSection
 
 
 def _plain(section: Any) -> dict[str, Any]:
