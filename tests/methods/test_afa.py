@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.methods._learning import assert_learns
 from wsss.config import load_config
 from wsss.heads.affinity import AffinityHead
 from wsss.methods import build_method, build_network
@@ -275,3 +276,15 @@ def test_afa_training_targets_come_from_the_par_label(monkeypatch) -> None:
     assert {0, 1, 255} <= set(target.unique().tolist())
     # the reference tells a transposed label apart
     assert not torch.equal(target, _ref_affinity_target(par.transpose(1, 2), (8, 8), radius=1))
+
+
+def test_afa_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0; seg loss after 40, the propagated seg target after 80): the
+    classification, seg and affinity losses fall, and the affinity-refined CAM at its best background
+    threshold scores higher than the untrained network's. Measured over seeds 0/1/2: cls last/first
+    0.79/0.76/0.79, seg 0.90/0.86/0.90, aff 0.95/0.88/0.76; swept CAM mIoU +0.046/+0.067/+0.059.
+    aff_par at the configured aff_bkg_score (0.35) is NOT asserted: after 120 iterations it falls
+    (0.153->0.116, 0.140->0.103, 0.140->0.104), the propagated CAM's scale is not yet calibrated."""
+    assert_learns("afa_mit_tiny_synthetic", "aff_par", learning_set, tmp_path, 120,
+                  {"cls": 0.85, "seg": 0.95, "aff": 0.98}, gain=None, best_gain=0.02,
+                  **{"pseudo.warmup_iters": 40, "afa.switch_iter": 80})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.methods._learning import assert_learns
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
 from wsss.ops.attention import aream_affinity_loss, layer_logit_mean
@@ -158,3 +159,13 @@ def test_aream_layer_index_splits_shallow_fusion_from_deep_supervision(monkeypat
             for j in range(h * w):
                 ref[b, i, j] = 255 if 255 in (tok[i], tok[j]) else int(tok[i] == tok[j])
     assert torch.equal(target, ref)
+
+
+def test_aream_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0; the affinity loss after 60) of the from-scratch MiT: the classification
+    loss falls and the refined_par map scores above the untrained network's. A weak check: measured
+    over seeds 0/1/2, cls last/first 0.79/0.76/0.79 but refined_par only +0.017/+0.003/+0.040
+    (0.148->0.165, 0.119->0.123, 0.138->0.178) and the swept refined CAM +0.001/-0.013/+0.026: the
+    attention of a barely trained MiT refines little (the MCTformer micro did worse, -0.019)."""
+    assert_learns("aream_mit_tiny_synthetic", "refined_par", learning_set, tmp_path, 120, {"cls": 0.85},
+                  gain=0.008, **{"aream.warmup_iters": 60})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import wsss.methods.cam as cam_module
+from tests.methods._learning import assert_learns
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
 from wsss.methods.base import pass_mode
@@ -76,3 +77,13 @@ def test_cam_seg_target_is_the_par_pseudo_label_of_the_cam(monkeypatch) -> None:
     present = {0, 255} | {int(c) + 1 for c in labels.nonzero()[:, 1]}
     assert set(target.unique().tolist()) <= present
     assert abs(loss.item() - (logs["cls"] + 0.5 * logs["seg"])) < 1e-5
+
+
+def test_cam_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0) of the from-scratch MiT on the 48 px learning set: the classification
+    loss falls and the CAM's mIoU rises over the untrained network's. Measured over seeds 0/1/2
+    (tests/methods/_learning.py): cls last/first 0.79/0.76/0.79; cam mIoU +0.028/+0.046/+0.031
+    (0.157->0.184, 0.155->0.200, 0.148->0.179); the swept CAM +0.042/+0.062/+0.058. Margins: about
+    half the smallest measured gain, and the loss at most 85 %."""
+    assert_learns("cam_mit_tiny_synthetic", "cam", learning_set, tmp_path, 120, {"cls": 0.85}, gain=0.012,
+                  best_gain=0.02, **{"pseudo.warmup_iters": 60})
