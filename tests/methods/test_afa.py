@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.methods._learning import VIT_MICRO, assert_learns
 from wsss.config import load_config
 from wsss.heads.affinity import AffinityHead
 from wsss.methods import build_method, build_network
@@ -275,3 +276,16 @@ def test_afa_training_targets_come_from_the_par_label(monkeypatch) -> None:
     assert {0, 1, 255} <= set(target.unique().tolist())
     # the reference tells a transposed label apart
     assert not torch.equal(target, _ref_affinity_target(par.transpose(1, 2), (8, 8), radius=1))
+
+
+def test_afa_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0; seg and affinity losses after 40, the propagated seg target after 80)
+    of ToCo's from-scratch ViT micro: the classification, seg and affinity losses fall, and the CAM
+    (the sweep's: AFA's plain CAM) at its best background threshold scores far above the untrained
+    network's. Measured over seeds 0/1/2: cls last/first 0.74/0.75/0.77, seg 0.72/0.67/0.65, aff
+    0.91/0.93/0.84; swept CAM +0.157/+0.156/+0.044. NOT asserted, as they do not yet improve reliably
+    in 120 iterations: aff_par at the configured aff_bkg_score (-0.009/+0.059 on seeds 0/1; 200
+    iterations: +0.019/+0.112) and the seg map (+0.105/-0.046/+0.093)."""
+    assert_learns("afa_mit_tiny_synthetic", "aff_par", learning_set, tmp_path, 120,
+                  {"cls": 0.85, "seg": 0.85, "aff": 0.96}, gain=None, best_gain=0.022, backbone=VIT_MICRO,
+                  **{"pseudo.warmup_iters": 40, "afa.switch_iter": 80})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import wsss.methods.cam as cam_module
+from tests.methods._learning import VIT_MICRO, assert_learns
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
 from wsss.methods.base import pass_mode
@@ -76,3 +77,14 @@ def test_cam_seg_target_is_the_par_pseudo_label_of_the_cam(monkeypatch) -> None:
     present = {0, 255} | {int(c) + 1 for c in labels.nonzero()[:, 1]}
     assert set(target.unique().tolist()) <= present
     assert abs(loss.item() - (logs["cls"] + 0.5 * logs["seg"])) < 1e-5
+
+
+def test_cam_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0; seg loss after 60) of ToCo's from-scratch ViT micro on the 48 px
+    learning set (it learns a CAM far faster than the MiT of the shipped config: there +0.023 to
+    +0.046 only): the losses fall and the CAM's mIoU rises over the untrained network's. Measured over
+    seeds 0/1/2 (tests/methods/_learning.py): cls last/first 0.74/0.75/0.76, seg 0.65/0.72/0.69; cam
+    mIoU +0.154/+0.161/+0.050 (0.119->0.273, 0.149->0.310, 0.257->0.307), the swept CAM
+    +0.159/+0.157/+0.046. Margins: half the smallest measured gain; losses at most 85 %."""
+    assert_learns("cam_mit_tiny_synthetic", "cam", learning_set, tmp_path, 120, {"cls": 0.85, "seg": 0.85},
+                  gain=0.025, best_gain=0.023, backbone=VIT_MICRO, **{"pseudo.warmup_iters": 60})

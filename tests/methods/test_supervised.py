@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tests.methods._learning import assert_learns
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
 
@@ -55,3 +56,12 @@ def test_supervised_seg_loss_matches_a_loop_over_pixels() -> None:
     assert logs["seg"] == 0.0 and torch.isfinite(loss)
     loss.backward()  # still a graph through the seg head (zero gradient), DDP-safe
     assert all(p.grad is not None for p in net.seg_head.parameters())
+
+
+def test_supervised_learns(learning_set, tmp_path) -> None:
+    """60 iterations (seed 0) on the ground-truth masks: the seg and classification losses fall and
+    the seg map's mIoU rises far over the untrained network's. Measured over seeds 0/1/2: seg
+    last/first 0.54/0.57/0.54, cls 0.80/0.73/0.80; seg mIoU +0.186/+0.128/+0.117 (0.011->0.196,
+    0.060->0.188, 0.057->0.174)."""
+    assert_learns("supervised_mit_tiny_synthetic", "seg", learning_set, tmp_path, 60,
+                  {"seg": 0.65, "cls": 0.87}, gain=0.08)

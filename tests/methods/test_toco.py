@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.methods._learning import assert_learns
 from wsss.backbones.mit import mit_tiny
 from wsss.config import load_config
 from wsss.methods import build_method, build_network
@@ -180,3 +181,14 @@ def test_toco_grad_views_are_the_step_s_gradient_forwards() -> None:
         hook.remove()
     views = [tuple(v.shape) for v in method.grad_views(_batch()["image"])]
     assert seen == [(2, 3, 64, 64), *views] and views == [(2, 3, 64, 64), (8, 3, 16, 16)]
+
+
+def test_toco_learns(learning_set, tmp_path) -> None:
+    """120 iterations (seed 0; seg loss after 60, 16 px local crops) of the from-scratch ViT micro: its
+    losses fall and cam_par rises well over the untrained network's. Measured over seeds 0/1/2: cls
+    last/first 0.75/0.80/0.77, cls_aux 0.81/0.80/0.81, ctc 0.80/0.90/0.90, seg 0.64/0.74/0.62 (ptc
+    0.94/1.00/0.90 is not asserted); cam_par +0.213/+0.186/+0.094 (0.118->0.331, 0.147->0.333,
+    0.267->0.361), the swept CAM +0.186/+0.148/+0.067."""
+    assert_learns("toco_vit_micro_synthetic", "cam_par", learning_set, tmp_path, 120,
+                  {"cls": 0.85, "cls_aux": 0.87, "ctc": 0.95, "seg": 0.8}, gain=0.05, best_gain=0.04,
+                  **{"toco.seg_start_iter": 60, "toco.local_crop_size": 16})
