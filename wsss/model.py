@@ -178,7 +178,7 @@ class WSSSNet(nn.Module):
 def build_model(model_cfg: Any, num_classes: int, heads: HeadBuilder | None = None) -> WSSSNet:
     """Build a ``WSSSNet`` from ``cfg.model``. num_classes: foreground classes K; heads: builds the
     method heads for the backbone (after the other heads, so the parameter order is stable)."""
-    from wsss.heads.segformer import SegFormerHead
+    from wsss.heads.segformer import SEG_DROPOUT, SEG_EMBED_DIM, SegFormerHead
 
     import_backbones()
     kwargs = dict(model_cfg.get("backbone_kwargs") or {})
@@ -199,8 +199,8 @@ def build_model(model_cfg: Any, num_classes: int, heads: HeadBuilder | None = No
         seg_head = SegFormerHead(
             backbone.out_channels,
             num_classes + 1,
-            embed_dim=int(seg_cfg.get("embed_dim", 256)),
-            dropout=float(seg_cfg.get("dropout", 0.1)),
+            embed_dim=int(seg_cfg.get("embed_dim", SEG_EMBED_DIM)),
+            dropout=float(seg_cfg.get("dropout", SEG_DROPOUT)),
         )
     method_heads = dict(heads(backbone)) if heads is not None else {}
     return WSSSNet(backbone, cam_head, num_classes, token_head, seg_head, method_heads)
