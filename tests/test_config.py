@@ -200,3 +200,21 @@ def test_data_build_fallbacks_are_the_sections_defaults() -> None:
     assert (t.crop_size, list(t.scale_range), t.flip, t.color_jitter, t.interpolation, t.resized_crop,
             t.random_erasing) == (data["crop_size"], data["scale_range"], data["flip"], data["color_jitter"],
                                   data["interpolation"], data["resized_crop"], data["random_erasing"])
+
+
+def test_build_model_reads_the_loaded_model_section() -> None:
+    """build_model reads the model section as loaded, without fallbacks of its own: the seg head is on
+    by default (``model.seg_head.enabled``: true; the builder once fell back to false), its width is
+    the section's, and a section that lacks a key is an error rather than a silent other default."""
+    from omegaconf import OmegaConf
+
+    from wsss.model import build_model
+
+    model = load_config(None, ["model.backbone=mit_tiny", "model.seg_head.embed_dim=16"]).model
+    net = build_model(model, 3)
+    assert net.seg_head is not None and net.seg_head.linear_pred.in_channels == 16
+    assert build_model(OmegaConf.merge(model, {"seg_head": {"enabled": False}}), 3).seg_head is None
+    partial = OmegaConf.to_container(model)
+    del partial["seg_head"]["enabled"]
+    with pytest.raises(KeyError, match="enabled"):
+        build_model(partial, 3)
