@@ -121,3 +121,100 @@ def test_generic_sections_are_dataclasses() -> None:
         DataConfig(scale_range=[2.0, 1.0]).check("data")
     with pytest.raises(ValueError, match=r"'cam.low' \(0.6\) must be <= 'cam.high' \(0.55\)"):
         CamConfig.of({"low": 0.6}).check("cam")
+
+
+def _default_pairs() -> list[tuple[str, object, str]]:
+    """(dotted config key, function, parameter): the config key's default is that parameter's default
+    (both the lower layer's named constant; a sub-key of a free-form section as ``section.key.sub``)."""
+    from wsss.data.transforms import TrainTransform, random_rescale
+    from wsss.engine.evaluate import evaluate
+    from wsss.engine.optim import EpochCosineLR, PolyWarmupLR, WarmupCosineLR
+    from wsss.heads.classifier import CAMHead
+    from wsss.heads.segformer import SegFormerHead
+    from wsss.ops.cam_fusion import multiscale_cam
+    from wsss.refine.labels import cam_to_label, par_pseudo_label, par_refine_scores_label
+    from wsss.refine.par import PAR
+    from wsss.refine.propagation import propagate_affinity, propagate_affinity_plain
+
+    pairs = [
+        ("eval.bkg_score", cam_to_label, "bkg_score"),
+        ("cam.high", par_pseudo_label, "high"),
+        ("cam.low", par_pseudo_label, "low"),
+        ("par.downscale", par_pseudo_label, "downscale"),
+        ("par.downscale", par_refine_scores_label, "downscale"),
+        ("eval.aff_bkg_score", propagate_affinity, "bkg_score"),
+        ("afa.power", propagate_affinity, "power"),
+        ("afa.norm_eps", propagate_affinity, "eps"),
+        ("afa.power", propagate_affinity_plain, "power"),
+        ("cam.scales", multiscale_cam, "scales"),
+        ("cam.flip", multiscale_cam, "flip"),
+        ("model.seg_head.embed_dim", SegFormerHead, "embed_dim"),
+        ("model.seg_head.dropout", SegFormerHead, "dropout"),
+        ("data.scale_range", random_rescale, "scale_range"),
+        ("data.interpolation", random_rescale, "interpolation"),
+        ("eval.num_workers", evaluate, "num_workers"),
+    ]
+    pairs += [(f"par.{k}", PAR, k) for k in ("dilations", "num_iter", "w1", "w2")]
+    pairs += [(f"model.cam_head.{k}", CAMHead, k) for k in ("kernel_size", "bias", "pooling")]
+    augment = ("scale_range", "flip", "color_jitter", "interpolation", "resized_crop", "random_erasing")
+    pairs += [(f"data.{k}", TrainTransform, k) for k in augment]
+    pairs += [(f"optim.{k}", PolyWarmupLR, k) for k in ("warmup_iters", "warmup_ratio", "power", "rebase")]
+    pairs += [(f"optim.{k}", WarmupCosineLR, k) for k in ("start_lr", "final_lr")]
+    pairs += [(f"optim.{k}", EpochCosineLR, k) for k in ("warmup_lr", "min_lr", "official_lag")]
+    return pairs
+
+
+@pytest.mark.parametrize("key, fn, param", _default_pairs(),
+                         ids=lambda v: v if isinstance(v, str) else getattr(v, "__qualname__", "?"))
+def test_config_defaults_are_the_functions_defaults(key: str, fn: object, param: str) -> None:
+    """A config default that a lower layer's function also takes is one value (the function's default
+    and the section's field are the same named constant), so they cannot drift apart."""
+    import inspect
+
+    from omegaconf import ListConfig, OmegaConf
+
+    from wsss.config import defaults
+
+    declared = OmegaConf.select(defaults(), key)
+    if isinstance(declared, ListConfig):
+        declared = OmegaConf.to_container(declared)
+    default = inspect.signature(fn).parameters[param].default
+    assert default is not inspect.Parameter.empty, f"{key}: {param} has no default"
+    value = list(default) if isinstance(default, tuple) else default
+    assert value == declared and type(value) is type(declared), (key, declared, default)
+
+def test_data_build_fallbacks_are_the_sections_defaults() -> None:
+    """data/build.py reads partial data sections (tests, your own dicts): a key left out takes the named
+    constant the ``data`` section's default is."""
+    from wsss.config import DEFAULTS
+    from wsss.data import build, transforms
+
+    data = DEFAULTS["data"]
+    assert (data["type"], data["train_split"], data["val_split"], data["mask_dir"], data["seed"],
+            data["split_seed"]) == (build.DATA_TYPE, build.TRAIN_SPLIT, build.VAL_SPLIT, build.MASK_DIR,
+                                    build.DATA_SEED, build.SPLIT_SEED)
+    assert (data["num_train"], data["num_val"], data["size"], data["synthetic_seed"]) == (
+        build.SYNTHETIC_NUM_TRAIN, build.SYNTHETIC_NUM_VAL, build.SYNTHETIC_SIZE, build.SYNTHETIC_SEED)
+    assert data["crop_size"] == transforms.CROP_SIZE
+    t = build.build_transform({}, train=True)
+    assert (t.crop_size, list(t.scale_range), t.flip, t.color_jitter, t.interpolation, t.resized_crop,
+            t.random_erasing) == (data["crop_size"], data["scale_range"], data["flip"], data["color_jitter"],
+                                  data["interpolation"], data["resized_crop"], data["random_erasing"])
+
+
+def test_build_model_reads_the_loaded_model_section() -> None:
+    """build_model reads the model section as loaded, without fallbacks of its own: the seg head is on
+    by default (``model.seg_head.enabled``: true; the builder once fell back to false), its width is
+    the section's, and a section that lacks a key is an error rather than a silent other default."""
+    from omegaconf import OmegaConf
+
+    from wsss.model import build_model
+
+    model = load_config(None, ["model.backbone=mit_tiny", "model.seg_head.embed_dim=16"]).model
+    net = build_model(model, 3)
+    assert net.seg_head is not None and net.seg_head.linear_pred.in_channels == 16
+    assert build_model(OmegaConf.merge(model, {"seg_head": {"enabled": False}}), 3).seg_head is None
+    partial = OmegaConf.to_container(model)
+    del partial["seg_head"]["enabled"]
+    with pytest.raises(KeyError, match="enabled"):
+        build_model(partial, 3)

@@ -176,31 +176,33 @@ class WSSSNet(nn.Module):
 
 
 def build_model(model_cfg: Any, num_classes: int, heads: HeadBuilder | None = None) -> WSSSNet:
-    """Build a ``WSSSNet`` from ``cfg.model``. num_classes: foreground classes K; heads: builds the
-    method heads for the backbone (after the other heads, so the parameter order is stable)."""
+    """Build a ``WSSSNet`` from ``cfg.model``, a loaded config's section (every key set, its free-form
+    ``seg_head`` too: the defaults are :class:`wsss.config.ModelConfig`'s; no fallbacks here).
+    num_classes: foreground classes K; heads: builds the method heads for the backbone (after the
+    other heads, so the parameter order is stable)."""
     from wsss.heads.segformer import SegFormerHead
 
     import_backbones()
-    kwargs = dict(model_cfg.get("backbone_kwargs") or {})
-    name = str(model_cfg.backbone)
+    kwargs = dict(model_cfg["backbone_kwargs"] or {})
+    name = str(model_cfg["backbone"])
     if BACKBONES.meta(name).get("class_tokens_per_class"):
         kwargs.setdefault("num_classes", num_classes)
-    backbone = BACKBONES.build(name, pretrained=model_cfg.get("pretrained"), **kwargs)
-    ch = dict(model_cfg.get("cam_head") or {})
+    backbone = BACKBONES.build(name, pretrained=model_cfg["pretrained"], **kwargs)
+    ch = dict(model_cfg["cam_head"] or {})
     cam_head = CAMHead(backbone.out_channels[-1], num_classes, **ch)
-    token_mode = model_cfg.get("token_head")
+    token_mode = model_cfg["token_head"]
     token_head = None
     if token_mode:
         dim = int(getattr(backbone, "embed_dim", backbone.out_channels[-1]))
         token_head = TokenHead(str(token_mode), dim, num_classes)
-    seg_cfg = model_cfg.get("seg_head") or {}
+    seg_cfg = model_cfg["seg_head"]  # null: no seg head
     seg_head = None
-    if seg_cfg.get("enabled", False):
+    if seg_cfg and seg_cfg["enabled"]:
         seg_head = SegFormerHead(
             backbone.out_channels,
             num_classes + 1,
-            embed_dim=int(seg_cfg.get("embed_dim", 256)),
-            dropout=float(seg_cfg.get("dropout", 0.1)),
+            embed_dim=int(seg_cfg["embed_dim"]),
+            dropout=float(seg_cfg["dropout"]),
         )
     method_heads = dict(heads(backbone)) if heads is not None else {}
     return WSSSNet(backbone, cam_head, num_classes, token_head, seg_head, method_heads)

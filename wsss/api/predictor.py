@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.config import EvalConfig
 from wsss.data.io import load_image
 from wsss.data.transforms import to_image01
 from wsss.engine.distributed import resolve_device
@@ -199,12 +200,13 @@ class Segmenter:
         """(K,) the classifier score a class needs to count as present: ``eval.presence_per_class``
         when set (``wsss calibrate``), else ``eval.presence`` for every class."""
         k = len(self.class_names) - 1
-        per_class = self.cfg.eval.get("presence_per_class")
+        ev = EvalConfig.of(self.cfg.eval)
+        per_class = ev.presence_per_class
         if per_class is not None:
             if len(per_class) != k:
                 raise ValueError(f"eval.presence_per_class has {len(per_class)} values for {k} classes")
             return torch.tensor([float(v) for v in per_class], device=self.device)
-        return torch.full((k,), float(self.cfg.eval.get("presence", 0.5)), device=self.device)
+        return torch.full((k,), float(ev.presence), device=self.device)
 
     def mask_settings(self, seg: bool, gated: bool, given: bool) -> dict[str, Any]:
         """How :meth:`predict_batch` makes the mask, for the JSON: its source and the thresholds used."""

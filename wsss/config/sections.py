@@ -4,6 +4,10 @@ declared once as a field of its section's dataclass (:func:`wsss.core.schema.opt
 a rule takes the type of its default (numbers non-negative); a dict field is a free-form sub-section
 (passed through to a builder, its contents not checked).
 
+A default that a lower layer's function also uses (a PAR weight, a background score, an augmentation
+setting) is that layer's named constant (``wsss.refine``, ``wsss.ops``, ``wsss.heads``, ``wsss.data``),
+imported here: the number lives in one place.
+
 Each method's own section (its keys, defaults and rules) is declared by the method
 (``wsss.methods``: ``Method.Config``) and added by :func:`wsss.config.defaults`.
 """
@@ -14,8 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsss.core.schema import ConfigSection, Rule, option
+from wsss.data import build as data_build
+from wsss.data import transforms as aug
+from wsss.heads.classifier import CAM_BIAS, CAM_KERNEL_SIZE, CAM_POOLING
+from wsss.heads.segformer import SEG_DROPOUT, SEG_EMBED_DIM
 from wsss.methods import DEFAULT_METHOD, DEFAULT_PARAM_RULES
-from wsss.ops.cam_fusion import DEFAULT_FUSE, FUSE_PRESETS
+from wsss.ops.cam_fusion import CAM_FLIP, CAM_SCALES, DEFAULT_FUSE, FUSE_PRESETS
+from wsss.refine.labels import BKG_SCORE, CAM_HIGH, CAM_LOW
+from wsss.refine.par import PAR_DILATIONS, PAR_DOWNSCALE, PAR_NUM_ITER, PAR_W1, PAR_W2
+from wsss.refine.propagation import AFF_BKG_SCORE
 
 #: train.amp values besides null: "bf16" (warns where bf16 is emulated), "auto" (bf16 where native)
 AMP_CHOICES = ("bf16", "auto")
@@ -41,10 +52,12 @@ class ModelConfig(ConfigSection):
     backbone: str = option("mit_b1")
     backbone_kwargs: dict[str, Any] = option({})  # free-form: passed to the backbone's builder
     pretrained: str | None = option(None, Rule("str", null=True))
-    cam_head: dict[str, Any] = option({"kernel_size": 1, "bias": False, "pooling": "gmp"})  # free-form
+    cam_head: dict[str, Any] = option({"kernel_size": CAM_KERNEL_SIZE, "bias": CAM_BIAS,
+                                       "pooling": CAM_POOLING})  # free-form
     # null | mean | linear
     token_head: str | None = option(None, Rule("str", choices=("mean", "linear"), null=True))
-    seg_head: dict[str, Any] = option({"enabled": True, "embed_dim": 256, "dropout": 0.1})  # free-form
+    seg_head: dict[str, Any] = option({"enabled": True, "embed_dim": SEG_EMBED_DIM,
+                                       "dropout": SEG_DROPOUT})  # free-form
 
 
 @dataclass
@@ -52,10 +65,10 @@ class DataConfig(ConfigSection):
     """The ``data`` section, read by wsss.data.build.build_dataset / build_transform."""
 
     # voc | coco | folder | synthetic
-    type: str = option("voc", Rule("str", choices=("voc", "coco", "folder", "synthetic")))
+    type: str = option(data_build.DATA_TYPE, Rule("str", choices=("voc", "coco", "folder", "synthetic")))
     root: str = option("data/VOC2012")
-    train_split: str = option("train_aug")
-    val_split: str = option("val")
+    train_split: str = option(data_build.TRAIN_SPLIT)
+    val_split: str = option(data_build.VAL_SPLIT)
     # including background; null: from the dataset (VOC 21, COCO 81, names file)
     num_classes: int | None = option(None, Rule("int", 2, null=True))
     class_names: list[str] | None = option(None, Rule("list", item="str", null=True, min_len=1))
@@ -66,30 +79,31 @@ class DataConfig(ConfigSection):
     val_labels_file: str | None = option(None, Rule("str", null=True))
     # folder: hold this fraction of labels_file out as the val split (seeded by split_seed)
     val_fraction: float | None = option(None, Rule("float", 0.0, 1.0, null=True))
-    split_seed: int = option(0, Rule("int", 0))
+    split_seed: int = option(data_build.SPLIT_SEED, Rule("int", 0))
     image_dir: str | None = option(None, Rule("str", null=True))
     train_image_dir: str | None = option(None, Rule("str", null=True))
     val_image_dir: str | None = option(None, Rule("str", null=True))
-    mask_dir: str | None = option("auto", Rule("str", null=True))
-    crop_size: int | None = option(512, Rule("int", 1, null=True))
-    scale_range: list[float] = option([0.5, 2.0], Rule("list", 0.0, length=2))  # [low, high], low <= high
-    interpolation: str = option("bilinear", Rule("str", choices=("nearest", "bilinear", "bicubic")))
-    flip: bool = option(True)
-    color_jitter: bool = option(False)
-    resized_crop: bool = option(False)
+    mask_dir: str | None = option(data_build.MASK_DIR, Rule("str", null=True))
+    crop_size: int | None = option(aug.CROP_SIZE, Rule("int", 1, null=True))
+    # [low, high], low <= high
+    scale_range: list[float] = option(list(aug.SCALE_RANGE), Rule("list", 0.0, length=2))
+    interpolation: str = option(aug.INTERPOLATION, Rule("str", choices=("nearest", "bilinear", "bicubic")))
+    flip: bool = option(aug.FLIP)
+    color_jitter: bool = option(aug.COLOR_JITTER)
+    resized_crop: bool = option(aug.RESIZED_CROP)
     cat_max_ratio: float | None = option(None, Rule("float", 0.0, 1.0, null=True))
     # timm spec, e.g. "rand-m9-mstd0.5-inc1" (MCTformer recipe)
     rand_augment: str | None = option(None, Rule("str", null=True))
     # probability of erasing one box (MCTformer recipe: 0.25)
-    random_erasing: float = option(0.0, Rule("float", 0.0, 1.0))
+    random_erasing: float = option(aug.RANDOM_ERASING, Rule("float", 0.0, 1.0))
     batch_size: int = option(2, Rule("int", 1))
     num_workers: int = option(2, Rule("int", 0))
-    seed: int = option(0)
+    seed: int = option(data_build.DATA_SEED)
     # synthetic set (generated into root on first use)
-    num_train: int = option(400, Rule("int", 1))
-    num_val: int = option(100, Rule("int", 1))
-    size: int = option(128, Rule("int", 16))
-    synthetic_seed: int = option(0)
+    num_train: int = option(data_build.SYNTHETIC_NUM_TRAIN, Rule("int", 1))
+    num_val: int = option(data_build.SYNTHETIC_NUM_VAL, Rule("int", 1))
+    size: int = option(data_build.SYNTHETIC_SIZE, Rule("int", 16))
+    synthetic_seed: int = option(data_build.SYNTHETIC_SEED)
 
     def check(self, where: str) -> None:
         lo, hi = self.scale_range
@@ -149,12 +163,12 @@ class TrainConfig(ConfigSection):
 class CamConfig(ConfigSection):
     """The ``cam`` section: the multi-scale CAM passes and the pseudo label's background scores."""
 
-    scales: list[float] = option([1.0, 0.5, 1.5], Rule("list", 0.0, min_len=1))
-    flip: bool = option(True)
+    scales: list[float] = option(list(CAM_SCALES), Rule("list", 0.0, min_len=1))
+    flip: bool = option(CAM_FLIP)
     # a rule of wsss.ops.cam_fusion.FUSE_PRESETS
     fuse: str = option(DEFAULT_FUSE, Rule("str", choices=tuple(FUSE_PRESETS)))
-    high: float = option(0.55, Rule("float", 0.0, 1.0))
-    low: float = option(0.35, Rule("float", 0.0, 1.0))  # <= high
+    high: float = option(CAM_HIGH, Rule("float", 0.0, 1.0))
+    low: float = option(CAM_LOW, Rule("float", 0.0, 1.0))  # <= high
 
     def check(self, where: str) -> None:
         if self.low > self.high:
@@ -166,11 +180,11 @@ class CamConfig(ConfigSection):
 class ParConfig(ConfigSection):
     """The ``par`` section: PAR, the pixel-adaptive refinement (wsss.refine.par.PAR)."""
 
-    dilations: list[int] = option([1, 2, 4, 8, 12, 24], Rule("list", 1, item="int", min_len=1))
-    num_iter: int = option(10)
-    w1: float = option(0.3)
-    w2: float = option(0.01)
-    downscale: int = option(2, Rule("int", 1))
+    dilations: list[int] = option(list(PAR_DILATIONS), Rule("list", 1, item="int", min_len=1))
+    num_iter: int = option(PAR_NUM_ITER)
+    w1: float = option(PAR_W1)
+    w2: float = option(PAR_W2)
+    downscale: int = option(PAR_DOWNSCALE, Rule("int", 1))
 
 
 @dataclass
@@ -180,8 +194,8 @@ class EvalConfig(ConfigSection):
     split: str = option("val")
     scales: list[float] = option([1.0], Rule("list", 0.0, min_len=1))
     flip: bool = option(False)
-    bkg_score: float = option(0.45, Rule("float", 0.0, 1.0))
-    aff_bkg_score: float = option(0.35, Rule("float", 0.0, 1.0))
+    bkg_score: float = option(BKG_SCORE, Rule("float", 0.0, 1.0))
+    aff_bkg_score: float = option(AFF_BKG_SCORE, Rule("float", 0.0, 1.0))
     # predict on a model without a seg head: a class is in the image when sigmoid(logit) passes
     # this (``wsss calibrate`` chooses it on the training labels, per class where that is better)
     presence: float = option(0.5, Rule("float", 0.0, 1.0))

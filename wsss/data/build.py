@@ -28,33 +28,58 @@ from .coco import COCODataset
 from .folder import FolderDataset
 from .io import IGNORE_INDEX, DataError
 from .randaugment import build_rand_augment
-from .transforms import EvalTransform, TrainTransform
+from .transforms import (
+    COLOR_JITTER,
+    CROP_SIZE,
+    FLIP,
+    INTERPOLATION,
+    RANDOM_ERASING,
+    RESIZED_CROP,
+    SCALE_RANGE,
+    EvalTransform,
+    TrainTransform,
+)
 from .voc import VOCDataset
 
 PSEUDO_CLASSES_FILE = "class_names.json"  # in a pseudo-label folder: its classes, background first
 
 SYNTHETIC_CLASSES = 6  # the built-in set: background + 5 classes (when data.num_classes is not pinned)
-_DEFAULT_SPLITS = {"voc": {"train": "train_aug", "val": "val"}, "coco": {"train": "train", "val": "val"}}
+
+# The ``data`` section's defaults besides the augmentation's (:mod:`wsss.data.transforms`): a section
+# that leaves a key out (or sets it to null) gets these
+DATA_TYPE = "voc"  # the dataset kind: voc | coco | folder | synthetic
+TRAIN_SPLIT = "train_aug"  # VOC's training split (SBD-augmented)
+VAL_SPLIT = "val"
+MASK_DIR = "auto"  # the dataset's own mask folder ("auto": see VOCDataset, COCODataset)
+DATA_SEED = 0  # seeds the per-sample augmentation
+SPLIT_SEED = 0  # seeds a folder dataset's held-out val part
+# the synthetic set generated into ``root`` on first use
+SYNTHETIC_NUM_TRAIN = 400
+SYNTHETIC_NUM_VAL = 100
+SYNTHETIC_SIZE = 128  # image side
+SYNTHETIC_SEED = 0
+
+_DEFAULT_SPLITS = {"voc": {"train": TRAIN_SPLIT, "val": VAL_SPLIT}, "coco": {"train": "train", "val": "val"}}
 
 
 def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
-    """:class:`TrainTransform` from keys crop_size (512), scale_range ([0.5, 2.0]), flip (true),
-    color_jitter (false), interpolation ("bilinear"), resized_crop (false), cat_max_ratio,
-    rand_augment (null or a timm spec such as "rand-m9-mstd0.5-inc1"), random_erasing (0.0); or
-    :class:`EvalTransform` when not training."""
+    """:class:`TrainTransform` from keys crop_size, scale_range, flip, color_jitter, interpolation,
+    resized_crop, cat_max_ratio, rand_augment (null or a timm spec such as "rand-m9-mstd0.5-inc1"),
+    random_erasing (a key left out or null: the official recipe's value, the constants of
+    :mod:`wsss.data.transforms`); or :class:`EvalTransform` when not training."""
     if not train:
         return EvalTransform()
-    scale = cfg_get(cfg, "scale_range", (0.5, 2.0))
+    scale = cfg_get(cfg, "scale_range", SCALE_RANGE)
     return TrainTransform(
-        crop_size=cfg_get(cfg, "crop_size", 512),
+        crop_size=cfg_get(cfg, "crop_size", CROP_SIZE),
         scale_range=tuple(scale) if scale not in (False, "none") else None,
-        flip=bool(cfg_get(cfg, "flip", True)),
-        color_jitter=bool(cfg_get(cfg, "color_jitter", False)),
-        interpolation=str(cfg_get(cfg, "interpolation", "bilinear")),
-        resized_crop=bool(cfg_get(cfg, "resized_crop", False)),
+        flip=bool(cfg_get(cfg, "flip", FLIP)),
+        color_jitter=bool(cfg_get(cfg, "color_jitter", COLOR_JITTER)),
+        interpolation=str(cfg_get(cfg, "interpolation", INTERPOLATION)),
+        resized_crop=bool(cfg_get(cfg, "resized_crop", RESIZED_CROP)),
         cat_max_ratio=cfg_get(cfg, "cat_max_ratio", None),
         rand_augment=build_rand_augment(cfg_get(cfg, "rand_augment", None)),
-        random_erasing=float(cfg_get(cfg, "random_erasing", 0.0)),
+        random_erasing=float(cfg_get(cfg, "random_erasing", RANDOM_ERASING)),
     )
 
 
@@ -88,11 +113,11 @@ def build_dataset(cfg_data: Any, split: str, train: bool) -> Dataset:
 
 def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
     """The dataset of :func:`build_dataset` before any pseudo-label folder replaces its masks."""
-    kind = str(cfg_get(cfg_data, "type", "voc")).lower()
+    kind = str(cfg_get(cfg_data, "type", DATA_TYPE)).lower()
     transform = build_transform(cfg_data, train)
-    seed = int(cfg_get(cfg_data, "seed", 0))
+    seed = int(cfg_get(cfg_data, "seed", DATA_SEED))
     labels_file = cfg_get(cfg_data, f"{split}_labels_file", None) or cfg_get(cfg_data, "labels_file", None)
-    mask_dir = cfg_get(cfg_data, "mask_dir", "auto")
+    mask_dir = cfg_get(cfg_data, "mask_dir", MASK_DIR)
     class_names = cfg_get(cfg_data, "class_names", None)
     class_names = list(class_names) if class_names is not None else None
     if kind == "folder":
@@ -112,10 +137,10 @@ def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
             from .synthetic import generate_synthetic  # lazy: keeps `python -m wsss.data.synthetic` clean
             generate_synthetic(
                 root,
-                num_train=int(cfg_get(cfg_data, "num_train", 400)),
-                num_val=int(cfg_get(cfg_data, "num_val", 100)),
-                size=int(cfg_get(cfg_data, "size", 128)),
-                seed=int(cfg_get(cfg_data, "synthetic_seed", 0)),
+                num_train=int(cfg_get(cfg_data, "num_train", SYNTHETIC_NUM_TRAIN)),
+                num_val=int(cfg_get(cfg_data, "num_val", SYNTHETIC_NUM_VAL)),
+                size=int(cfg_get(cfg_data, "size", SYNTHETIC_SIZE)),
+                seed=int(cfg_get(cfg_data, "synthetic_seed", SYNTHETIC_SEED)),
                 num_classes=int(num_classes or SYNTHETIC_CLASSES),
             )
         return VOCDataset(root, name, transform, num_classes, labels_file, mask_dir, class_names, seed=seed)
@@ -137,8 +162,8 @@ def _holdout(cfg_data: Any, split: str) -> tuple[str, float, int] | None:
     if cfg_get(cfg_data, "val_labels_file", None) is not None:
         raise DataError("give data.val_fraction (a held-out part of data.labels_file) or "
                         "data.val_labels_file (a separate file), not both")
-    part = "val" if split == str(cfg_get(cfg_data, "val_split", "val")) else "train"
-    return part, float(fraction), int(cfg_get(cfg_data, "split_seed", 0))
+    part = "val" if split == str(cfg_get(cfg_data, "val_split", VAL_SPLIT)) else "train"
+    return part, float(fraction), int(cfg_get(cfg_data, "split_seed", SPLIT_SEED))
 
 
 def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> SegmentationDataset:

@@ -29,6 +29,15 @@ from torch import Tensor
 from .io import IGNORE_INDEX
 from .randaugment import RandAugment, random_erasing
 
+# The official AFA augmentation (the config's ``data`` section defaults to these)
+CROP_SIZE = 512  # the side S of the square training crop
+SCALE_RANGE = (0.5, 2.0)  # [low, high] of the random rescale ratio
+INTERPOLATION = "bilinear"  # the image's resampling filter when rescaling (the mask's is nearest)
+FLIP = True  # a horizontal flip with probability 0.5
+COLOR_JITTER = False
+RESIZED_CROP = False  # a RandomResizedCrop instead of rescale + pad + crop
+RANDOM_ERASING = 0.0  # the probability of erasing one box
+
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -49,8 +58,8 @@ def random_rescale(
     image: np.ndarray,
     mask: np.ndarray | None,
     rng: np.random.Generator,
-    scale_range: Sequence[float] = (0.5, 2.0),
-    interpolation: str = "bilinear",
+    scale_range: Sequence[float] = SCALE_RANGE,
+    interpolation: str = INTERPOLATION,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Rescale by a ratio ~ U[lo, hi] to ``int(ratio*H) x int(ratio*W)`` (at least 1 pixel)."""
     ratio = rng.uniform(scale_range[0], scale_range[1])
@@ -258,14 +267,14 @@ class TrainTransform:
     def __init__(
         self,
         crop_size: int | None,
-        scale_range: Sequence[float] | None = (0.5, 2.0),
-        flip: bool = True,
-        color_jitter: bool = False,
-        interpolation: str = "bilinear",
-        resized_crop: bool = False,
+        scale_range: Sequence[float] | None = SCALE_RANGE,
+        flip: bool = FLIP,
+        color_jitter: bool = COLOR_JITTER,
+        interpolation: str = INTERPOLATION,
+        resized_crop: bool = RESIZED_CROP,
         cat_max_ratio: float | None = None,
         rand_augment: RandAugment | None = None,
-        random_erasing: float = 0.0,
+        random_erasing: float = RANDOM_ERASING,
     ) -> None:
         if interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")

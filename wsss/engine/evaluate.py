@@ -19,12 +19,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from wsss.config.sections import EvalConfig
 from wsss.data.build import collate
 from wsss.data.transforms import image01_to_uint8
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
 from wsss.methods.base import Method
 from wsss.model import WSSSNet
+
+_EVAL = EvalConfig()  # the ``eval`` section's defaults
 
 # How a map's mIoU treats its uncertain pixels (printed in the tables).
 MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
@@ -110,7 +113,7 @@ def evaluate(
     sweep: bool = False,
     sweep_thresholds: list[float] | None = None,
     batch_size: int = 1,
-    num_workers: int = 0,
+    num_workers: int = _EVAL.num_workers,
     maps: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """mIoU per label map over ``dataset`` (sharded by rank). num_classes includes background.
@@ -125,7 +128,7 @@ def evaluate(
     """
     was = net.training
     net.eval()
-    scales = list(scales or [1.0])
+    scales = list(scales or _EVAL.scales)
     n = num_images(dataset, max_images)
     cms: dict[str, ConfusionMatrix] = {}
     covered = torch.zeros(2, dtype=torch.float64, device=device)  # pseudo: labelled, valid gt

@@ -24,34 +24,40 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from wsss.config.sections import OptimConfig
 from wsss.core.param_rules import build_param_groups
 from wsss.core.registry import PARAM_RULES
 from wsss.core.schema import cfg_get
-from wsss.methods import DEFAULT_PARAM_RULES, import_methods
+from wsss.methods import import_methods
+
+#: the ``optim`` section's defaults (the official AFA recipe's): the schedules' defaults too
+_DEFAULTS = OptimConfig()
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any] | Any) -> torch.optim.AdamW:
-    """AdamW (betas (0.9, 0.999), eps 1e-8) over the groups of a rule preset.
+    """AdamW over the groups of a rule preset.
 
-    cfg keys: ``lr`` (base lr), ``weight_decay``, ``param_rules`` (preset name: afa / aream / mctformer,
-    or a list of :class:`ParamRule`), ``param_rules_args`` (kwargs of the preset), optional ``betas``,
-    ``eps``, ``fused``: torch's fused AdamW kernel (parameters on the CPU or CUDA), the same update
-    in one pass, about 3.5x faster than the default multi-tensor path for MiT-B1 on CPU (15 against
-    54 ms); its rounding differs in the last bit, so it is off unless asked for (runs reproduce).
+    cfg: the ``optim`` section (a key it leaves out takes its default, :class:`OptimConfig`): ``lr``
+    (base lr), ``weight_decay``, ``param_rules`` (preset name: afa / aream / mctformer, or a list of
+    :class:`ParamRule`), ``param_rules_args`` (kwargs of the preset), ``betas``, ``eps``, ``fused``:
+    torch's fused AdamW kernel (parameters on the CPU or CUDA), the same update in one pass, about
+    3.5x faster than the default multi-tensor path for MiT-B1 on CPU (15 against 54 ms); its rounding
+    differs in the last bit, so it is off unless asked for (runs reproduce).
     """
-    rules = cfg_get(cfg, "param_rules", DEFAULT_PARAM_RULES)
+    o = OptimConfig.of(cfg)
+    rules = o.param_rules
     if isinstance(rules, str):
         import_methods()  # each method file registers its recipe's presets
         if rules not in PARAM_RULES:
             raise ValueError(f"unknown param_rules '{rules}'; known: {PARAM_RULES.names()}")
-        rules = PARAM_RULES.get(rules)(**dict(cfg_get(cfg, "param_rules_args", None) or {}))
-    lr, wd = float(cfg_get(cfg, "lr")), float(cfg_get(cfg, "weight_decay", 0.01))
+        rules = PARAM_RULES.get(rules)(**dict(o.param_rules_args or {}))
+    lr, wd = float(o.lr), float(o.weight_decay)
     groups = build_param_groups(model, list(rules), lr, wd)
-    betas = tuple(cfg_get(cfg, "betas", (0.9, 0.999)))
-    on = bool(cfg_get(cfg, "fused", False))
+    betas = tuple(o.betas)
+    on = bool(o.fused)
     fused = (on and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])) or None
-    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
-                             eps=float(cfg_get(cfg, "eps", 1e-8)), weight_decay=wd, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(o.eps),
+                             weight_decay=wd, fused=fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +91,9 @@ class PolyWarmupLR(_GroupScheduler):
     instead, continuous at the end of the warm-up. Clamped at 0 from ``max_iters`` on.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, warmup_iters: int = 1500,
-                 warmup_ratio: float = 1e-6, power: float = 1.0, rebase: bool = False, last_epoch: int = -1):
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int,
+                 warmup_iters: int = _DEFAULTS.warmup_iters, warmup_ratio: float = _DEFAULTS.warmup_ratio,
+                 power: float = _DEFAULTS.power, rebase: bool = _DEFAULTS.rebase, last_epoch: int = -1):
         self.max_iters, self.warmup_iters = int(max_iters), int(warmup_iters)
         self.warmup_ratio, self.power, self.rebase = float(warmup_ratio), float(power), bool(rebase)
         super().__init__(optimizer, last_epoch)
@@ -112,7 +119,8 @@ class WarmupCosineLR(_GroupScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int,
-                 start_lr: float = 1e-6, final_lr: float = 1e-6, last_epoch: int = -1):
+                 start_lr: float = _DEFAULTS.start_lr, final_lr: float = _DEFAULTS.final_lr,
+                 last_epoch: int = -1):
         self.total_iters, self.warmup_iters = int(total_iters), int(warmup_iters)
         self.start_lr, self.final_lr = float(start_lr), float(final_lr)
         super().__init__(optimizer, last_epoch)
@@ -138,9 +146,10 @@ class EpochCosineLR(_GroupScheduler):
     ``official_lag=False`` runs epoch e at lr(e).
     """
 
+    # warmup_epochs: MCTformer's 5 (the optim section's default, 1, is the AReAM Conformer recipe's)
     def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 5,
-                 warmup_lr: float = 1e-6, min_lr: float = 1e-5, official_lag: bool = True,
-                 last_epoch: int = -1):
+                 warmup_lr: float = _DEFAULTS.warmup_lr, min_lr: float = _DEFAULTS.min_lr,
+                 official_lag: bool = _DEFAULTS.official_lag, last_epoch: int = -1):
         self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
         self.warmup_lr, self.min_lr, self.official_lag = float(warmup_lr), float(min_lr), bool(official_lag)
         super().__init__(optimizer, last_epoch)
@@ -156,23 +165,24 @@ class EpochCosineLR(_GroupScheduler):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | Any,
                     iters_per_epoch: int) -> LRScheduler:
-    """Scheduler from cfg ``schedule``: ``"poly"`` (AFA: ``max_iters``, ``warmup_iters`` 1500,
-    ``warmup_ratio`` 1e-6, ``power`` 1.0, ``rebase`` False), ``"cosine"`` (AReAM Conformer: ``epochs``,
-    ``warmup_epochs`` 1, ``start_lr`` 1e-6, ``final_lr`` 1e-6; per step) or ``"epoch_cosine"`` (MCTformer:
-    ``epochs``, ``warmup_epochs`` 5, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, ``official_lag`` True; per
-    epoch)."""
-    kind = cfg_get(cfg, "schedule", "poly")
+    """Scheduler from the ``optim`` section ``cfg`` (a key it leaves out takes its default,
+    :class:`OptimConfig`), by ``schedule``: ``"poly"`` (AFA: ``max_iters``, else ``epochs`` x
+    ``iters_per_epoch``; ``warmup_iters``, ``warmup_ratio``, ``power``, ``rebase``; per step),
+    ``"cosine"`` (AReAM Conformer: ``epochs``, ``warmup_epochs``, ``start_lr``, ``final_lr``; per step)
+    or ``"epoch_cosine"`` (MCTformer: ``epochs``, ``warmup_epochs`` (the recipe's 5 is set by its
+    config), ``warmup_lr``, ``min_lr``, ``official_lag``; per epoch)."""
+    o = OptimConfig.of(cfg)
+    kind = o.schedule
     if kind == "poly":
-        max_iters = cfg_get(cfg, "max_iters") or int(cfg_get(cfg, "epochs")) * iters_per_epoch
-        return PolyWarmupLR(optimizer, int(max_iters), int(cfg_get(cfg, "warmup_iters", 1500)),
-                            float(cfg_get(cfg, "warmup_ratio", 1e-6)), float(cfg_get(cfg, "power", 1.0)),
-                            bool(cfg_get(cfg, "rebase", False)))
+        # max_iters read as given: the section's default is an interpolation (``${train.max_iters}``)
+        max_iters = cfg_get(cfg, "max_iters") or int(o.epochs) * iters_per_epoch
+        return PolyWarmupLR(optimizer, int(max_iters), int(o.warmup_iters), float(o.warmup_ratio),
+                            float(o.power), bool(o.rebase))
     if kind == "cosine":
-        epochs, warm = int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1))
+        epochs, warm = int(o.epochs), int(o.warmup_epochs)
         return WarmupCosineLR(optimizer, epochs * iters_per_epoch, warm * iters_per_epoch,
-                              float(cfg_get(cfg, "start_lr", 1e-6)), float(cfg_get(cfg, "final_lr", 1e-6)))
+                              float(o.start_lr), float(o.final_lr))
     if kind == "epoch_cosine":
-        return EpochCosineLR(optimizer, int(cfg_get(cfg, "epochs")), int(cfg_get(cfg, "warmup_epochs", 1)),
-                             float(cfg_get(cfg, "warmup_lr", 1e-6)), float(cfg_get(cfg, "min_lr", 1e-5)),
-                             bool(cfg_get(cfg, "official_lag", True)))
+        return EpochCosineLR(optimizer, int(o.epochs), int(o.warmup_epochs), float(o.warmup_lr),
+                             float(o.min_lr), bool(o.official_lag))
     raise ValueError(f"unknown schedule '{kind}'; choose poly, cosine or epoch_cosine")

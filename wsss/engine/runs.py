@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from wsss.config import defaults, upgrade_config
+from wsss.config import DataConfig, defaults, upgrade_config
 from wsss.core.weights import CheckpointError, load_into
 from wsss.methods import build_network
 from wsss.model import WSSSNet
@@ -31,11 +31,12 @@ def config_from_dict(d: Mapping[str, Any]) -> DictConfig:
 
 def default_class_names(cfg: Any, num_classes: int) -> list[str]:
     """Class names (background first) of a config without stored names."""
-    names = cfg.data.get("class_names")
+    data = DataConfig.of(cfg.data)
+    names = data.class_names
     if names:
         names = list(names)
         return names if len(names) == num_classes else ["background", *names]
-    kind = str(cfg.data.get("type", "voc"))
+    kind = str(data.type)
     if kind == "synthetic":
         from wsss.data.synthetic import class_names_for
 

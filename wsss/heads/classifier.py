@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+# The official AFA CAM head (the config's ``model.cam_head``): a 1x1 conv without bias, global max pooling
+CAM_KERNEL_SIZE = 1
+CAM_BIAS = False
+CAM_POOLING = "gmp"
+
 
 class CAMHead(nn.Module):
     """Conv classifier. ``forward(feat (B,D,h,w)) -> (logits (B,K), cam (B,K,h,w) raw)``.
@@ -23,9 +28,9 @@ class CAMHead(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        kernel_size: int = 1,
-        bias: bool = False,
-        pooling: str = "gmp",
+        kernel_size: int = CAM_KERNEL_SIZE,
+        bias: bool = CAM_BIAS,
+        pooling: str = CAM_POOLING,
     ) -> None:
         super().__init__()
         if pooling not in ("gmp", "gap"):

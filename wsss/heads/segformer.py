@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SegFormerHead"]
+__all__ = ["SEG_DROPOUT", "SEG_EMBED_DIM", "SegFormerHead"]
+
+# The official AFA segmentation head (the config's ``model.seg_head``)
+SEG_EMBED_DIM = 256  # the decoder's embedding width D
+SEG_DROPOUT = 0.1  # Dropout2d before the classifier
 
 
 class LinearEmbed(nn.Module):
@@ -55,7 +59,11 @@ class SegFormerHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        embed_dim: int = SEG_EMBED_DIM,
+        dropout: float = SEG_DROPOUT,
     ) -> None:
         super().__init__()
         if len(in_channels) == 0:

@@ -41,7 +41,7 @@ from wsss.refine.labels import (
     token_labels,
 )
 from wsss.refine.par import ImageKernel
-from wsss.refine.propagation import propagate_affinity, window_mask
+from wsss.refine.propagation import AFF_NORM_EPS, AFF_POWER, propagate_affinity, window_mask
 
 
 @dataclass
@@ -55,8 +55,8 @@ class AFAConfig(MethodConfig):
     aff_weight: float = option(0.1)
     reg_weight: float = option(0.0)  # released code: off; the paper's lambda3 = 0.01
     radius: int = option(8, Rule("int", 1))
-    power: float = option(2.0, Rule("float", 0.0))
-    norm_eps: float = option(0.1)
+    power: float = option(AFF_POWER, Rule("float", 0.0))
+    norm_eps: float = option(AFF_NORM_EPS)
     window: str = option("square", Rule("str", choices=("square", "circle")))
     sampling: str = option("topleft", Rule("str", choices=SAMPLING))
     crop_to_box: bool = option(True)

@@ -107,7 +107,7 @@ class AuxCAMHead(MethodHead):
         super().__init__()
         self.feature_layers = (sorted(backbone.check_layers([layer]))[0],)
         self.prefix = int(backbone.num_prefix_tokens)
-        self.cam_head = CAMHead(int(backbone.out_channels[-1]), num_classes, 1, False, "gmp")
+        self.cam_head = CAMHead(int(backbone.out_channels[-1]), num_classes)  # CAMHead defaults: as official
 
     def forward(self, out: BackboneOutput) -> Tensor:  # type: ignore[override]
         layer = self.feature_layers[0]

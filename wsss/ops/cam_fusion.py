@@ -33,6 +33,9 @@ AREAM_FUSE: dict[str, Any] = {"flip_fuse": "sum", "relu": "after", "eps": 1e-6}
 #: The fusion rules by name (the config's ``cam.fuse``).
 FUSE_PRESETS: dict[str, dict[str, Any]] = {"afa": AFA_FUSE, "aream": AREAM_FUSE}
 DEFAULT_FUSE = "afa"
+# The official AFA recipe's CAM passes (the config's ``cam.scales``, ``cam.flip``)
+CAM_SCALES = (1.0, 0.5, 1.5)  # the input scales
+CAM_FLIP = True  # each scale runs with its horizontal flip too
 
 
 def normalize_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
@@ -123,8 +126,8 @@ def _fuse_kept(cams: Sequence[Tensor], size: tuple[int, int], batch: int, keep: 
 def multiscale_cam(
     cam_fn: Callable[[Tensor], Tensor],
     x: Tensor,
-    scales: Sequence[float] = (1.0, 0.5, 1.5),
-    flip: bool = True,
+    scales: Sequence[float] = CAM_SCALES,
+    flip: bool = CAM_FLIP,
     **fuse: Any,
 ) -> Tensor:
     """Multi-scale (+ flip) CAM.

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.refine.par import PAR
+from wsss.refine.par import PAR, PAR_DOWNSCALE
+
+# The official AFA recipe's background scores (the config's ``eval.bkg_score``, ``cam.high``, ``cam.low``)
+BKG_SCORE = 0.45  # a CAM at or below it is background (the validation-mode label)
+CAM_HIGH = 0.55  # the pseudo label's high background score: foreground above it
+CAM_LOW = 0.35  # the pseudo label's low background score: background at or below it (<= CAM_HIGH)
 
 #: how a token takes the label of its cell (:func:`token_labels`, :func:`affinity_labels`)
 SAMPLING = ("topleft", "center", "mode")
@@ -122,7 +127,7 @@ def _ignore_outside(label: Tensor, img_box: Tensor | None, ignore_index: int) ->
 def cam_to_label(
     cam: Tensor,
     labels: Tensor,
-    bkg_score: float = 0.45,
+    bkg_score: float = BKG_SCORE,
     high: float | None = None,
     low: float | None = None,
     img_box: Tensor | None = None,
@@ -176,10 +181,10 @@ def par_pseudo_label(
     cam: Tensor,
     labels: Tensor,
     par: PAR,
-    high: float = 0.55,
-    low: float = 0.35,
+    high: float = CAM_HIGH,
+    low: float = CAM_LOW,
     img_box: Tensor | None = None,
-    downscale: int = 2,
+    downscale: int = PAR_DOWNSCALE,
     ignore_index: int = 255,
 ) -> Tensor:
     """PAR-refined two-threshold pseudo label (AFA ``refine_cams_with_bkg_v2``, AReAM ``cam_to_seg``).
@@ -272,7 +277,7 @@ def par_refine_scores_label(
     img_box: Tensor,
     crop_to_box: bool = True,
     ignore_index: int = 255,
-    downscale: int = 2,
+    downscale: int = PAR_DOWNSCALE,
 ) -> Tensor:
     """PAR-refined label from propagated score stacks (AFA ``refine_cams_with_cls_label`` + combine).
 

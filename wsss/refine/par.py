@@ -39,6 +39,13 @@ from torch import Tensor, nn
 #: smallest (1.2 MB, best in one block); with 1 thread 512 KiB beat 1 MiB by 17-25% on the larger maps.
 CPU_BLOCK_BYTES_PER_THREAD = 512 * 1024
 
+# The official AFA recipe's PAR (the config's ``par`` section defaults to these)
+PAR_DILATIONS = (1, 2, 4, 8, 12, 24)  # ring dilations: 8 neighbours each, 48 in all
+PAR_NUM_ITER = 10  # propagation iterations (VOC; the official COCO recipe uses 15)
+PAR_W1 = 0.3  # temperature of the colour term
+PAR_W2 = 0.01  # weight of the positional term
+PAR_DOWNSCALE = 2  # the pseudo labels run PAR at 1/PAR_DOWNSCALE of the image size
+
 # 3x3 ring without the centre, row-major (the order of the official one-hot conv kernel)
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -68,10 +75,10 @@ class PAR(nn.Module):
 
     def __init__(
         self,
-        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-        num_iter: int = 10,
-        w1: float = 0.3,
-        w2: float = 0.01,
+        dilations: Sequence[int] = PAR_DILATIONS,
+        num_iter: int = PAR_NUM_ITER,
+        w1: float = PAR_W1,
+        w2: float = PAR_W2,
         w_pos_temp: float | None = None,
         w_rgb: float = 1.0,
     ) -> None:
@@ -94,9 +101,9 @@ class PAR(nn.Module):
         c_I: float,  # noqa: N803 (paper notation)
         c_L: float,  # noqa: N803
         w_I: float = 1.0,  # noqa: N803
-        w_L: float = 0.01,  # noqa: N803
-        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-        num_iter: int = 10,
+        w_L: float = PAR_W2,  # noqa: N803
+        dilations: Sequence[int] = PAR_DILATIONS,
+        num_iter: int = PAR_NUM_ITER,
     ) -> PAR:
         """AReAM eq. 11-12: w_I * softmax(-(dI/sigma_I)^2 / c_I) + w_L * softmax(-(d/sigma_L)^2 / c_L).
 

@@ -20,6 +20,11 @@ from wsss.refine.labels import masked_softmax, present_index
 
 _SHAPES = ("square", "circle")
 
+# The official AFA propagation (the config's ``eval.aff_bkg_score``, ``afa.power``, ``afa.norm_eps``)
+AFF_BKG_SCORE = 0.35  # the constant background score prepended before the softmax
+AFF_POWER = 2.0  # the element-wise power (alpha) that sharpens the affinity
+AFF_NORM_EPS = 0.1  # added to the affinity's column sums (an anti-NaN leak)
+
 
 @lru_cache(maxsize=32)
 def _window_mask(h: int, w: int, radius: int, shape: str, device: torch.device) -> Tensor:
@@ -81,10 +86,10 @@ def propagate_affinity(
     cam: Tensor,
     aff: Tensor,
     labels: Tensor,
-    bkg_score: float = 0.35,
+    bkg_score: float = AFF_BKG_SCORE,
     window: Tensor | None = None,
-    power: float = 2.0,
-    eps: float = 0.1,
+    power: float = AFF_POWER,
+    eps: float = AFF_NORM_EPS,
 ) -> Tensor:
     """Propagate CAMs with background through the affinity (official ``propagte_aff_cam_with_bkg``).
 
@@ -118,7 +123,7 @@ def propagate_affinity_plain(
     cam: Tensor,
     aff: Tensor,
     window: Tensor | None = None,
-    power: float = 2.0,
+    power: float = AFF_POWER,
     eps: float = 1e-4,
 ) -> Tensor:
     """Plain propagation (official ``propagte_aff_cam``): no background channel, no softmax.
