@@ -19,6 +19,7 @@ from wsss.data import (
     VOCDataset,
     build_dataset,
     build_loader,
+    build_transform,
     collate,
     color_jitter,
     convert_cls_labels_npy,
@@ -613,6 +614,21 @@ def test_build_and_loader_reproducible(tmp_path):
     ev = build_dataset(cfg, "val", train=False)
     batches = list(build_loader(ev, 2, train=False))
     assert [n for b in batches for n in b["name"]] == ev.names
+
+
+def test_build_reads_null_as_its_documented_meaning(tmp_path):
+    """``data.mask_dir: null`` is "no masks" and ``data.crop_size: null`` the full image, as documented;
+    a key left out takes its default (masks found automatically, a 512 crop)."""
+    names, _ = _make_voc(tmp_path, n=6, size=(20, 18))
+    lf = tmp_path / "labels.json"
+    lf.write_text(json.dumps({n: [15] for n in names}))
+    base = {"type": "voc", "root": str(tmp_path), "splits": {"train": "train_aug"}, "labels_file": str(lf)}
+    assert build_dataset(base, "train", train=True).mask_dir.name == "SegmentationClassAug"
+    assert build_dataset({**base, "mask_dir": None}, "train", train=True).mask_dir is None
+    assert build_transform(base, train=True).crop_size == 512
+    full = build_transform({"crop_size": None, "scale_range": "none"}, train=True)
+    _, mask, _ = full(np.zeros((20, 18, 3), np.uint8), None, np.random.default_rng(0))
+    assert full.crop_size is None and mask.shape == (20, 18)
 
 
 def test_collate_pads_different_sizes():

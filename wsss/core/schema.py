@@ -73,17 +73,22 @@ def default_rule(value: Any) -> Rule:
     return Rule("str" if isinstance(value, str) else "any")
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None, keep_null: bool = False) -> Any:
     """``cfg[key]`` of a dict, an OmegaConf config or a plain object; ``default`` when it is missing or
-    null. Callers pass the key's default (its section's field in :mod:`wsss.config.sections`)."""
+    null (with ``keep_null``: only when it is missing, for keys whose null means something, such as
+    ``data.crop_size: null``, the full image). Callers pass the key's default (its section's field in
+    :mod:`wsss.config.sections`)."""
+    missing = object()
     if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
         try:
-            value = cfg.get(key, default)
+            value = cfg.get(key, missing)
         except Exception:  # OmegaConf struct mode raises on unknown keys
-            value = default
-        return default if value is None else value
-    value = getattr(cfg, key, default)
-    return default if value is None else value
+            value = missing
+    else:
+        value = getattr(cfg, key, missing)
+    if value is missing or (value is None and not keep_null):
+        return default
+    return value
 
 
 def option(default: Any, rule: Rule | None = None) -> Any:

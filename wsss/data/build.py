@@ -66,12 +66,13 @@ def build_transform(cfg: Any, train: bool) -> TrainTransform | EvalTransform:
     """:class:`TrainTransform` from keys crop_size, scale_range, flip, color_jitter, interpolation,
     resized_crop, cat_max_ratio, rand_augment (null or a timm spec such as "rand-m9-mstd0.5-inc1"),
     random_erasing (a key left out or null: the official recipe's value, the constants of
-    :mod:`wsss.data.transforms`); or :class:`EvalTransform` when not training."""
+    :mod:`wsss.data.transforms`; but ``crop_size: null`` keeps the full image); or
+    :class:`EvalTransform` when not training."""
     if not train:
         return EvalTransform()
     scale = cfg_get(cfg, "scale_range", SCALE_RANGE)
     return TrainTransform(
-        crop_size=cfg_get(cfg, "crop_size", CROP_SIZE),
+        crop_size=cfg_get(cfg, "crop_size", CROP_SIZE, keep_null=True),  # null: the full image
         scale_range=tuple(scale) if scale not in (False, "none") else None,
         flip=bool(cfg_get(cfg, "flip", FLIP)),
         color_jitter=bool(cfg_get(cfg, "color_jitter", COLOR_JITTER)),
@@ -117,7 +118,7 @@ def _dataset(cfg_data: Any, split: str, train: bool) -> SegmentationDataset:
     transform = build_transform(cfg_data, train)
     seed = int(cfg_get(cfg_data, "seed", DATA_SEED))
     labels_file = cfg_get(cfg_data, f"{split}_labels_file", None) or cfg_get(cfg_data, "labels_file", None)
-    mask_dir = cfg_get(cfg_data, "mask_dir", MASK_DIR)
+    mask_dir = cfg_get(cfg_data, "mask_dir", MASK_DIR, keep_null=True)  # null: no masks
     class_names = cfg_get(cfg_data, "class_names", None)
     class_names = list(class_names) if class_names is not None else None
     if kind == "folder":
