@@ -83,7 +83,9 @@ class DataConfig(ConfigSection):
     image_dir: str | None = option(None, Rule("str", null=True))
     train_image_dir: str | None = option(None, Rule("str", null=True))
     val_image_dir: str | None = option(None, Rule("str", null=True))
+    # "auto": the dataset's usual mask folder where there is one (none for a folder dataset); null: no masks
     mask_dir: str | None = option(data_build.MASK_DIR, Rule("str", null=True))
+    # training crop; null: the (rescaled) full image, batches padded to the largest
     crop_size: int | None = option(aug.CROP_SIZE, Rule("int", 1, null=True))
     # [low, high], low <= high
     scale_range: list[float] = option(list(aug.SCALE_RANGE), Rule("list", 0.0, length=2))
