@@ -183,6 +183,7 @@ def test_config_defaults_are_the_functions_defaults(key: str, fn: object, param:
     value = list(default) if isinstance(default, tuple) else default
     assert value == declared and type(value) is type(declared), (key, declared, default)
 
+
 def test_data_build_fallbacks_are_the_sections_defaults() -> None:
     """data/build.py reads partial data sections (tests, your own dicts): a key left out takes the named
     constant the ``data`` section's default is."""

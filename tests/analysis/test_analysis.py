@@ -359,7 +359,6 @@ def test_class_heat_matches_loops():
     assert class_heat(cam, labels, (8, 10)).shape == (8, 10)
 
 
-
 def test_analysis_hooks_are_protocols_not_method_members(afa_net, aream_net):
     """``Method`` serves training and map prediction: the analysis hooks are the protocols of
     wsss.analysis.hooks, which AFA (both) and AReAM (the oracle replay) implement, no other method."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -19,8 +18,8 @@ def test_quick_demo_writes_table_analysis_and_reports(tmp_path):
     assert set(summary["toco"]["maps"]) >= {"cam", "cam_aux", "cam_par", "seg"}
     for method in summary:
         assert (out / method / "report.html").is_file()
-        # scored (a number; 4 iterations learn nothing: see tests/methods/*::test_*_learns)
-        assert math.isfinite(summary[method]["maps"]["cam" if method != "second_stage" else "seg"])
+        # a score in [0, 1]; 4 iterations learn nothing: see tests/methods/*::test_*_learns
+        assert 0 <= summary[method]["maps"]["cam" if method != "second_stage" else "seg"] <= 1
     assert "oracle" not in summary["cam"]
     # the second stage learned AFA's aff_par labels of all 16 train images, written into the AFA run
     labels = summary["second_stage"]["train_labels"]

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _NUM = (int, float)
 
@@ -145,8 +145,6 @@ class ConfigSection:
         """The values of a config's section as this dataclass, unchecked (defaults for keys it lacks;
         keys it does not declare are left out). Read key by key: a free-form sub-section's contents are
         taken as they are, unresolved."""
-        from omegaconf import DictConfig, OmegaConf
-
         kw = {}
         for name in cls.rules():
             if name in section:
@@ -167,8 +165,6 @@ MethodConfig = ConfigSection
 def _plain(section: Any) -> dict[str, Any]:
     if section is None:
         return {}
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(section, DictConfig):
         return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
     return dict(section)

@@ -5,11 +5,9 @@ concatenated with its horizontal flip, bring each raw CAM to the input size, fus
 normalise per image and class. They differ only in how the maps are fused:
 
 - AFA (``docs/methods/afa.md`` 3): element-wise **max** of a map and its un-flipped twin, ReLU on that,
-  **sum** over
-  scales, normalise with eps 1e-5 (:data:`AFA_FUSE`).
+  **sum** over scales, normalise with eps 1e-5 (:data:`AFA_FUSE`).
 - AReAM (``docs/methods/aream.md`` 5.1): every map (flipped ones too) is simply **summed**, ReLU
-  **after** the sum,
-  normalise with eps 1e-6 (:data:`AREAM_FUSE`).
+  **after** the sum, normalise with eps 1e-6 (:data:`AREAM_FUSE`).
 """
 
 from __future__ import annotations
