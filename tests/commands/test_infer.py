@@ -388,3 +388,13 @@ def test_seg_label_and_scores_from_one_pass(setup: dict) -> None:
     hook.remove()
     assert len(calls) == 2 and scores.shape[-2:] == (64, 80)
     assert torch.equal(label, scores.argmax(1))
+
+
+def test_max_images_writes_labels_spread_over_the_split(setup: dict, tmp_path: Path) -> None:
+    from wsss.data.build import build_dataset
+
+    names = build_dataset(setup["cfg"].data, split="train", train=False).names
+    out = tmp_path / "two"
+    summary = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, max_images=2, verbose=False)
+    assert summary["images"] == 2 and len(names) == 4
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted([names[0], names[2]])  # not the first two

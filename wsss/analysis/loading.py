@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from wsss.engine.evaluate import num_images
+from wsss.engine.evaluate import image_indices
 from wsss.model import WSSSNet
 
 # ---------------------------------------------------------------------------------------------
@@ -39,9 +39,8 @@ def load_model(source: str | Path, cfg: Any | None = None, device: str | torch.d
 
 def iter_batches(dataset: Any, max_images: int | None, batch_size: int) -> Iterator[list[dict]]:
     """Consecutive samples grouped into batches of equal image size (VOC images differ in size)."""
-    n = num_images(dataset, max_images)
     group: list[dict] = []
-    for idx in range(n):
+    for idx in image_indices(dataset, max_images):
         sample = dataset[idx]
         if group and (len(group) == batch_size or group[0]["image"].shape != sample["image"].shape):
             yield group

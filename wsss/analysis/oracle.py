@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from wsss.analysis.hooks import OracleRefinement
-from wsss.engine.evaluate import num_images
+from wsss.engine.evaluate import image_indices, num_images
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.methods.base import Method, pass_mode
 from wsss.model import WSSSNet
@@ -30,7 +30,7 @@ __all__ = ["oracle_quality", "pair_agreement"]
 def _samples(net: WSSSNet, dataset: Any, max_images: int | None, device: torch.device
              ) -> Iterator[tuple[Tensor, ...]]:
     """(x [0, 1] padded, labels, gt (1, h, w), gt padded with 255 to x's size) per image."""
-    for idx in range(num_images(dataset, max_images)):
+    for idx in image_indices(dataset, max_images):
         sample = dataset[idx]
         x, (h, w) = net.pad(sample["image"][None].to(device))
         gt = sample["mask"][None].to(device)

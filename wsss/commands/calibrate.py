@@ -28,7 +28,7 @@ from wsss.engine.calibrate import (
     sweep_pseudo,
 )
 from wsss.engine.checkpoint import atomic_write_files, check_writable
-from wsss.engine.evaluate import same_size_batches
+from wsss.engine.evaluate import image_indices, same_size_batches, spread
 from wsss.engine.runs import CALIBRATION_FILE, check_classes, open_run, run_dir_of
 
 
@@ -59,7 +59,7 @@ def _masked_images(cfg: Any, net: Any, checkpoint: Any, split: str, max_images: 
     if not idx:
         raise ValueError(f"no image of split {split!r} has a mask: give --masks DIR with a few (PNG, same "
                          f"stem as the image; 0 = background, 1..K classes, 255 = ignore)")
-    return dataset, idx[: max_images] if max_images else idx
+    return dataset, spread(idx, max_images or None)
 
 
 def run_calibrate(checkpoint: str | os.PathLike, split: str | None = None, masks: str | None = None,
@@ -117,8 +117,9 @@ def _presence(cfg: Any, net: Any, dev: Any, grid: list[float], max_images: int |
     from wsss.data.build import build_dataset
 
     train = build_dataset(cfg.data, split=str(cfg.data.train_split), train=False)
-    n = len(train) if not max_images else min(len(train), 10 * int(max_images))
-    scores, labels = classifier_scores(net, _batches(train, list(range(n)), int(cfg.eval.batch_size), dev))
+    idx = image_indices(train, 10 * int(max_images) if max_images else None)
+    n = len(idx)
+    scores, labels = classifier_scores(net, _batches(train, idx, int(cfg.eval.batch_size), dev))
     return {**choose_presence(scores, labels, grid), "split": str(cfg.data.train_split), "images": n}
 
 

@@ -39,6 +39,24 @@ def num_images(dataset: Any, max_images: int | None) -> int:
     return len(dataset) if max_images is None else min(len(dataset), int(max_images))
 
 
+def spread(indices: Sequence[int], count: int | None) -> list[int]:
+    """At most ``count`` of ``indices``, evenly spaced over them (all of them when ``count`` is None or
+    not smaller): split lists are sorted by file name and names often group a class (MSRC's
+    ``<row>_<n>_s``), so the first ``count`` would be a few classes, no sample of the split."""
+    indices = list(indices)
+    if count is None or int(count) >= len(indices):
+        return indices
+    if int(count) < 0:
+        raise ValueError(f"max_images must be >= 0, got {count}")
+    return [indices[i * len(indices) // int(count)] for i in range(int(count))]
+
+
+def image_indices(dataset: Any, max_images: int | None) -> list[int]:
+    """The indices of the images a pass over at most ``max_images`` of ``dataset`` visits
+    (:func:`spread` over the split; all of them without a limit)."""
+    return spread(range(len(dataset)), max_images)
+
+
 def same_size_batches(
     dataset: Dataset, indices: Sequence[int], batch_size: int = 1, num_workers: int = 0
 ) -> Iterator[dict[str, Any]]:
@@ -129,7 +147,8 @@ def evaluate(
     was = net.training
     net.eval()
     scales = list(scales or _EVAL.scales)
-    n = num_images(dataset, max_images)
+    indices = image_indices(dataset, max_images)
+    n = len(indices)
     cms: dict[str, ConfusionMatrix] = {}
     covered = torch.zeros(2, dtype=torch.float64, device=device)  # pseudo: labelled, valid gt
     if crf:
@@ -138,7 +157,7 @@ def evaluate(
     want = None if maps is None else {"pseudo" if m == "pseudo_strict" else m for m in maps}
     crf_seg_map, now = _crf_split(method, net, want, crf)
     sweeper = _sweep_accumulator(num_classes, sweep_thresholds) if sweep else None
-    for batch in same_size_batches(dataset, range(rank, n, world_size), batch_size, num_workers):
+    for batch in same_size_batches(dataset, indices[rank::world_size], batch_size, num_workers):
         image, labels, gt = (batch[k].to(device) for k in ("image", "labels", "mask"))
         # the multi-scale seg map shares the CAM's forwards; the CRF needs its logits: computed apart
         preds = predict_maps(method, net, image, labels, scales, flip, maps=now, msc_seg=msc_seg)
