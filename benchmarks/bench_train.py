@@ -13,12 +13,13 @@ passes).
 
 For training cases the same process also times the iteration's unavoidable network passes alone
 ("passes"): one forward + backward of the network (backbone and heads, a trivial loss) plus the
-no-grad CAM forwards of every scale with its flipped copy, without attention capture. Iterations and
-passes alternate (``--iters`` of each after one warm-up of each); the table gives their medians and
-the median of the per-pair ratios, so load on a shared machine hits both alike. The iteration is split
-into phases by timing the method's own functions: ``cam_pass`` (multi-scale CAM + affinity),
-``labels`` (pseudo labels, PAR, propagation, affinity labels), ``forward`` (the gradient forward),
-``loss`` (the rest of ``training_step``), ``backward`` and ``step`` (AdamW).
+no-grad CAM forwards of every scale with its flipped copy, without attention capture, less the
+un-flipped scale-1 images whose forward the training forward already is (``Method.reuses_forward``).
+Iterations and passes alternate (``--iters`` of each after one warm-up of each); the table gives
+their medians and the median of the per-pair ratios, so load on a shared machine hits both alike.
+The iteration is split into phases by timing the method's own functions: ``cam_pass`` (multi-scale
+CAM + affinity), ``labels`` (pseudo labels, PAR, propagation, affinity labels), ``forward`` (the
+gradient forward), ``loss`` (the rest of ``training_step``), ``backward`` and ``step`` (AdamW).
 
 The passes' arithmetic is counted (``FlopCounterMode``, with formulas for the CPU's fused oneDNN
 kernels and flash attention; the gradient forward x3 for its backward) and set against the best rate
@@ -168,9 +169,24 @@ class Phases:
         return self.wrap(name, fn)()
 
 
+def _label_pass_inputs(method: Any, net: Any, x: Any) -> list:
+    """The images the no-grad CAM pass of the labels must still forward: every scale (+ flipped copy),
+    less the un-flipped scale-1 rows that the training forward stands in for
+    (``Method.reuses_forward``)."""
+    reuse, b, inputs = method.reuses_forward(net), x.shape[0], []
+    for s in method.scales:
+        xs = method.scale_inputs(x, s)
+        if reuse and xs.shape[-2:] == x.shape[-2:]:
+            xs = xs[b:]
+        if xs.shape[0]:
+            inputs.append(xs)
+    return inputs
+
+
 def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
     """The unavoidable network work of one iteration: fwd + bwd of the batch and of the method's
-    :meth:`grad_views`, and the no-grad multi-scale CAM forwards."""
+    :meth:`grad_views`, and the no-grad multi-scale CAM forwards it cannot take from the first
+    (:func:`_label_pass_inputs`)."""
     import torch
 
     from wsss.methods.base import pass_mode
@@ -184,9 +200,10 @@ def _passes(net: Any, method: Any, batch: dict, cfg: Any, amp: bool) -> None:
             loss = loss + sum(lg.float().mean() for lg in net(v, with_seg=False, heads=True).logits)
     loss.backward()
     cast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    inputs = _label_pass_inputs(method, net, x)
     with torch.no_grad(), pass_mode(net, method.mode), cast:
-        for s in method.scales:
-            net.forward_cam(method.scale_inputs(x, s))
+        for xs in inputs:
+            net.forward_cam(xs)
     net.zero_grad(set_to_none=True)
 
 
@@ -234,10 +251,11 @@ def passes_gflop(net: Any, method: Any, batch: dict, amp: bool) -> float:
         net(x, with_seg=net.seg_head is not None, heads=True)
         for v in method.grad_views(x):
             net(v, with_seg=False, heads=True)
+    inputs = _label_pass_inputs(method, net, x)
     with torch.no_grad(), cast:
         with FlopCounterMode(display=False, custom_mapping=table) as cams, pass_mode(net, method.mode):
-            for s in method.scales:
-                net.forward_cam(method.scale_inputs(x, s))
+            for xs in inputs:
+                net.forward_cam(xs)
     return (3 * grad_fwd.get_total_flops() + cams.get_total_flops()) / 1e9
 
 

@@ -395,6 +395,7 @@ def test_max_images_writes_labels_spread_over_the_split(setup: dict, tmp_path: P
 
     names = build_dataset(setup["cfg"].data, split="train", train=False).names
     out = tmp_path / "two"
-    summary = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, max_images=2, verbose=False)
+    summary = run_pseudo_labels(CFG, setup["release"], setup["over"], "train", out, max_images=2,
+                                verbose=False)
     assert summary["images"] == 2 and len(names) == 4
     assert sorted(p.stem for p in out.glob("*.png")) == sorted([names[0], names[2]])  # not the first two

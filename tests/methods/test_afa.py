@@ -289,3 +289,24 @@ def test_afa_learns(learning_set, tmp_path) -> None:
     assert_learns("afa_mit_tiny_synthetic", "aff_par", learning_set, tmp_path, 120,
                   {"cls": 0.85, "seg": 0.85, "aff": 0.96}, gain=None, best_gain=0.022, backbone=VIT_MICRO,
                   **{"pseudo.warmup_iters": 40, "afa.switch_iter": 80})
+
+
+def test_afa_label_pass_reuses_the_training_forward() -> None:
+    """cam_and_affinity with the training forward standing in for the un-flipped scale-1 forward (its
+    CAM, and its affinity head when scale 1 is the largest) equals the full label pass."""
+    from wsss.methods.base import pass_mode
+
+    torch.manual_seed(0)
+    for scales in ("[1.0]", "[1.0,0.5]", "[1.0,0.5,1.5]"):
+        cfg = load_config("afa_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
+        net = build_network(cfg, 5).train()
+        method = build_method(cfg, net)
+        x, labels = torch.rand(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+        first = method.forward_rows(net, net(x, with_seg=True, heads=True))
+        assert first is not None
+        with torch.no_grad(), pass_mode(net, method.mode):
+            cam, aff, grid = method.cam_and_affinity(net, x, labels, first)
+            ref_cam, ref_aff, ref_grid = method.cam_and_affinity(net, x, labels)
+        assert grid == ref_grid
+        torch.testing.assert_close(cam, ref_cam, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(aff, ref_aff, atol=1e-5, rtol=1e-5)

@@ -171,3 +171,35 @@ def test_aream_learns(learning_set, tmp_path) -> None:
     assert_learns("aream_mit_tiny_synthetic", "refined_par", learning_set, tmp_path, 120,
                   {"cls": 0.85, "aff": 0.97, "seg": 0.95}, gain=0.008, best_gain=0.012, backbone=VIT_MICRO,
                   **{"aream.warmup_iters": 60, "aream.layer_index": 4})
+
+
+def test_aream_label_pass_reuses_the_training_forward(monkeypatch) -> None:
+    """The refined CAM of the pseudo label with the training forward (its shallow attention captured as
+    head-mean probabilities) standing in for the un-flipped scale-1 forward equals the full label pass;
+    the training step passes that forward when its layers are not supervised ones."""
+    from wsss.methods.base import pass_mode
+    from wsss.ops.attention import attention_probs
+
+    torch.manual_seed(0)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    x = torch.rand(2, 3, 64, 64)
+    for scales in ("[1.0]", "[1.0,0.5]"):
+        cfg = load_config("aream_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
+        net = build_network(cfg, 5).train()
+        method = build_method(cfg, net)
+        shallow = method.shallow_layers()
+        first = method.forward_rows(net, net(x, shallow, lambda layer, z: attention_probs(z), with_seg=True))
+        with torch.no_grad(), pass_mode(net, method.mode):
+            got = method.aream_cam(net, x, labels, shallow, None, first=first)
+            ref = method.aream_cam(net, x, labels, shallow, None)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)  # batch composition: rounding
+    seen: dict = {}
+    real_cam = method.aream_cam
+
+    def cam_spy(*a, **kw):
+        seen["first"] = kw.get("first")
+        return real_cam(*a, **kw)
+
+    monkeypatch.setattr(method, "aream_cam", cam_spy)
+    method.training_step(net, {"image": x, "labels": labels}, int(cfg.aream.warmup_iters) + 1)
+    assert seen["first"] is not None and set(shallow) <= set(seen["first"].attn)

@@ -88,3 +88,41 @@ def test_cam_learns(learning_set, tmp_path) -> None:
     +0.159/+0.157/+0.046. Margins: half the smallest measured gain; losses at most 85 %."""
     assert_learns("cam_mit_tiny_synthetic", "cam", learning_set, tmp_path, 120, {"cls": 0.85, "seg": 0.85},
                   gain=0.025, best_gain=0.023, backbone=VIT_MICRO, **{"pseudo.warmup_iters": 60})
+
+
+def test_train_mode_is_eval_mode_spots_dropout_droppath_and_batch_statistics() -> None:
+    from wsss.backbones._layers import DropPath
+    from wsss.methods.base import train_mode_is_eval_mode
+
+    def net(*mods: torch.nn.Module) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(2, 2), *mods).train()
+
+    assert train_mode_is_eval_mode(net(torch.nn.Dropout(0.0), DropPath(0.0)))
+    assert not train_mode_is_eval_mode(net(torch.nn.Dropout(0.1)))
+    assert not train_mode_is_eval_mode(net(torch.nn.Dropout2d(0.1)))
+    assert not train_mode_is_eval_mode(net(DropPath(0.1)))
+    assert not train_mode_is_eval_mode(net(torch.nn.BatchNorm1d(2)))  # batch statistics in train mode
+    frozen = net(torch.nn.BatchNorm1d(2))
+    frozen[1].eval()  # frozen statistics (the hybrid's CNN): an affine map in either mode
+    assert train_mode_is_eval_mode(frozen)
+
+
+def test_label_pass_reuses_the_training_forward_only_when_it_is_the_same_computation() -> None:
+    """The training labels' CAM with the training forward standing in for the un-flipped scale-1 rows
+    equals the CAM of the full label pass, with flip and several scales; a DropPath turns reuse off."""
+    torch.manual_seed(0)
+    for scales in ("[1.0]", "[1.0,0.5]", "[0.5,1.0,1.5]"):
+        cfg = load_config("cam_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
+        net = build_network(cfg, 5).train()
+        method = build_method(cfg, net)
+        x, labels = torch.rand(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+        out = net(x, with_seg=True)
+        first = method.forward_rows(net, out)
+        assert first is not None and not first.cam.requires_grad
+        with torch.no_grad(), pass_mode(net, method.mode):
+            reused = method.training_cam(net, x, labels, first)
+            full = method.multiscale_cam(net, x, keep=labels)
+        torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
+    cfg = load_config("cam_mit_tiny_synthetic", ["model.backbone_kwargs.drop_path_rate=0.1"])
+    net = build_network(cfg, 5).train()
+    assert build_method(cfg, net).forward_rows(net, net(torch.rand(1, 3, 64, 64))) is None

@@ -193,7 +193,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     coverage, and counted as wrong (``summary["scores"]``).
     """
     from wsss.data.build import PSEUDO_CLASSES_FILE, build_dataset
-    from wsss.engine.evaluate import image_indices, same_size_batches
+    from wsss.engine.evaluate import image_indices, num_images, same_size_batches
 
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
     if map_name not in method.map_names(net):
@@ -211,8 +211,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     manifest = _manifest(cfg, net, map_name, scales_l, flip_b, stride if logits else None)
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
-    indices = image_indices(dataset, max_images)
-    n = len(indices)
+    indices, n = image_indices(dataset, max_images), num_images(dataset, max_images)
     scorer = LabelScorer(int(dataset.num_classes))
     t0 = time.time()
     pending = [idx for idx in indices if overwrite or not _label_done(out_dir, dataset.names[idx], logits)]

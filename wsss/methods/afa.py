@@ -140,25 +140,32 @@ class AFAMethod(Method):
         )
 
     @torch.no_grad()
-    def cam_and_affinity(self, net: WSSSNet, x: Tensor, keep: Tensor | None = None
-                         ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def cam_and_affinity(self, net: WSSSNet, x: Tensor, keep: Tensor | None = None,
+                         first: NetOutput | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Multi-scale CAM (B, K, H, W) and the affinity (B, N, N) of the largest scale on its grid;
         with ``keep`` (B, K) only those classes' CAMs are computed, the others are zeros.
 
         At the largest scale the un-flipped images (the only ones the propagation uses) run with
         attention capture and the flipped copies without: explicit attention (the (B, heads, N, N)
-        logits, their softmax and product) is computed for those B images only.
+        logits, their softmax and product) is computed for those B images only. ``first``: the
+        training forward (:meth:`forward_rows`, its affinity head included), which stands in for the
+        un-flipped forward at scale 1.
         """
         top = max(range(len(self.scales)), key=lambda i: self.scales[i])
         b = x.shape[0]
         cams, aff, grid = [], None, (0, 0)
         for i, s in enumerate(self.scales):
             xs = self.scale_inputs(x, s)
+            same = first is not None and xs.shape[-2:] == x.shape[-2:]
             if i != top:
-                cams.append(net.forward_cam(xs).cam)
+                cams.append(self.reused_cam_fn(net, x, first.cam if same else None)(xs))  # type: ignore[union-attr]
                 continue
-            aff, grid, out = self.affinity(net, xs[:b])
-            cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
+            if same:
+                out = first
+                aff, grid = out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]]  # type: ignore[union-attr]
+            else:
+                aff, grid, out = self.affinity(net, xs[:b])
+            cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))  # type: ignore[union-attr]
         return self.fuse_cams(cams, tuple(x.shape[-2:]), b, keep), aff, grid  # type: ignore[return-value]
 
     def training_step(
@@ -171,8 +178,9 @@ class AFAMethod(Method):
         if warm:
             return l_cls, logs
         image01 = self.par_image(x)
+        first = self.forward_rows(m, out)
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam, aff_top, grid_top = self.cam_and_affinity(m, x, labels)
+            cam, aff_top, grid_top = self.cam_and_affinity(m, x, labels, first)
             cam = cam * labels[..., None, None]
             par_label = self.pseudo_label(image01, cam, labels, box)
             size = tuple(x.shape[-2:])

@@ -157,16 +157,27 @@ class AReAMMethod(Method):
         weights: Tensor | None,
         scales: list[float] | None = None,
         affinity: Callable[[tuple[int, int]], Tensor] | None = None,
+        first: NetOutput | None = None,
     ) -> Tensor:
         """Multi-scale (+flip) CAM refined by fused attention, normalised, masked: (B, K, H, W).
 
         affinity: maps a token grid to an (n, Np, Np) affinity that replaces the fused attention
-        (``wsss analyze``: the ground-truth ceiling)."""
+        (``wsss analyze``: the ground-truth ceiling). first: the training forward with the attention
+        of ``layers`` as head-mean probabilities (:meth:`~wsss.methods.base.Method.forward_rows`),
+        which stands in for the un-flipped forward at scale 1."""
         need = self._needed(layers)
+        b = x.shape[0]
+
+        def run(out: NetOutput) -> Tensor:
+            return self.refine_output(out, labels, layers, weights, affinity)
 
         def refined(xs: Tensor) -> Tensor:
-            return self.refine_output(net.forward_cam(xs, need, _attention_probs), labels, layers, weights,
-                                      affinity)
+            if first is None or xs.shape[-2:] != x.shape[-2:]:
+                return run(net.forward_cam(xs, need, _attention_probs))
+            rows = [run(first)]
+            if xs.shape[0] > b:
+                rows.append(run(net.forward_cam(xs[b:], need, _attention_probs)))
+            return torch.cat(rows)
 
         return self.fused_cam(refined, x, scales, keep=labels) * labels[..., None, None]
 
@@ -204,17 +215,24 @@ class AReAMMethod(Method):
         T = self.T
         warm = it <= int(self.r.warmup_iters)
         seg_w = 0.0 if warm or m.seg_head is None else float(self.r.seg_weight)
-        layers = () if warm else self.deep_layers()
-        out, l_cls, logs = self.classify(
-            net, x, labels, attn_layers=layers, attn_reduce=lambda layer, z: layer_logit_mean(z, T),
-            with_seg=seg_w > 0,
-        )
+        deep = [] if warm else self.deep_layers()
+        # the label pass's layers too (as probabilities), when the training forward stands in for its
+        # scale-1 rows; not when the pass reads a supervised layer (MCTformer's class attention)
+        label_layers = [] if warm or not self.reuses_forward(m) else self._needed(self.shallow_layers())
+        shallow = [] if set(label_layers) & set(deep) else label_layers
+
+        def reduce(layer: int, z: Tensor) -> Tensor:
+            return layer_logit_mean(z, T) if layer in deep else _attention_probs(layer, z)
+
+        out, l_cls, logs = self.classify(net, x, labels, attn_layers=sorted(set(deep) | set(shallow)),
+                                         attn_reduce=reduce, with_seg=seg_w > 0)
         if warm:
             return l_cls, logs
         image01 = self.par_image(x)
+        first = self.forward_rows(m, out) if shallow else None
         with torch.no_grad(), pass_mode(m, self.mode):
             fw = None if self.weighting == "entropy_online" else self.fusion_w
-            cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw)
+            cam = self.aream_cam(m, x, labels, self.shallow_layers(), fw, first=first)
             pseudo = self.pseudo_label(image01, cam, labels, box)
         grid = out.grids[self.deep_layers()[-1]]
         target = affinity_labels(pseudo, grid, None, sampling=str(self.r.sampling))

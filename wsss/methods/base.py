@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss.backbones._layers import DropPath
 from wsss.backbones.base import Backbone
 from wsss.core.registry import METHODS
 from wsss.core.schema import MethodConfig as MethodConfig  # re-exported: the base of method sections
@@ -119,6 +120,19 @@ def pass_mode(net: nn.Module, mode: str) -> Iterator[None]:
         yield
     finally:
         net.train(was)
+
+
+def train_mode_is_eval_mode(net: nn.Module) -> bool:
+    """Whether ``net``, in the mode of its training forward (call it there), computes what it would in
+    eval mode, drawing no random numbers and updating no state: no dropout or DropPath with p > 0, no
+    BatchNorm that normalises with batch statistics. Then a second, no-grad forward of the same images
+    repeats the training forward's numbers, in train mode (the official label pass) or eval mode."""
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd | DropPath) and float(mod.p) > 0:
+            return False
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            return False
+    return True
 
 
 class Method:
@@ -212,6 +226,42 @@ class Method:
         """Raw CAMs of [x_s, flip(x_s)] (2B rows) or of x_s alone (B rows) -> normalised (B, K, H, W);
         with ``keep`` (B, K) (the labels, when the caller masks by them) absent classes are zeros."""
         return fuse_multiscale(cams, size, batch, keep=keep, **self.fuse_kwargs())
+
+    def reuses_forward(self, net: WSSSNet) -> bool:
+        """Whether the training labels' CAM pass takes its un-flipped scale-1 rows from the training
+        forward instead of computing them again: when the pass has scale 1 and the network's forward
+        is deterministic and mode-free (:func:`train_mode_is_eval_mode`), the two forwards are the
+        same computation on the same images (one forward fewer per iteration)."""
+        parts = [net.backbone, net.cam_head, *net.heads.values()]  # what the label pass runs
+        return 1.0 in self.scales and all(train_mode_is_eval_mode(p) for p in parts)
+
+    def reused_cam_fn(self, net: WSSSNet, x: Tensor, first: Tensor | None) -> Callable[[Tensor], Tensor]:
+        """A ``cam_fn`` for :meth:`fused_cam` over ``x`` (B, 3, H, W): the raw CAM of every scaled
+        input, except that the rows of ``x`` itself are ``first`` (B, K, h, w), the training forward's
+        raw CAM, when given (only their flipped twins still run)."""
+        b = x.shape[0]
+
+        def cam_fn(xs: Tensor) -> Tensor:
+            if first is None or xs.shape[-2:] != x.shape[-2:]:
+                return net.forward_cam(xs).cam
+            return first if xs.shape[0] == b else torch.cat([first, net.forward_cam(xs[b:]).cam])
+
+        return cam_fn
+
+    def forward_rows(self, net: WSSSNet, out: NetOutput) -> NetOutput | None:
+        """The training forward ``out``, detached, when it may stand in for the label pass's
+        un-flipped scale-1 forward (:meth:`reuses_forward`; call this in the training forward's mode,
+        before :func:`pass_mode`), else None."""
+        if not self.reuses_forward(net):
+            return None
+        return NetOutput([], out.cam.detach(), None, {k: v.detach() for k, v in out.heads.items()},
+                         {k: v.detach() for k, v in out.attn.items()}, dict(out.grids))
+
+    @torch.no_grad()
+    def training_cam(self, net: WSSSNet, x: Tensor, keep: Tensor, first: NetOutput | None) -> Tensor:
+        """The training labels' normalised CAM (B, K, H, W) of ``x``, as :meth:`multiscale_cam`,
+        with ``first`` (:meth:`forward_rows`) standing in for the un-flipped scale-1 forward."""
+        return self.fused_cam(self.reused_cam_fn(net, x, None if first is None else first.cam), x, None, keep)
 
     @torch.no_grad()
     def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,

@@ -36,8 +36,9 @@ class CAMMethod(Method):
         out, loss, logs = self.classify(net, x, labels, with_seg=use_seg)
         if not use_seg:
             return loss, logs
+        first = self.forward_rows(m, out)
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam = self.multiscale_cam(m, x, keep=labels) * labels[..., None, None]
+            cam = self.training_cam(m, x, labels, first) * labels[..., None, None]
             target = self.pseudo_label(self.par_image(x), cam, labels, batch.get("img_box"))
         l_seg = seg_loss_bg_fg(out.seg, target)
         logs["seg"] = l_seg.item()

@@ -205,14 +205,21 @@ class ToCoMethod(Method):
     # ----------------------------------------------------------------- CAM passes
     @torch.no_grad()
     def both_cams(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,
-                  keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  keep: Tensor | None = None, first: NetOutput | None = None) -> tuple[Tensor, Tensor]:
         """Normalised multi-scale (+flip) final and auxiliary CAMs, each (B, K, H, W) in [0, 1] (only
-        the ``keep`` classes, see :meth:`fuse_cams`)."""
-        cams, auxs = [], []
+        the ``keep`` classes, see :meth:`fuse_cams`). ``first``: the training forward
+        (:meth:`~wsss.methods.base.Method.forward_rows`, its auxiliary head included), which stands in
+        for the un-flipped forward at scale 1."""
+        cams, auxs, b = [], [], x.shape[0]
         for s in scales or self.scales:
-            out = net.forward_cam(self.scale_inputs(x, s), heads=[self.AUX])
-            cams.append(out.cam)
-            auxs.append(AuxCAMHead.split(out.heads[self.AUX], tuple(out.cam.shape[-2:]))[1])
+            xs = self.scale_inputs(x, s)
+            if first is None or xs.shape[-2:] != x.shape[-2:]:
+                outs = [net.forward_cam(xs, heads=[self.AUX])]
+            else:
+                outs = [first] + ([net.forward_cam(xs[b:], heads=[self.AUX])] if xs.shape[0] > b else [])
+            cam, aux = torch.cat([o.cam for o in outs]), torch.cat([o.heads[self.AUX] for o in outs])
+            cams.append(cam)
+            auxs.append(AuxCAMHead.split(aux, tuple(cam.shape[-2:]))[1])
         size, b = tuple(x.shape[-2:]), x.shape[0]
         return self.fuse_cams(cams, size, b, keep), self.fuse_cams(auxs, size, b, keep)
 
@@ -280,8 +287,9 @@ class ToCoMethod(Method):
         if not (use_seg or use_con):
             return loss, logs
         image01 = x.clamp(0.0, 1.0)  # the [0, 1] image (random erasing may leave that range)
+        first = self.forward_rows(m, out)
         with torch.no_grad(), pass_mode(m, self.mode):
-            cam, cam_aux = self.both_cams(m, x, keep=labels)
+            cam, cam_aux = self.both_cams(m, x, keep=labels, first=first)
             cam, cam_aux = cam * labels[..., None, None], cam_aux * labels[..., None, None]
         if use_con:
             l_ptc = self.ptc_loss(out, cam_aux, labels, box)
