@@ -56,7 +56,7 @@ def _shipped(name: str) -> bool:
 # Relative cost of each demo run (minutes at one thread, two at a time, training + evaluation +
 # analysis; fp32 on a 2-core AMD EPYC without native bf16, where the bf16 ratios are alike): the
 # parallel demo plans its start order on them (:func:`plan_order`).
-DEMO_COST = {"toco": 6.4, "afa": 3.5, "aream": 3.4, "cam": 3.0, "supervised": 2.1, "second_stage": 1.3}
+DEMO_COST = {"toco": 5.1, "afa": 2.6, "aream": 2.5, "cam": 2.4, "supervised": 1.7, "second_stage": 1.2}
 SECOND_STAGE_FROM = "afa"  # the method whose pseudo labels (its PSEUDO_MAP) the second stage learns
 ANALYZED = ("afa", "aream")  # methods whose affinity the demo compares with a perfect one
 ANALYSIS_IMAGES = 50
