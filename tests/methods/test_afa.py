@@ -294,19 +294,15 @@ def test_afa_learns(learning_set, tmp_path) -> None:
 def test_afa_label_pass_reuses_the_training_forward() -> None:
     """cam_and_affinity with the training forward standing in for the un-flipped scale-1 forward (its
     CAM, and its affinity head when scale 1 is the largest) equals the full label pass."""
+    from tests.methods._reuse import LABELS, label_pass_case
     from wsss.methods.base import pass_mode
 
     torch.manual_seed(0)
     for scales in ("[1.0]", "[1.0,0.5]", "[1.0,0.5,1.5]"):
-        cfg = load_config("afa_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
-        net = build_network(cfg, 5).train()
-        method = build_method(cfg, net)
-        x, labels = torch.rand(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
-        first = method.forward_rows(net, net(x, with_seg=True, heads=True))
-        assert first is not None
+        method, net, x, first = label_pass_case("afa_mit_tiny_synthetic", scales)
         with torch.no_grad(), pass_mode(net, method.mode):
-            cam, aff, grid = method.cam_and_affinity(net, x, labels, first)
-            ref_cam, ref_aff, ref_grid = method.cam_and_affinity(net, x, labels)
+            cam, aff, grid = method.cam_and_affinity(net, x, LABELS, first)
+            ref_cam, ref_aff, ref_grid = method.cam_and_affinity(net, x, LABELS)
         assert grid == ref_grid
         torch.testing.assert_close(cam, ref_cam, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(aff, ref_aff, atol=1e-5, rtol=1e-5)

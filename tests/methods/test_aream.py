@@ -177,18 +177,18 @@ def test_aream_label_pass_reuses_the_training_forward(monkeypatch) -> None:
     """The refined CAM of the pseudo label with the training forward (its shallow attention captured as
     head-mean probabilities) standing in for the un-flipped scale-1 forward equals the full label pass;
     the training step passes that forward when its layers are not supervised ones."""
+    from tests.methods._reuse import LABELS as labels
+    from tests.methods._reuse import label_pass_case
     from wsss.methods.base import pass_mode
     from wsss.ops.attention import attention_probs
 
     torch.manual_seed(0)
-    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
-    x = torch.rand(2, 3, 64, 64)
     for scales in ("[1.0]", "[1.0,0.5]"):
-        cfg = load_config("aream_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
-        net = build_network(cfg, 5).train()
-        method = build_method(cfg, net)
+        method, net, x, first = label_pass_case(
+            "aream_mit_tiny_synthetic", scales,
+            forward=lambda m: {"attn_layers": m.shallow_layers(),
+                               "attn_reduce": lambda layer, z: attention_probs(z)})
         shallow = method.shallow_layers()
-        first = method.forward_rows(net, net(x, shallow, lambda layer, z: attention_probs(z), with_seg=True))
         with torch.no_grad(), pass_mode(net, method.mode):
             got = method.aream_cam(net, x, labels, shallow, None, first=first)
             ref = method.aream_cam(net, x, labels, shallow, None)
@@ -201,5 +201,5 @@ def test_aream_label_pass_reuses_the_training_forward(monkeypatch) -> None:
         return real_cam(*a, **kw)
 
     monkeypatch.setattr(method, "aream_cam", cam_spy)
-    method.training_step(net, {"image": x, "labels": labels}, int(cfg.aream.warmup_iters) + 1)
+    method.training_step(net, {"image": x, "labels": labels}, int(method.r.warmup_iters) + 1)
     assert seen["first"] is not None and set(shallow) <= set(seen["first"].attn)

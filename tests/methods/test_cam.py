@@ -110,18 +110,15 @@ def test_train_mode_is_eval_mode_spots_dropout_droppath_and_batch_statistics() -
 def test_label_pass_reuses_the_training_forward_only_when_it_is_the_same_computation() -> None:
     """The training labels' CAM with the training forward standing in for the un-flipped scale-1 rows
     equals the CAM of the full label pass, with flip and several scales; a DropPath turns reuse off."""
+    from tests.methods._reuse import LABELS, label_pass_case
+
     torch.manual_seed(0)
     for scales in ("[1.0]", "[1.0,0.5]", "[0.5,1.0,1.5]"):
-        cfg = load_config("cam_mit_tiny_synthetic", [f"cam.scales={scales}", "cam.flip=true"])
-        net = build_network(cfg, 5).train()
-        method = build_method(cfg, net)
-        x, labels = torch.rand(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
-        out = net(x, with_seg=True)
-        first = method.forward_rows(net, out)
-        assert first is not None and not first.cam.requires_grad
+        method, net, x, first = label_pass_case("cam_mit_tiny_synthetic", scales)
+        assert not first.cam.requires_grad
         with torch.no_grad(), pass_mode(net, method.mode):
-            reused = method.training_cam(net, x, labels, first)
-            full = method.multiscale_cam(net, x, keep=labels)
+            reused = method.training_cam(net, x, LABELS, first)
+            full = method.multiscale_cam(net, x, keep=LABELS)
         torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
     cfg = load_config("cam_mit_tiny_synthetic", ["model.backbone_kwargs.drop_path_rate=0.1"])
     net = build_network(cfg, 5).train()

@@ -197,20 +197,16 @@ def test_toco_learns(learning_set, tmp_path) -> None:
 def test_toco_label_pass_reuses_the_training_forward() -> None:
     """Both CAMs with the training forward (its auxiliary head) standing in for the un-flipped scale-1
     forward equal those of the full label pass, with flip and two scales."""
+    from tests.methods._reuse import LABELS, label_pass_case
     from wsss.methods.base import pass_mode
 
     torch.manual_seed(0)
-    batch = _batch()
     for scales in ("[1.0]", "[1.0,0.5]"):
-        over = [*TINY[:-1], f"cam.scales={scales}", "cam.flip=true",
-                "model.backbone_kwargs.drop_path_rate=0.0"]
-        cfg = load_config("toco_vit_micro_synthetic", over)
-        net = build_network(cfg, 5).train()
-        method = build_method(cfg, net)
-        first = method.forward_rows(net, net(batch["image"], with_seg=False, heads=[method.AUX]))
-        assert first is not None
+        method, net, x, first = label_pass_case(
+            "toco_vit_micro_synthetic", scales, [*TINY[:-1], "model.backbone_kwargs.drop_path_rate=0.0"],
+            forward=lambda m: {"with_seg": False, "heads": [m.AUX]})
         with torch.no_grad(), pass_mode(net, method.mode):
-            got = method.both_cams(net, batch["image"], keep=batch["labels"], first=first)
-            ref = method.both_cams(net, batch["image"], keep=batch["labels"])
+            got = method.both_cams(net, x, keep=LABELS, first=first)
+            ref = method.both_cams(net, x, keep=LABELS)
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
