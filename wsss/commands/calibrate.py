@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wsss.commands.common import MAX_IMAGES_HELP
 from wsss.engine.calibrate import (
     DEFAULT_GRID,
     choose_presence,
@@ -158,7 +159,8 @@ def add_parser(sub: Any) -> None:
     where.add_argument("--masks", default=None,
                        help="mask PNGs for some of the eval split's images (the others are skipped)")
     p.add_argument("--maps", nargs="+", default=None, help="the maps to calibrate (default: every one)")
-    p.add_argument("--max-images", type=int, default=None, help="at most this many images with masks")
+    p.add_argument("--max-images", type=int, default=None,
+                   help=MAX_IMAGES_HELP)
     p.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help=f"candidate values (default {DEFAULT_GRID[0]} .. {DEFAULT_GRID[-1]} by 0.05)")
     p.set_defaults(fn=cmd_calibrate)

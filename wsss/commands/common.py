@@ -17,6 +17,8 @@ from wsss.engine.runs import read_calibration
 from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+MAX_IMAGES_HELP = ("at most this many images, spread evenly over the split (split lists are sorted by name, "
+                   "and names often group a class)")
 
 
 def config_note(config: str | os.PathLike | None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss.commands.common import (
+    MAX_IMAGES_HELP,
     add_checkpoint_args,
     add_loading_args,
     calibration_note,
@@ -128,7 +129,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--crf", action="store_true", help="dense CRF on the segmentation map (AFA test preset)")
     p.add_argument("--sweep", action="store_true",
                    help="replaced by `wsss calibrate` (an error that says how to call it)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=None,
+                   help=MAX_IMAGES_HELP)
     p.add_argument("--maps", nargs="+", default=None,
                    help="compute and report only these maps (default: all)")
     p.add_argument("--out", default=None, help="results JSON (default: <run>/eval_<split>.json)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wsss.commands.common import (
+    MAX_IMAGES_HELP,
     add_checkpoint_args,
     add_loading_args,
     atomic_write,
@@ -308,6 +309,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
     p.add_argument("--overwrite", action="store_true",
                    help="write every label again (--out holds labels of another model, map or setting)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=None,
+                   help=MAX_IMAGES_HELP)
     add_loading_args(p)
     p.set_defaults(fn=crf_guard(cmd_pseudo_labels))
