@@ -171,8 +171,8 @@ class Phases:
 
 def _label_pass_inputs(method: Any, net: Any, x: Any) -> list:
     """The images the no-grad CAM pass of the labels must still forward: every scale (+ flipped copy),
-    less the un-flipped scale-1 rows that the training forward stands in for
-    (``Method.reuses_forward``)."""
+    less the un-flipped scale-1 rows that the training forward stands in for (``Method.reuses_forward``,
+    the rule of ``Method.label_forward``)."""
     reuse, b, inputs = method.reuses_forward(net), x.shape[0], []
     for s in method.scales:
         xs = method.scale_inputs(x, s)

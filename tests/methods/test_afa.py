@@ -294,12 +294,12 @@ def test_afa_learns(learning_set, tmp_path) -> None:
 def test_afa_label_pass_reuses_the_training_forward() -> None:
     """cam_and_affinity with the training forward standing in for the un-flipped scale-1 forward (its
     CAM, and its affinity head when scale 1 is the largest) equals the full label pass."""
-    from tests.methods._reuse import LABELS, label_pass_case
+    from tests.methods._reuse import CASES, LABELS, label_pass_case
     from wsss.methods.base import pass_mode
 
     torch.manual_seed(0)
-    for scales in ("[1.0]", "[1.0,0.5]", "[1.0,0.5,1.5]"):
-        method, net, x, first = label_pass_case("afa_mit_tiny_synthetic", scales)
+    for scales, flip in CASES:
+        method, net, x, first = label_pass_case("afa_mit_tiny_synthetic", scales, flip)
         with torch.no_grad(), pass_mode(net, method.mode):
             cam, aff, grid = method.cam_and_affinity(net, x, LABELS, first)
             ref_cam, ref_aff, ref_grid = method.cam_and_affinity(net, x, LABELS)

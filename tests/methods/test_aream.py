@@ -177,15 +177,15 @@ def test_aream_label_pass_reuses_the_training_forward(monkeypatch) -> None:
     """The refined CAM of the pseudo label with the training forward (its shallow attention captured as
     head-mean probabilities) standing in for the un-flipped scale-1 forward equals the full label pass;
     the training step passes that forward when its layers are not supervised ones."""
+    from tests.methods._reuse import CASES, label_pass_case
     from tests.methods._reuse import LABELS as labels
-    from tests.methods._reuse import label_pass_case
     from wsss.methods.base import pass_mode
     from wsss.ops.attention import attention_probs
 
     torch.manual_seed(0)
-    for scales in ("[1.0]", "[1.0,0.5]"):
+    for scales, flip in CASES:
         method, net, x, first = label_pass_case(
-            "aream_mit_tiny_synthetic", scales,
+            "aream_mit_tiny_synthetic", scales, flip,
             forward=lambda m: {"attn_layers": m.shallow_layers(),
                                "attn_reduce": lambda layer, z: attention_probs(z)})
         shallow = method.shallow_layers()

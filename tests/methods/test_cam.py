@@ -109,12 +109,13 @@ def test_train_mode_is_eval_mode_spots_dropout_droppath_and_batch_statistics() -
 
 def test_label_pass_reuses_the_training_forward_only_when_it_is_the_same_computation() -> None:
     """The training labels' CAM with the training forward standing in for the un-flipped scale-1 rows
-    equals the CAM of the full label pass, with flip and several scales; a DropPath turns reuse off."""
-    from tests.methods._reuse import LABELS, label_pass_case
+    equals the CAM of the full label pass, with and without flip, one to three scales; a DropPath turns
+    reuse off."""
+    from tests.methods._reuse import CASES, LABELS, label_pass_case
 
     torch.manual_seed(0)
-    for scales in ("[1.0]", "[1.0,0.5]", "[0.5,1.0,1.5]"):
-        method, net, x, first = label_pass_case("cam_mit_tiny_synthetic", scales)
+    for scales, flip in CASES:
+        method, net, x, first = label_pass_case("cam_mit_tiny_synthetic", scales, flip)
         assert not first.cam.requires_grad
         with torch.no_grad(), pass_mode(net, method.mode):
             reused = method.training_cam(net, x, LABELS, first)

@@ -196,14 +196,16 @@ def test_toco_learns(learning_set, tmp_path) -> None:
 
 def test_toco_label_pass_reuses_the_training_forward() -> None:
     """Both CAMs with the training forward (its auxiliary head) standing in for the un-flipped scale-1
-    forward equal those of the full label pass, with flip and two scales."""
-    from tests.methods._reuse import LABELS, label_pass_case
+    forward equal those of the full label pass (:data:`tests.methods._reuse.CASES`: with and without
+    flip, one to three scales)."""
+    from tests.methods._reuse import CASES, LABELS, label_pass_case
     from wsss.methods.base import pass_mode
 
     torch.manual_seed(0)
-    for scales in ("[1.0]", "[1.0,0.5]"):
+    for scales, flip in CASES:
         method, net, x, first = label_pass_case(
-            "toco_vit_micro_synthetic", scales, [*TINY[:-1], "model.backbone_kwargs.drop_path_rate=0.0"],
+            "toco_vit_micro_synthetic", scales, flip,
+            [*TINY[:-1], "model.backbone_kwargs.drop_path_rate=0.0"],
             forward=lambda m: {"with_seg": False, "heads": [m.AUX]})
         with torch.no_grad(), pass_mode(net, method.mode):
             got = method.both_cams(net, x, keep=LABELS, first=first)

@@ -119,9 +119,8 @@ def _presence(cfg: Any, net: Any, dev: Any, grid: list[float], max_images: int |
 
     train = build_dataset(cfg.data, split=str(cfg.data.train_split), train=False)
     idx = image_indices(train, 10 * int(max_images) if max_images else None)
-    n = len(idx)
     scores, labels = classifier_scores(net, _batches(train, idx, int(cfg.eval.batch_size), dev))
-    return {**choose_presence(scores, labels, grid), "split": str(cfg.data.train_split), "images": n}
+    return {**choose_presence(scores, labels, grid), "split": str(cfg.data.train_split), "images": len(idx)}
 
 
 def calibration_table(record: dict[str, Any], names: Sequence[str]) -> str:

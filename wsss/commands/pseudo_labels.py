@@ -194,7 +194,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     coverage, and counted as wrong (``summary["scores"]``).
     """
     from wsss.data.build import PSEUDO_CLASSES_FILE, build_dataset
-    from wsss.engine.evaluate import image_indices, num_images, same_size_batches
+    from wsss.engine.evaluate import image_indices, same_size_batches
 
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
     if map_name not in method.map_names(net):
@@ -212,19 +212,19 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     manifest = _manifest(cfg, net, map_name, scales_l, flip_b, stride if logits else None)
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
-    indices, n = image_indices(dataset, max_images), num_images(dataset, max_images)
+    indices = image_indices(dataset, max_images)
     scorer = LabelScorer(int(dataset.num_classes))
     t0 = time.time()
     pending = [idx for idx in indices if overwrite or not _label_done(out_dir, dataset.names[idx], logits)]
-    skipped = n - len(pending)
+    skipped = len(indices) - len(pending)
     scorer.update_existing(dataset, sorted(set(indices) - set(pending)), out_dir)
     batches = same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"])
     written, counts = _label_and_write(method, net, dev, batches, out_dir, map_name, scales_l, flip_b, logits,
-                                       stride, scorer, progress=(skipped, n) if verbose else None)
+                                       stride, scorer, progress=(skipped, len(indices)) if verbose else None)
     summary = {
-        "split": split, "map": map_name, "images": n, "written": written, "skipped_existing": skipped,
-        **_settings_note(cfg, config, checkpoint, overrides, map_name, scales_l, flip_b,
-                         stride if logits else None),
+        "split": split, "map": map_name, "images": len(indices), "written": written,
+        "skipped_existing": skipped, **_settings_note(cfg, config, checkpoint, overrides, map_name, scales_l,
+                                                      flip_b, stride if logits else None),
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
         "scores": scorer.compute(),

@@ -156,16 +156,12 @@ class AFAMethod(Method):
         cams, aff, grid = [], None, (0, 0)
         for i, s in enumerate(self.scales):
             xs = self.scale_inputs(x, s)
-            same = first is not None and xs.shape[-2:] == x.shape[-2:]
             if i != top:
-                cams.append(self.reused_cam_fn(net, x, first.cam if same else None)(xs))  # type: ignore[union-attr]
+                cams.append(self.label_forward(net, x, xs, first).cam)
                 continue
-            if same:
-                out = first
-                aff, grid = out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]]  # type: ignore[union-attr]
-            else:
-                aff, grid, out = self.affinity(net, xs[:b])
-            cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))  # type: ignore[union-attr]
+            out = self.label_forward(net, x, xs[:b], first, heads=[self.HEAD])
+            aff, grid = out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]]
+            cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
         return self.fuse_cams(cams, tuple(x.shape[-2:]), b, keep), aff, grid  # type: ignore[return-value]
 
     def training_step(

@@ -166,18 +166,10 @@ class AReAMMethod(Method):
         of ``layers`` as head-mean probabilities (:meth:`~wsss.methods.base.Method.forward_rows`),
         which stands in for the un-flipped forward at scale 1."""
         need = self._needed(layers)
-        b = x.shape[0]
-
-        def run(out: NetOutput) -> Tensor:
-            return self.refine_output(out, labels, layers, weights, affinity)
 
         def refined(xs: Tensor) -> Tensor:
-            if first is None or xs.shape[-2:] != x.shape[-2:]:
-                return run(net.forward_cam(xs, need, _attention_probs))
-            rows = [run(first)]
-            if xs.shape[0] > b:
-                rows.append(run(net.forward_cam(xs[b:], need, _attention_probs)))
-            return torch.cat(rows)
+            out = self.label_forward(net, x, xs, first, attn_layers=need, attn_reduce=_attention_probs)
+            return self.refine_output(out, labels, layers, weights, affinity)
 
         return self.fused_cam(refined, x, scales, keep=labels) * labels[..., None, None]
 

@@ -235,18 +235,25 @@ class Method:
         parts = [net.backbone, net.cam_head, *net.heads.values()]  # what the label pass runs
         return 1.0 in self.scales and all(train_mode_is_eval_mode(p) for p in parts)
 
-    def reused_cam_fn(self, net: WSSSNet, x: Tensor, first: Tensor | None) -> Callable[[Tensor], Tensor]:
-        """A ``cam_fn`` for :meth:`fused_cam` over ``x`` (B, 3, H, W): the raw CAM of every scaled
-        input, except that the rows of ``x`` itself are ``first`` (B, K, h, w), the training forward's
-        raw CAM, when given (only their flipped twins still run)."""
+    def label_forward(self, net: WSSSNet, x: Tensor, xs: Tensor, first: NetOutput | None,
+                      **forward: Any) -> NetOutput:
+        """The label pass's forward ``net.forward_cam(xs, **forward)`` of ``xs``, a scaled copy of ``x``
+        (B, 3, H, W) (+ its flip, as :meth:`scale_inputs`). When ``xs`` is ``x`` itself (scale 1) and
+        ``first`` (:meth:`forward_rows`) is given, its first B rows are ``first``'s and only the
+        flipped twins run; CAM, heads and attention are then stacked over the rows for the keys that
+        forward computed."""
         b = x.shape[0]
+        if first is None or xs.shape[-2:] != x.shape[-2:]:
+            return net.forward_cam(xs, **forward)
+        if xs.shape[0] == b:
+            return first
+        rest = net.forward_cam(xs[b:], **forward)
 
-        def cam_fn(xs: Tensor) -> Tensor:
-            if first is None or xs.shape[-2:] != x.shape[-2:]:
-                return net.forward_cam(xs).cam
-            return first if xs.shape[0] == b else torch.cat([first, net.forward_cam(xs[b:]).cam])
+        def stack(mine: dict[Any, Tensor], theirs: dict[Any, Tensor]) -> dict[Any, Tensor]:
+            return {k: torch.cat([mine[k], v]) for k, v in theirs.items()}
 
-        return cam_fn
+        return NetOutput([], torch.cat([first.cam, rest.cam]), None, stack(first.heads, rest.heads),
+                         stack(first.attn, rest.attn), rest.grids)
 
     def forward_rows(self, net: WSSSNet, out: NetOutput) -> NetOutput | None:
         """The training forward ``out``, detached, when it may stand in for the label pass's
@@ -261,7 +268,7 @@ class Method:
     def training_cam(self, net: WSSSNet, x: Tensor, keep: Tensor, first: NetOutput | None) -> Tensor:
         """The training labels' normalised CAM (B, K, H, W) of ``x``, as :meth:`multiscale_cam`,
         with ``first`` (:meth:`forward_rows`) standing in for the un-flipped scale-1 forward."""
-        return self.fused_cam(self.reused_cam_fn(net, x, None if first is None else first.cam), x, None, keep)
+        return self.fused_cam(lambda xs: self.label_forward(net, x, xs, first).cam, x, None, keep)
 
     @torch.no_grad()
     def multiscale_cam(self, net: WSSSNet, x: Tensor, scales: list[float] | None = None,

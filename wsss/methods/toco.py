@@ -210,16 +210,11 @@ class ToCoMethod(Method):
         the ``keep`` classes, see :meth:`fuse_cams`). ``first``: the training forward
         (:meth:`~wsss.methods.base.Method.forward_rows`, its auxiliary head included), which stands in
         for the un-flipped forward at scale 1."""
-        cams, auxs, b = [], [], x.shape[0]
+        cams, auxs = [], []
         for s in scales or self.scales:
-            xs = self.scale_inputs(x, s)
-            if first is None or xs.shape[-2:] != x.shape[-2:]:
-                outs = [net.forward_cam(xs, heads=[self.AUX])]
-            else:
-                outs = [first] + ([net.forward_cam(xs[b:], heads=[self.AUX])] if xs.shape[0] > b else [])
-            cam, aux = torch.cat([o.cam for o in outs]), torch.cat([o.heads[self.AUX] for o in outs])
-            cams.append(cam)
-            auxs.append(AuxCAMHead.split(aux, tuple(cam.shape[-2:]))[1])
+            out = self.label_forward(net, x, self.scale_inputs(x, s), first, heads=[self.AUX])
+            cams.append(out.cam)
+            auxs.append(AuxCAMHead.split(out.heads[self.AUX], tuple(out.cam.shape[-2:]))[1])
         size, b = tuple(x.shape[-2:]), x.shape[0]
         return self.fuse_cams(cams, size, b, keep), self.fuse_cams(auxs, size, b, keep)
 
