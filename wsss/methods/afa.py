@@ -110,6 +110,7 @@ class AFAMethod(Method):
         if self.HEAD not in net.head_names:
             raise ValueError("method 'afa' needs a network with its affinity head (build_network(cfg, K))")
         self.a: AFAConfig = self.opts  # type: ignore[assignment]
+        self.aff_bkg_score = float(cfg.eval.aff_bkg_score)  # the propagated CAM's background score
         self.head: AFAHead = net.heads[self.HEAD]  # type: ignore[assignment]
 
     @torch.no_grad()
@@ -186,7 +187,7 @@ class AFAMethod(Method):
             low = self.propagate(cam, aff_top, grid_top, labels, self.low)
             aff_label = par_refine_scores_label(
                 image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
-                downscale=int(self.cfg.par.downscale),
+                downscale=self.par_downscale,
             )
         grid = out.grids[self.head.attn_layers[-1]]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)
@@ -234,7 +235,7 @@ class AFAMethod(Method):
         kept = inp.kept.get(1.0)
         aff, grid = kept if kept is not None else self.affinity(net, x)[:2]
         scores = resize(
-            self.propagate(cam, aff, grid, labels, float(self.cfg.eval.aff_bkg_score)),
+            self.propagate(cam, aff, grid, labels, self.aff_bkg_score),
             tuple(x.shape[-2:]),
         )
         present = present_mask(labels)[..., None, None]
@@ -250,7 +251,7 @@ class AFAMethod(Method):
                      ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The 'aff_par' map with the learned affinity and with the oracle one (:func:`oracle_affinity`
         inside the window), through the same propagation and PAR."""
-        bkg, aff_bkg = float(self.cfg.eval.bkg_score), float(self.cfg.eval.aff_bkg_score)
+        bkg, aff_bkg = self.bkg_score, self.aff_bkg_score
         cam = self.multiscale_cam(net, x, [1.0], keep=labels) * labels[..., None, None]
         aff, grid, _ = self.affinity(net, x)
         target = affinity_labels(gt, grid, self.window(grid, x.device), sampling=str(self.a.sampling))
@@ -263,7 +264,7 @@ class AFAMethod(Method):
         return maps, pair_agreement(aff, target, background)
 
     def oracle_protocol(self) -> dict[str, Any]:
-        return {"window_radius": int(self.a.radius), "aff_bkg_score": float(self.cfg.eval.aff_bkg_score),
+        return {"window_radius": int(self.a.radius), "aff_bkg_score": self.aff_bkg_score,
                 "sampling": str(self.a.sampling)}
 
     @torch.no_grad()

@@ -242,7 +242,7 @@ class AReAMMethod(Method):
     # ----------------------------------------------------------------- evaluation
     def refined_bkg_score(self) -> float:
         """Background score of the refined maps: ``aream.bkg_score``, else ``eval.bkg_score``."""
-        return float(self.cfg.eval.bkg_score if self.r.bkg_score is None else self.r.bkg_score)
+        return self.bkg_score if self.r.bkg_score is None else float(self.r.bkg_score)
 
     def _eval_sets(self, want: Collection[str]) -> dict[str, tuple[list[int], Tensor | None]]:
         """The refined CAMs the maps in ``want`` read: name -> (layers, fusion weights)."""
@@ -314,13 +314,13 @@ class AReAMMethod(Method):
         }
         maps, kernel = {}, ImageKernel(self.par, x)  # every '*_par' map refines on x
         for k, cam in cams.items():
-            bkg = float(self.cfg.eval.bkg_score) if k == "cam" else self.refined_bkg_score()
+            bkg = self.bkg_score if k == "cam" else self.refined_bkg_score()
             maps[k] = cam_to_label(cam, labels, bkg_score=bkg)
             maps[f"{k}_par"] = self.par_argmax(x, with_background(cam, bkg), labels, kernel)
         return maps, None
 
     def oracle_protocol(self) -> dict[str, Any]:
-        return {"bkg_score": float(self.cfg.eval.bkg_score), "refined_bkg_score": self.refined_bkg_score(),
+        return {"bkg_score": self.bkg_score, "refined_bkg_score": self.refined_bkg_score(),
                 "layers": list(self.layers),
                 "oracle": "same-class token pairs, rows normalised to 1", "sampling": str(self.r.sampling)}
 

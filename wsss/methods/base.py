@@ -170,7 +170,8 @@ class Method:
         return {}
 
     def __init__(self, cfg: Any, net: WSSSNet) -> None:
-        self.cfg = cfg
+        # the method keeps values, not the config: a threshold changed in the config (calibrate's
+        # sweep, evaluate's overrides) reaches a method built from it
         self.opts = self.options(cfg)
         shared = cfg.get("pseudo") if hasattr(cfg, "get") else None
         self.pseudo: PseudoConfig = PseudoConfig.parse(shared, "pseudo")  # type: ignore[assignment]
@@ -182,6 +183,8 @@ class Method:
         self.flip = bool(cfg.cam.flip)
         self.fuse = str(cfg.cam.fuse)
         self.mode = str(cfg.train.cam_pass_mode)
+        self.par_downscale = int(p.downscale)
+        self.bkg_score = float(cfg.eval.bkg_score)  # the CAM's background score in the label maps
 
     # ----------------------------------------------------------------- training
     def training_step(
@@ -293,7 +296,7 @@ class Method:
             high=self.high,
             low=self.low,
             img_box=img_box,
-            downscale=int(self.cfg.par.downscale),
+            downscale=self.par_downscale,
         )
 
     # ----------------------------------------------------------------- evaluation
@@ -360,7 +363,7 @@ class Method:
             inp = dataclasses.replace(inp, kernel=ImageKernel(self.par, inp.x))
         x, labels, cam = inp.x, inp.labels, inp.cam
         out: dict[str, Tensor] = {}
-        bkg = float(self.cfg.eval.bkg_score)
+        bkg = self.bkg_score
         if "cam" in want:
             out["cam"] = cam_to_label(cam, labels, bkg_score=bkg)
         if "cam_par" in want:

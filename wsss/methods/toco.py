@@ -196,7 +196,6 @@ class ToCoMethod(Method):
         self.has_seg = self.seg_name is not None or net.seg_head is not None
         if self.seg_name is not None:
             _check_own_seg(cfg, net)
-        self.bkg = float(cfg.eval.bkg_score)
         crop = cfg.data.get("crop_size") if hasattr(cfg, "data") else None
         if crop is not None and int(self.o.local_crop_size) >= int(crop):
             raise ValueError(f"config key 'toco.local_crop_size' ({self.o.local_crop_size}) must be smaller "
@@ -259,7 +258,8 @@ class ToCoMethod(Method):
     def ptc_loss(self, out: Any, cam_aux: Tensor, labels: Tensor, box: Tensor) -> Tensor:
         """Patch token contrast on the final token map with token labels from the auxiliary CAM."""
         tokens = out.heads[self.TOKENS]
-        tok = token_grid_labels(cam_aux, labels, tuple(tokens.shape[-2:]), self.high, self.low, self.bkg, box)
+        tok = token_grid_labels(cam_aux, labels, tuple(tokens.shape[-2:]), self.high, self.low,
+                                self.bkg_score, box)
         return patch_token_contrast(tokens, token_pair_labels(tok))
 
     # ----------------------------------------------------------------- training
@@ -334,7 +334,7 @@ class ToCoMethod(Method):
             _, cam_aux = self.both_cams(net, inp.x, inp.scales, keep=labels)
         else:
             cam_aux = self.fuse_cams(kept, tuple(inp.x.shape[-2:]), inp.x.shape[0], keep=labels)
-        return {"cam_aux": cam_to_label(cam_aux * labels[..., None, None], labels, bkg_score=self.bkg)}
+        return {"cam_aux": cam_to_label(cam_aux * labels[..., None, None], labels, bkg_score=self.bkg_score)}
 
     def map_names(self, net: WSSSNet) -> tuple[str, ...]:
         names = super().map_names(net)
