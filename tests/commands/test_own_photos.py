@@ -217,8 +217,16 @@ def test_folder_val_fraction_holds_images_out(tmp_path: Path, capsys: pytest.Cap
     assert len(split["val"]) == 3 and len(split["train"]) == 8 and not set(split["val"]) & set(split["train"])
     val = build_dataset(cfg.data, split=str(cfg.data.val_split), train=False)
     assert val.names == split["val"] and res["_protocol"]["images"] == 3
-    ev = run_evaluate(None, tmp_path / "held" / "model", [], out=tmp_path / "e.json", print_table=False)
+    ev = run_evaluate(None, tmp_path / "held" / "model", [], out=tmp_path / "e.json")
     assert ev["_protocol"]["images"] == 3 and ev["cam"]["miou"] == pytest.approx(res["cam"]["miou"], abs=1e-9)
+    # each class's most frequent mistake in the method's pseudo label, by name
+    printed = capsys.readouterr().out
+    assert "most frequent mistake per class (cam_par):" in printed
+    for c, name in enumerate(fs["names"]):
+        other = ev["cam_par"]["mistaken_for"][c]
+        if ev["cam_par"]["iou"][c] == ev["cam_par"]["iou"][c]:
+            wrong = "-" if other is None else fs["names"][other]
+            assert f"| {name} | {100 * ev['cam_par']['iou'][c]:.2f} | {wrong} |" in printed
     both = load_config("cam_mit_tiny_synthetic", held + [f"data.val_labels_file={fs['val']}"])
     with pytest.raises(DataError, match="not both"):
         build_dataset(both.data, split="val", train=False)

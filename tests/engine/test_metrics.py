@@ -292,3 +292,51 @@ def test_ddp_all_reduce_confusion_matrix():
         except tmp.ProcessExitedException as err:
             last_err = err
     raise AssertionError(f"DDP test failed twice: {last_err}")
+
+
+def naive_mistakes(pred, gt, c, ignore=255):
+    """Per ground-truth class: (the other class its pixels are predicted as most often, lowest index on
+    ties, or None; that class's pixels over all the class's valid pixels)."""
+    rows = [[0] * (c + 1) for _ in range(c)]
+    for p, g in zip(pred.reshape(-1).tolist(), gt.reshape(-1).tolist()):
+        if g == ignore or not 0 <= g < c:
+            continue
+        rows[g][p if 0 <= p < c else c] += 1
+    out = []
+    for g in range(c):
+        best, who = 0, None
+        for p in range(c):
+            if p != g and rows[g][p] > best:
+                best, who = rows[g][p], p
+        out.append((who, best / sum(rows[g]) if who is not None else 0.0))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_most_mistaken_against_naive(seed):
+    """compute()'s mistaken_for / mistaken_share against a loop over the pixels, with ignored ground
+    truth, out-of-range predictions (in a row's total, never a mistake's class), a class predicted
+    perfectly (no mistake: None) and a class absent from the ground truth."""
+    g = torch.Generator().manual_seed(seed)
+    c = 5
+    gt = torch.randint(0, c - 1, (3, 9, 11), generator=g)  # class c-1 absent from the ground truth
+    pred = torch.randint(0, c, gt.shape, generator=g)
+    pred[gt == 2] = 2  # class 2 always right
+    pred[torch.rand(gt.shape, generator=g) < 0.1] = 255
+    gt[torch.rand(gt.shape, generator=g) < 0.1] = 255
+    cm = ConfusionMatrix(c)
+    cm.update(pred, gt)
+    s = cm.compute()
+    ref = naive_mistakes(pred, gt, c)
+    assert s["mistaken_for"] == [w for w, _ in ref]
+    assert s["mistaken_share"] == pytest.approx([x for _, x in ref])
+    assert s["mistaken_for"][2] is None and s["mistaken_for"][c - 1] is None
+
+
+def test_most_mistaken_hand_case():
+    """A face labelled as body on 3 of its 4 pixels: face -> body, 75%."""
+    from wsss.engine.metrics import most_mistaken
+
+    counts = torch.tensor([[4, 0, 0, 0], [0, 1, 3, 0], [1, 0, 2, 1]])  # bg, face, body (+ out of range)
+    index, share = most_mistaken(counts)
+    assert index.tolist() == [-1, 2, 0] and share.tolist() == pytest.approx([0.0, 0.75, 0.25])

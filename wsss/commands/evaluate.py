@@ -82,13 +82,37 @@ def run_evaluate(
     out_path = Path(out) if out is not None else run_dir_of(checkpoint) / f"eval_{split}.json"
     write_json(out_path, res)
     if opts.get("print_table", True):
-        print(format_results(res, class_names))
+        print(format_results(res, class_names, focus=_focus_map(method, res)))
         print(f"results written to {out_path}")
     return res
 
 
-def format_results(res: dict[str, Any], class_names: Sequence[str]) -> str:
-    """The protocol lines, a mIoU table of every map and the per-class IoU table."""
+def _focus_map(method: Any, res: dict[str, Any]) -> str | None:
+    """The map whose mistakes evaluate prints: the method's pseudo label, else its seg head's map."""
+    for name in (method.PSEUDO_MAP, "seg"):
+        if name in res:
+            return name
+    return None
+
+
+def mistakes_table(res: dict[str, Any], class_names: Sequence[str], name: str) -> str:
+    """Each class's most frequent mistake in map ``name``: the class its pixels are labelled as most
+    often after its own, and the share of its pixels that takes (classes without pixels left out)."""
+    r = res[name]
+    lines = [f"most frequent mistake per class ({name}):", "",
+             "| class | IoU | most often labelled as | share of its pixels |", "|---|---:|---|---:|"]
+    for c, cname in enumerate(class_names):
+        iou, other = r["iou"][c], r["mistaken_for"][c]
+        if iou != iou:  # absent from the ground truth and the labels
+            continue
+        wrong = "-" if other is None else class_names[other]
+        lines.append(f"| {cname} | {100 * iou:.2f} | {wrong} | {100 * r['mistaken_share'][c]:.1f}% |")
+    return "\n".join(lines)
+
+
+def format_results(res: dict[str, Any], class_names: Sequence[str], focus: str | None = None) -> str:
+    """The protocol lines, a mIoU table of every map, the per-class IoU table and, for map ``focus``,
+    each class's most frequent mistake (:func:`mistakes_table`)."""
     from wsss.engine.evaluate import miou_table
 
     p = res["_protocol"]
@@ -109,6 +133,8 @@ def format_results(res: dict[str, Any], class_names: Sequence[str]) -> str:
                 v = res[m]["iou"][c]
                 cells.append("-" if v != v else f"{100 * v:.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if focus is not None and "mistaken_for" in res.get(focus, {}):
+        lines += ["", mistakes_table(res, class_names, focus)]
     return "\n".join(lines)
 
 

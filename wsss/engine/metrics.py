@@ -20,6 +20,7 @@ negative for the ground-truth class and a false positive for no class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,23 @@ def iou_scores(mat: Tensor, missed: Tensor | None = None, protocol: str = "voc")
         iou = tp / union  # nan where the class is absent from both
         miou = torch.nanmean(torch.where(gt > 0, iou, torch.full_like(iou, float("nan"))), dim=-1)
     return {"iou": iou, "miou": miou, "pixel_acc": pixel_acc, "mean_acc": mean_acc}
+
+
+def most_mistaken(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each ground-truth class's pixels go wrong most often: the co-occurrence errors of weak
+    supervision (a face labelled as the body around it, sky as the aeroplane in it).
+
+    counts: (C, C') with C' >= C, rows = ground truth, the first C columns = predicted class (further
+    columns: predictions out of range, counted in a row's total only). Returns ``index`` (C,) int64, the
+    predicted class other than the row's own with the most pixels (-1 where the row has no such
+    pixel; the lowest index on ties), and ``share`` (C,) float64, its pixels over the row's total."""
+    c = counts.shape[0]
+    wrong = counts[:, :c].double().clone()
+    wrong.fill_diagonal_(-1.0)
+    best, index = wrong.max(dim=1)
+    total = counts.double().sum(1)
+    share = torch.where(best > 0, best / total.clamp_min(1), torch.zeros_like(best))
+    return torch.where(best > 0, index, torch.full_like(index, -1)), share
 
 
 class ConfusionMatrix:
@@ -113,11 +131,16 @@ class ConfusionMatrix:
             self.counts = self._zeros(dev or torch.device("cpu"))
         dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
 
-    def compute(self, protocol: str = "voc") -> dict[str, float | list[float]]:
-        """Scores as Python numbers: ``iou`` (list of C), ``miou``, ``pixel_acc``, ``mean_acc``."""
+    def compute(self, protocol: str = "voc") -> dict[str, Any]:
+        """Scores as Python numbers: ``iou`` (list of C), ``miou``, ``pixel_acc``, ``mean_acc``, and each
+        class's most frequent mistake (:func:`most_mistaken`): ``mistaken_for`` (list of C, a class
+        index or None) and ``mistaken_share`` (list of C)."""
         counts = self._counts()
         s = iou_scores(counts[:, : self.num_classes], counts[:, self.num_classes], protocol)
-        return {"iou": s["iou"].tolist(), **{k: float(s[k]) for k in ("miou", "pixel_acc", "mean_acc")}}
+        index, share = most_mistaken(counts)
+        return {"iou": s["iou"].tolist(), **{k: float(s[k]) for k in ("miou", "pixel_acc", "mean_acc")},
+                "mistaken_for": [None if i < 0 else i for i in index.tolist()],
+                "mistaken_share": share.tolist()}
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add ``other``'s counts to this one (in place) and return self."""
