@@ -222,11 +222,14 @@ def test_folder_val_fraction_holds_images_out(tmp_path: Path, capsys: pytest.Cap
     # each class's most frequent mistake in the method's pseudo label, by name
     printed = capsys.readouterr().out
     assert "most frequent mistake per class (cam_par):" in printed
+    table = printed.split("most frequent mistake per class (cam_par):")[1]
     for c, name in enumerate(fs["names"]):
-        other = ev["cam_par"]["mistaken_for"][c]
-        if ev["cam_par"]["iou"][c] == ev["cam_par"]["iou"][c]:
-            wrong = "-" if other is None else fs["names"][other]
-            assert f"| {name} | {100 * ev['cam_par']['iou'][c]:.2f} | {wrong} |" in printed
+        other, share = ev["cam_par"]["mistaken_for"][c], ev["cam_par"]["mistaken_share"][c]
+        if share is None:  # no ground-truth pixel of the class: no row
+            assert f"| {name} |" not in table
+            continue
+        wrong = "-" if other is None else fs["names"][other]
+        assert f"| {name} | {100 * ev['cam_par']['iou'][c]:.2f} | {wrong} | {100 * share:.1f}% |" in table
     both = load_config("cam_mit_tiny_synthetic", held + [f"data.val_labels_file={fs['val']}"])
     with pytest.raises(DataError, match="not both"):
         build_dataset(both.data, split="val", train=False)

@@ -296,7 +296,7 @@ def test_ddp_all_reduce_confusion_matrix():
 
 def naive_mistakes(pred, gt, c, ignore=255):
     """Per ground-truth class: (the other class its pixels are predicted as most often, lowest index on
-    ties, or None; that class's pixels over all the class's valid pixels)."""
+    ties, or None; that class's pixels over all the class's valid pixels, None without any)."""
     rows = [[0] * (c + 1) for _ in range(c)]
     for p, g in zip(pred.reshape(-1).tolist(), gt.reshape(-1).tolist()):
         if g == ignore or not 0 <= g < c:
@@ -308,7 +308,8 @@ def naive_mistakes(pred, gt, c, ignore=255):
         for p in range(c):
             if p != g and rows[g][p] > best:
                 best, who = rows[g][p], p
-        out.append((who, best / sum(rows[g]) if who is not None else 0.0))
+        total = sum(rows[g])
+        out.append((who, best / total if total else None))
     return out
 
 
@@ -329,14 +330,19 @@ def test_most_mistaken_against_naive(seed):
     s = cm.compute()
     ref = naive_mistakes(pred, gt, c)
     assert s["mistaken_for"] == [w for w, _ in ref]
-    assert s["mistaken_share"] == pytest.approx([x for _, x in ref])
-    assert s["mistaken_for"][2] is None and s["mistaken_for"][c - 1] is None
+    for got, (_, want) in zip(s["mistaken_share"], ref):
+        assert (got is None and want is None) or got == pytest.approx(want)
+    assert s["mistaken_for"][2] is None and s["mistaken_share"][2] == 0.0
+    assert s["mistaken_for"][c - 1] is None and s["mistaken_share"][c - 1] is None
 
 
 def test_most_mistaken_hand_case():
-    """A face labelled as body on 3 of its 4 pixels: face -> body, 75%."""
+    """A face labelled as body on 3 of its 4 pixels: face -> body, 75%; a class without ground-truth
+    pixels (predicted once): no mistake, NaN share."""
     from wsss.engine.metrics import most_mistaken
 
-    counts = torch.tensor([[4, 0, 0, 0], [0, 1, 3, 0], [1, 0, 2, 1]])  # bg, face, body (+ out of range)
+    # rows: bg, face, body, cat (columns + out of range)
+    counts = torch.tensor([[4, 0, 0, 1, 0], [0, 1, 3, 0, 0], [1, 0, 2, 0, 1], [0, 0, 0, 0, 0]])
     index, share = most_mistaken(counts)
-    assert index.tolist() == [-1, 2, 0] and share.tolist() == pytest.approx([0.0, 0.75, 0.25])
+    assert index.tolist() == [3, 2, 0, -1]
+    assert share[:3].tolist() == pytest.approx([0.2, 0.75, 0.25]) and math.isnan(share[3])

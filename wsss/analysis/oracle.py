@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from wsss.analysis.hooks import OracleRefinement
-from wsss.engine.evaluate import image_indices, num_images
+from wsss.engine.evaluate import image_indices
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.methods.base import Method, pass_mode
 from wsss.model import WSSSNet
@@ -40,7 +40,7 @@ def _samples(net: WSSSNet, dataset: Any, max_images: int | None, device: torch.d
 
 
 def _protocol(dataset: Any, max_images: int | None) -> dict[str, Any]:
-    return {"images": num_images(dataset, max_images), "scales": [1.0], "flip": False}
+    return {"images": len(image_indices(dataset, max_images)), "scales": [1.0], "flip": False}
 
 
 @torch.no_grad()

@@ -97,16 +97,17 @@ def _focus_map(method: Any, res: dict[str, Any]) -> str | None:
 
 def mistakes_table(res: dict[str, Any], class_names: Sequence[str], name: str) -> str:
     """Each class's most frequent mistake in map ``name``: the class its pixels are labelled as most
-    often after its own, and the share of its pixels that takes (classes without pixels left out)."""
+    often after its own, and the share of its pixels that takes (classes without ground-truth pixels
+    left out)."""
     r = res[name]
     lines = [f"most frequent mistake per class ({name}):", "",
              "| class | IoU | most often labelled as | share of its pixels |", "|---|---:|---|---:|"]
     for c, cname in enumerate(class_names):
-        iou, other = r["iou"][c], r["mistaken_for"][c]
-        if iou != iou:  # absent from the ground truth and the labels
+        share, other = r["mistaken_share"][c], r["mistaken_for"][c]
+        if share is None:  # no pixel of the class in the ground truth
             continue
         wrong = "-" if other is None else class_names[other]
-        lines.append(f"| {cname} | {100 * iou:.2f} | {wrong} | {100 * r['mistaken_share'][c]:.1f}% |")
+        lines.append(f"| {cname} | {100 * r['iou'][c]:.2f} | {wrong} | {100 * share:.1f}% |")
     return "\n".join(lines)
 
 

@@ -34,11 +34,6 @@ MAP_NOTES = {"pseudo": "uncertain (255) pixels left out",
              "pseudo_strict": "the pseudo label with its uncertain (255) pixels counted as wrong"}
 
 
-def num_images(dataset: Any, max_images: int | None) -> int:
-    """How many images of ``dataset`` a pass over at most ``max_images`` visits."""
-    return len(dataset) if max_images is None else min(len(dataset), int(max_images))
-
-
 def spread(indices: Sequence[int], count: int | None) -> list[int]:
     """At most ``count`` of ``indices``, evenly spaced over them (all of them when ``count`` is None or
     not smaller): split lists are sorted by file name and names often group a class (MSRC's

@@ -67,13 +67,13 @@ def most_mistaken(counts: Tensor) -> tuple[Tensor, Tensor]:
     counts: (C, C') with C' >= C, rows = ground truth, the first C columns = predicted class (further
     columns: predictions out of range, counted in a row's total only). Returns ``index`` (C,) int64, the
     predicted class other than the row's own with the most pixels (-1 where the row has no such
-    pixel; the lowest index on ties), and ``share`` (C,) float64, its pixels over the row's total."""
+    pixel; the lowest index on ties), and ``share`` (C,) float64, its pixels over the row's total
+    (NaN for a class without ground-truth pixels)."""
     c = counts.shape[0]
     wrong = counts[:, :c].double().clone()
     wrong.fill_diagonal_(-1.0)
     best, index = wrong.max(dim=1)
-    total = counts.double().sum(1)
-    share = torch.where(best > 0, best / total.clamp_min(1), torch.zeros_like(best))
+    share = best.clamp_min(0) / counts.double().sum(1)  # 0/0 = NaN: no pixel of the class
     return torch.where(best > 0, index, torch.full_like(index, -1)), share
 
 
@@ -134,13 +134,13 @@ class ConfusionMatrix:
     def compute(self, protocol: str = "voc") -> dict[str, Any]:
         """Scores as Python numbers: ``iou`` (list of C), ``miou``, ``pixel_acc``, ``mean_acc``, and each
         class's most frequent mistake (:func:`most_mistaken`): ``mistaken_for`` (list of C, a class
-        index or None) and ``mistaken_share`` (list of C)."""
+        index or None) and ``mistaken_share`` (list of C; None for a class without ground truth)."""
         counts = self._counts()
         s = iou_scores(counts[:, : self.num_classes], counts[:, self.num_classes], protocol)
         index, share = most_mistaken(counts)
         return {"iou": s["iou"].tolist(), **{k: float(s[k]) for k in ("miou", "pixel_acc", "mean_acc")},
                 "mistaken_for": [None if i < 0 else i for i in index.tolist()],
-                "mistaken_share": share.tolist()}
+                "mistaken_share": [None if x != x else x for x in share.tolist()]}
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add ``other``'s counts to this one (in place) and return self."""

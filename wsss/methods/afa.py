@@ -118,7 +118,11 @@ class AFAMethod(Method):
         """The learned affinity (B, N, N) of single-scale images (B, 3, H, W), its token grid and the
         CAM forward that made it."""
         out = net.forward_cam(x, heads=[self.HEAD])
-        return out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]], out
+        return (*self.affinity_of(out), out)
+
+    def affinity_of(self, out: NetOutput) -> tuple[Tensor, tuple[int, int]]:
+        """The learned affinity (B, N, N) a forward with the affinity head computed, and its token grid."""
+        return out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]]
 
     def window(self, grid: tuple[int, int], device: torch.device) -> Tensor:
         return window_mask(grid[0], grid[1], int(self.a.radius), device=device, shape=str(self.a.window))
@@ -161,7 +165,7 @@ class AFAMethod(Method):
                 cams.append(self.label_forward(net, x, xs, first).cam)
                 continue
             out = self.label_forward(net, x, xs[:b], first, heads=[self.HEAD])
-            aff, grid = out.heads[self.HEAD], out.grids[self.head.attn_layers[-1]]
+            aff, grid = self.affinity_of(out)
             cams.append(out.cam if xs.shape[0] == b else torch.cat([out.cam, net.forward_cam(xs[b:]).cam]))
         return self.fuse_cams(cams, tuple(x.shape[-2:]), b, keep), aff, grid  # type: ignore[return-value]
 
@@ -189,7 +193,7 @@ class AFAMethod(Method):
                 image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
                 downscale=self.par_downscale,
             )
-        grid = out.grids[self.head.attn_layers[-1]]
+        grid = self.affinity_of(out)[1]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)
         aff_source = aff_label if switch_aff else par_label
         target_aff = affinity_labels(
@@ -221,7 +225,8 @@ class AFAMethod(Method):
         """(affinity (B, N, N) of the un-flipped images, its grid) from the scale-1 forward."""
         if self.HEAD not in out.heads:
             return None
-        return out.heads[self.HEAD][: labels.shape[0]], out.grids[self.head.attn_layers[-1]]
+        aff, grid = self.affinity_of(out)
+        return aff[: labels.shape[0]], grid
 
     @torch.no_grad()
     def extra_maps(self, net: WSSSNet, inp: MapInput, want: Collection[str]) -> dict[str, Tensor]:
