@@ -126,3 +126,21 @@ def test_overrides_of_a_run_config_are_checked() -> None:
     assert run_config(run_cfg, None, ["eval.max_images=3"]).eval.max_images == 3
     with pytest.raises(ValueError, match="config key 'eval.bkg_score' must be"):
         run_config(run_cfg, None, ["eval.bkg_score=2"])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate", "analyze", "pseudo-labels"])
+@pytest.mark.parametrize("value", ["0", "-3", "ten"])
+def test_max_images_below_one_is_an_error_in_every_command(command: str, value: str, tmp_path: Path,
+                                                           capsys) -> None:
+    """--max-images 0 once meant "all images" to calibrate and "none" to the others: now it is the same
+    error everywhere, from the parser, before a checkpoint is opened or a file written."""
+    out = tmp_path / "out"
+    extra = {"calibrate": [], "pseudo-labels": ["--split", "train", "--out", str(out)]}.get(
+        command, ["--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--checkpoint", str(tmp_path / "no_run"), "--max-images", value, *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-images" in err and f"got '{value}'" in err and "leave it out for all images" in err
+    assert not out.exists()
+    cli.build_parser().parse_args([command, "--checkpoint", "run", "--max-images", "1", *extra])  # 1 is fine

@@ -10,7 +10,7 @@ from wsss.analysis.analyze import analysis_lines, record_analysis, run_analysis
 from wsss.analysis.loading import SquareResized
 from wsss.analysis.plots import plots_available
 from wsss.analysis.statistics import IOU_RULES
-from wsss.commands.common import MAX_IMAGES_HELP
+from wsss.commands.common import MAX_IMAGES_HELP, max_images_arg
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="rule of the refinement mIoUs: aream (AReAM's evaluate.py, absent classes count as "
                         "0; default) or voc (wsss evaluate's rule); the oracle rows always use voc")
     p.add_argument("--split", default=None, help="dataset split (default: eval.split)")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("--max-images", type=max_images_arg, default=None,
                    help=MAX_IMAGES_HELP)
     p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wsss.commands.common import MAX_IMAGES_HELP
+from wsss.commands.common import MAX_IMAGES_HELP, max_images_arg
 from wsss.engine.calibrate import (
     DEFAULT_GRID,
     choose_presence,
@@ -60,7 +60,7 @@ def _masked_images(cfg: Any, net: Any, checkpoint: Any, split: str, max_images: 
     if not idx:
         raise ValueError(f"no image of split {split!r} has a mask: give --masks DIR with a few (PNG, same "
                          f"stem as the image; 0 = background, 1..K classes, 255 = ignore)")
-    return dataset, spread(idx, max_images or None)
+    return dataset, spread(idx, max_images)
 
 
 def run_calibrate(checkpoint: str | os.PathLike, split: str | None = None, masks: str | None = None,
@@ -158,7 +158,7 @@ def add_parser(sub: Any) -> None:
     where.add_argument("--masks", default=None,
                        help="mask PNGs for some of the eval split's images (the others are skipped)")
     p.add_argument("--maps", nargs="+", default=None, help="the maps to calibrate (default: every one)")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("--max-images", type=max_images_arg, default=None,
                    help=MAX_IMAGES_HELP)
     p.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help=f"candidate values (default {DEFAULT_GRID[0]} .. {DEFAULT_GRID[-1]} by 0.05)")

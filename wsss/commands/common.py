@@ -18,7 +18,20 @@ from wsss.refine.crf import CRFUnavailableError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 MAX_IMAGES_HELP = ("at most this many images, spread evenly over the split (split lists are sorted by name, "
-                   "and names often group a class)")
+                   "and names often group a class); leave it out for all of them")
+
+
+def max_images_arg(text: str) -> int:
+    """argparse type of ``--max-images``: a whole number >= 1 (leaving the option out means all images;
+    0 would be a pass over nothing, so it is an error, the same in every command)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 1 (leave it out for all images), got {text!r}")
+    return value
 
 
 def config_note(config: str | os.PathLike | None) -> str:

@@ -20,6 +20,7 @@ from wsss.commands.common import (
     config_note,
     crf_guard,
     loading_options,
+    max_images_arg,
     write_json,
 )
 from wsss.engine.runs import check_classes, open_run, run_dir_of
@@ -156,7 +157,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--crf", action="store_true", help="dense CRF on the segmentation map (AFA test preset)")
     p.add_argument("--sweep", action="store_true",
                    help="replaced by `wsss calibrate` (an error that says how to call it)")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("--max-images", type=max_images_arg, default=None,
                    help=MAX_IMAGES_HELP)
     p.add_argument("--maps", nargs="+", default=None,
                    help="compute and report only these maps (default: all)")

@@ -31,6 +31,7 @@ from wsss.commands.common import (
     config_note,
     crf_guard,
     loading_options,
+    max_images_arg,
     write_json,
 )
 from wsss.data.io import load_mask, save_mask
@@ -309,7 +310,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
     p.add_argument("--overwrite", action="store_true",
                    help="write every label again (--out holds labels of another model, map or setting)")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("--max-images", type=max_images_arg, default=None,
                    help=MAX_IMAGES_HELP)
     add_loading_args(p)
     p.set_defaults(fn=crf_guard(cmd_pseudo_labels))
