@@ -34,6 +34,7 @@ take if every FLOP ran at that rate, a floor no kernel tuning goes below.
     python benchmarks/bench_train.py --only afa_eval_512              # evaluation images/s
     python benchmarks/bench_train.py --only cam_dinov2_224 afa_dinov2_224 aream_dinov2_224 \
         toco_dinov2_224 supervised_dinov2_224 --threads 2              # DINOv2 ViT-S/14, crop 224, batch 8
+    python benchmarks/bench_train.py --only afa_dinov2_224_fp32 ...   # the same in fp32 (train.amp=null)
 
 ``--threads`` fixes torch's intra-op threads (default: torch's choice, the physical cores); the header
 prints the CPU model, whether bf16 is native there, the torch version and the thread count. As in
@@ -99,6 +100,10 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     # DINOv2 ViT-S/14 on real photographs (the *_dinov2_s14_msrc configs: blocks 0-6 frozen), crop 224,
     # batch 8; MSRC's 16 classes + background
     **{f"{m}_dinov2_224": (f"{m}_dinov2_s14_msrc", ["data.batch_size=8", "data.num_classes=17"], "train")
+       for m in ("cam", "afa", "aream", "toco", "supervised")},
+    # the same in fp32 where the configs' `train.amp: auto` picks bf16 (a CPU with native bf16)
+    **{f"{m}_dinov2_224_fp32": (f"{m}_dinov2_s14_msrc", ["data.batch_size=8", "data.num_classes=17",
+                                                         "train.amp=null"], "train")
        for m in ("cam", "afa", "aream", "toco", "supervised")},
     "afa_hybrid_demo": ("afa_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
     "aream_hybrid_demo": ("aream_hybrid_lite0_synthetic", ["data.num_classes=6"], "train"),
