@@ -251,7 +251,7 @@ def test_afa_training_targets_come_from_the_par_label(monkeypatch) -> None:
     par[1][par[1] == 1] = 4
     seen = {}
 
-    def fake_pseudo(image01, cam, lab, box):
+    def fake_pseudo(image01, cam, lab, box, kernel=None):
         seen["pseudo"] = seen.get("pseudo", 0) + 1
         return par
 

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 from wsss.refine import (
     PAR,
+    ImageKernel,
     affinity_labels,
     box_mask,
     cam_to_label,
     combine_high_low,
+    downscaled,
     masked_softmax,
     neighbour_offsets,
     par_argmax_label,
@@ -491,6 +493,33 @@ def test_par_refine_scores_label_batched_equals_faithful_on_full_boxes():
         slow = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=True, downscale=down)
         fast = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=False, downscale=down)
         assert torch.equal(slow, fast)
+
+
+def test_a_held_kernel_gives_the_same_labels_and_is_computed_once(monkeypatch):
+    """AFA's training step holds one PAR kernel of the half-size image for its two labels: the labels
+    equal those of the functions computing their own kernel (the per-image references above), the
+    kernel is computed once, and a kernel of another size, or with crop_to_box, is an error."""
+    gen = torch.Generator().manual_seed(13)
+    b, k, h, w = 3, 4, 16, 14
+    img = torch.rand(b, 3, h, w, generator=gen)
+    cam = torch.rand(b, k, h, w, generator=gen)
+    labels = _labels(b, k, gen)
+    sh, sl = _scores(b, k, 8, 7, labels, gen), _scores(b, k, 8, 7, labels, gen)
+    box = torch.tensor([[0, h, 0, w]] * b)
+    par = PAR(num_iter=3)
+    calls = []
+    kernel_of = PAR.kernel
+    monkeypatch.setattr(PAR, "kernel", lambda self, im: calls.append(im.shape) or kernel_of(self, im))
+    held = ImageKernel(par, downscaled(img, 2))
+    label = par_pseudo_label(img, cam, labels, par, img_box=box, kernel=held)
+    prop = par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=False, kernel=held)
+    assert calls == [(b, 3, h // 2, w // 2)]
+    assert torch.equal(label, ref_par_pseudo_label(img, cam, labels, par, 0.55, 0.35, box.tolist()))
+    assert torch.equal(prop, par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=True))
+    with pytest.raises(ValueError, match=r"held PAR kernel is of a \(B, H, W\) = \(3, 16, 14\) image"):
+        par_pseudo_label(img, cam, labels, par, kernel=ImageKernel(par, img))
+    with pytest.raises(ValueError, match="crop_to_box=True refines each image in its box"):
+        par_refine_scores_label(img, sh, sl, labels, par, box, crop_to_box=True, kernel=held)
 
 
 def ref_affinity_labels(tok, window, ignore=255):

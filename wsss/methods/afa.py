@@ -34,6 +34,7 @@ from wsss.refine.labels import (
     affinity_labels,
     box_mask,
     channel_argmax,
+    downscaled,
     oracle_affinity,
     pair_agreement,
     par_refine_scores_label,
@@ -183,15 +184,19 @@ class AFAMethod(Method):
         with torch.no_grad(), pass_mode(m, self.mode):
             cam, aff_top, grid_top = self.cam_and_affinity(m, x, labels, first)
             cam = cam * labels[..., None, None]
-            par_label = self.pseudo_label(image01, cam, labels, box)
+            # both labels refine on the half-size image: its PAR kernel is computed once (the
+            # per-box refinement of crop_to_box works on each box's own image)
+            held = ImageKernel(self.par, downscaled(image01, self.par_downscale))
+            crop_to_box = bool(self.a.crop_to_box)
+            par_label = self.pseudo_label(image01, cam, labels, box, held)
             size = tuple(x.shape[-2:])
             # token-grid scores: par_refine_scores_label upsamples them (bilinear, as the official
             # caller) after keeping the present classes
             high = self.propagate(cam, aff_top, grid_top, labels, self.high)
             low = self.propagate(cam, aff_top, grid_top, labels, self.low)
             aff_label = par_refine_scores_label(
-                image01, high, low, labels, self.par, box, crop_to_box=bool(self.a.crop_to_box),
-                downscale=self.par_downscale,
+                image01, high, low, labels, self.par, box, crop_to_box=crop_to_box,
+                downscale=self.par_downscale, kernel=None if crop_to_box else held,
             )
         grid = self.affinity_of(out)[1]
         switch_aff = self.a.aff_target_switch_iter is not None and it > int(self.a.aff_target_switch_iter)

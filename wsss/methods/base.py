@@ -286,8 +286,11 @@ class Method:
         fusion."""
         return multiscale_cam(cam_fn, x, scales or self.scales, self.flip, keep=keep, **self.fuse_kwargs())
 
-    def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None) -> Tensor:
-        """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain."""
+    def pseudo_label(self, image01: Tensor, cam: Tensor, labels: Tensor, img_box: Tensor | None,
+                     kernel: ImageKernel | None = None) -> Tensor:
+        """PAR-refined label with the high/low background scores (B, H, W), 255 = uncertain. ``kernel``:
+        held for the PAR-size image when another label of the batch shares it
+        (:func:`~wsss.refine.labels.par_pseudo_label`)."""
         return par_pseudo_label(
             image01,
             cam,
@@ -297,6 +300,7 @@ class Method:
             low=self.low,
             img_box=img_box,
             downscale=self.par_downscale,
+            kernel=kernel,
         )
 
     # ----------------------------------------------------------------- evaluation

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.refine.par import PAR, PAR_DOWNSCALE
+from wsss.refine.par import PAR, PAR_DOWNSCALE, ImageKernel
 
 # The official AFA recipe's background scores (the config's ``eval.bkg_score``, ``cam.high``, ``cam.low``)
 BKG_SCORE = 0.45  # a CAM at or below it is background (the validation-mode label)
@@ -166,11 +166,33 @@ def combine_high_low(label_high: Tensor, label_low: Tensor, ignore_index: int = 
     return out.masked_fill(bkg_high & (label_low == 0), 0)
 
 
+def downscaled(image01: Tensor, downscale: int) -> Tensor:
+    """The image the labels' PAR runs on: (B, 3, H // downscale, W // downscale), bilinear."""
+    h, w = image01.shape[-2:]
+    return F.interpolate(image01, size=(h // downscale, w // downscale), mode="bilinear", align_corners=False)
+
+
+def _held_image(image01: Tensor, downscale: int, kernel: ImageKernel | None) -> Tensor:
+    """:func:`downscaled` ``image01``, or the image of a held ``kernel`` after checking it is that one's
+    size (a kernel is shared by the label functions of one batch, see :func:`par_pseudo_label`)."""
+    if kernel is None:
+        return downscaled(image01, downscale)
+    h, w = image01.shape[-2:]
+    want = (image01.shape[0], h // downscale, w // downscale)
+    got = kernel.image01
+    if (got.shape[0], *got.shape[-2:]) != want:
+        raise ValueError(f"the held PAR kernel is of a (B, H, W) = {(got.shape[0], *got.shape[-2:])} image, "
+                         f"the labels need {want}")
+    return got
+
+
 def _par_labels(
-    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, out_size: tuple[int, int]
+    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, out_size: tuple[int, int],
+    kernel: ImageKernel | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """PAR on the concatenated high/low stacks (B, 2M, h, w), upsample, argmax -> (Lh, Ll) class ids."""
-    refined = par(image01, stack)
+    """PAR on the concatenated high/low stacks (B, 2M, h, w), upsample, argmax -> (Lh, Ll) class ids.
+    ``kernel``: held for ``image01`` (None: computed for this call)."""
+    refined = par(image01, stack, None if kernel is None else kernel.kernel)
     refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
     ref_h, ref_l = refined.chunk(2, dim=1)
     return _to_class_ids(ref_h, idx), _to_class_ids(ref_l, idx)
@@ -186,6 +208,7 @@ def par_pseudo_label(
     img_box: Tensor | None = None,
     downscale: int = PAR_DOWNSCALE,
     ignore_index: int = 255,
+    kernel: ImageKernel | None = None,
 ) -> Tensor:
     """PAR-refined two-threshold pseudo label (AFA ``refine_cams_with_bkg_v2``, AReAM ``cam_to_seg``).
 
@@ -198,12 +221,15 @@ def par_pseudo_label(
         cam: (B, K, H', W') CAMs in [0, 1] (absent classes are ignored whatever their values).
         labels: (B, K) multi-hot labels.
         par: the PAR module.
+        kernel: PAR's kernel of ``downscaled(image01, downscale)`` held by a caller that refines
+            another label of the same batch at that size (``ImageKernel(par, downscaled(...))``, e.g.
+            AFA's propagated label): its kernel is computed once. None: computed for this call.
     Returns:
         (B, H, W) long labels in {0..K, ignore_index}.
     """
     b, _, h, w = image01.shape
-    size = (h // downscale, w // downscale)
-    image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
+    image_s = _held_image(image01, downscale, kernel)
+    size = tuple(image_s.shape[-2:])
     idx, valid = present_index(labels)
     # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1. Gathered before the
     # (per-channel) resize: absent classes are never resized
@@ -213,7 +239,7 @@ def par_pseudo_label(
         b, 0, *size)
     stacks = [torch.cat([fg.new_full((b, 1, *size), s), fg], dim=1) for s in (high, low)]
     stack = torch.cat([_softmax_keep(s, valid) for s in stacks], dim=1)
-    lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
+    lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w), kernel)
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
@@ -225,8 +251,7 @@ def _refine_in_box(
     r0, r1, c0, c1 = box
     img = image01[:, :, r0:r1, c0:c1]
     bh, bw = img.shape[-2:]
-    img_s = F.interpolate(img, size=(bh // downscale, bw // downscale), mode="bilinear", align_corners=False)
-    return _par_labels(img_s, maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
+    return _par_labels(downscaled(img, downscale), maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
 
 
 def _present_score_stack(
@@ -278,6 +303,7 @@ def par_refine_scores_label(
     crop_to_box: bool = True,
     ignore_index: int = 255,
     downscale: int = PAR_DOWNSCALE,
+    kernel: ImageKernel | None = None,
 ) -> Tensor:
     """PAR-refined label from propagated score stacks (AFA ``refine_cams_with_cls_label`` + combine).
 
@@ -301,6 +327,8 @@ def par_refine_scores_label(
             bilinearly first when at token resolution (what the official caller does).
         labels: (B, K) multi-hot labels.
         img_box: (B, 4) long boxes.
+        kernel: as in :func:`par_pseudo_label`, for ``crop_to_box=False`` (the per-box refinement
+            runs on each box's own image).
     Returns:
         (B, H, W) long labels.
     """
@@ -308,11 +336,13 @@ def par_refine_scores_label(
     idx, valid = present_index(labels)
     stack = _present_score_stack(scores_high, scores_low, idx, valid, (h, w))
     if crop_to_box:
+        if kernel is not None:
+            raise ValueError("par_refine_scores_label: a held PAR kernel is of the whole crop; "
+                             "crop_to_box=True refines each image in its box")
         lab_h, lab_l = _refine_per_box(image01, stack, idx, par, img_box, downscale)
     else:
-        size = (h // downscale, w // downscale)
-        image_s = F.interpolate(image01, size=size, mode="bilinear", align_corners=False)
-        lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w))
+        image_s = _held_image(image01, downscale, kernel)
+        lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w), kernel)
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
