@@ -287,6 +287,26 @@ def test_par_blocked_propagation_matches_loop_reference(monkeypatch, block_bytes
         torch.testing.assert_close(out[i].double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_par_refines_only_the_valid_channels():
+    """valid (B, C): the marked channels equal the loop reference (and, bit for bit, one call over every
+    channel); the others come out 0 whatever they held. Images with the same channels go together,
+    so the rows of valid below (three patterns, one image without any channel) cover the grouping."""
+    torch.manual_seed(6)
+    img = torch.rand(5, 3, 5, 6)
+    maps = torch.rand(5, 4, 5, 6)
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]]).bool()
+    par = PAR(num_iter=2)
+    out = par(img, maps, valid=valid)
+    assert torch.equal(out, par(img, maps) * valid[:, :, None, None])
+    for i in range(5):
+        ref = ref_propagate(ref_kernel(img[i]), maps[i], 2)
+        for c in range(4):
+            want = ref[c] if valid[i, c] else torch.zeros_like(ref[c])
+            torch.testing.assert_close(out[i, c].double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"valid must be \(B, C\) = \(5, 4\), got \(5, 3\)"):
+        par(img, maps, valid=valid[:, :3])
+
+
 @pytest.mark.parametrize("map_size", [(16, 20), (7, 9)])
 def test_par_matches_official_structure(map_size):
     torch.manual_seed(3)

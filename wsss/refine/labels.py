@@ -187,12 +187,13 @@ def _held_image(image01: Tensor, downscale: int, kernel: ImageKernel | None) -> 
 
 
 def _par_labels(
-    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, out_size: tuple[int, int],
+    image01: Tensor, stack: Tensor, idx: Tensor, valid: Tensor, par: PAR, out_size: tuple[int, int],
     kernel: ImageKernel | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PAR on the concatenated high/low stacks (B, 2M, h, w), upsample, argmax -> (Lh, Ll) class ids.
-    ``kernel``: held for ``image01`` (None: computed for this call)."""
-    refined = par(image01, stack, None if kernel is None else kernel.kernel)
+    ``valid`` (B, M): the channels of each half that hold a class (the others are zero padding, not
+    refined); ``kernel``: held for ``image01`` (None: computed for this call)."""
+    refined = par(image01, stack, None if kernel is None else kernel.kernel, valid.repeat(1, 2))
     refined = F.interpolate(refined, size=out_size, mode="bilinear", align_corners=False)
     ref_h, ref_l = refined.chunk(2, dim=1)
     return _to_class_ids(ref_h, idx), _to_class_ids(ref_l, idx)
@@ -239,19 +240,20 @@ def par_pseudo_label(
         b, 0, *size)
     stacks = [torch.cat([fg.new_full((b, 1, *size), s), fg], dim=1) for s in (high, low)]
     stack = torch.cat([_softmax_keep(s, valid) for s in stacks], dim=1)
-    lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w), kernel)
+    lab_h, lab_l = _par_labels(image_s, stack, idx, valid, par, (h, w), kernel)
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
 def _refine_in_box(
-    image01: Tensor, maps: Tensor, idx: Tensor, par: PAR, box: tuple[int, int, int, int], downscale: int
+    image01: Tensor, maps: Tensor, idx: Tensor, valid: Tensor, par: PAR, box: tuple[int, int, int, int],
+    downscale: int,
 ) -> tuple[Tensor, Tensor]:
     """Images with one box: crop to it, PAR at 1/downscale of the box size, back to box size -> (Lh,
     Ll), each (n, bh, bw)."""
     r0, r1, c0, c1 = box
     img = image01[:, :, r0:r1, c0:c1]
     bh, bw = img.shape[-2:]
-    return _par_labels(downscaled(img, downscale), maps[:, :, r0:r1, c0:c1], idx, par, (bh, bw))
+    return _par_labels(downscaled(img, downscale), maps[:, :, r0:r1, c0:c1], idx, valid, par, (bh, bw))
 
 
 def _present_score_stack(
@@ -270,12 +272,12 @@ def _present_score_stack(
 
 
 def _refine_per_box(
-    image01: Tensor, stack: Tensor, idx: Tensor, par: PAR, img_box: Tensor, downscale: int
+    image01: Tensor, stack: Tensor, idx: Tensor, valid: Tensor, par: PAR, img_box: Tensor, downscale: int
 ) -> tuple[Tensor, Tensor]:
     """PAR labels (Lh, Ll), each (B, H, W) long, with every image refined inside its own box (0 outside).
 
-    image01: (B, 3, H, W); stack: (B, 2M, H, W) high then low; idx: (B, M) class ids of the channels;
-    img_box: (B, 4) long."""
+    image01: (B, 3, H, W); stack: (B, 2M, H, W) high then low; idx: (B, M) class ids of the channels,
+    valid (B, M) those that hold a class; img_box: (B, 4) long."""
     b, _, h, w = image01.shape
     lab_h = torch.zeros((b, h, w), dtype=torch.long, device=image01.device)
     lab_l = torch.zeros_like(lab_h)
@@ -288,7 +290,7 @@ def _refine_per_box(
         r0, r1, c0, c1 = box
         sel = torch.tensor(rows, device=image01.device)
         lab_h[sel, r0:r1, c0:c1], lab_l[sel, r0:r1, c0:c1] = _refine_in_box(
-            image01[sel], stack[sel], idx[sel], par, box, downscale  # type: ignore[arg-type]
+            image01[sel], stack[sel], idx[sel], valid[sel], par, box, downscale  # type: ignore[arg-type]
         )
     return lab_h, lab_l
 
@@ -339,10 +341,10 @@ def par_refine_scores_label(
         if kernel is not None:
             raise ValueError("par_refine_scores_label: a held PAR kernel is of the whole crop; "
                              "crop_to_box=True refines each image in its box")
-        lab_h, lab_l = _refine_per_box(image01, stack, idx, par, img_box, downscale)
+        lab_h, lab_l = _refine_per_box(image01, stack, idx, valid, par, img_box, downscale)
     else:
         image_s = _held_image(image01, downscale, kernel)
-        lab_h, lab_l = _par_labels(image_s, stack, idx, par, (h, w), kernel)
+        lab_h, lab_l = _par_labels(image_s, stack, idx, valid, par, (h, w), kernel)
     return _ignore_outside(combine_high_low(lab_h, lab_l, ignore_index), img_box, ignore_index)
 
 
@@ -365,7 +367,7 @@ def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR, 
     """
     idx, valid = present_index(labels)
     probs = _softmax_keep(_gather_channels(scores, idx), valid)
-    refined = par(image01, probs, kernel).masked_fill(~valid[:, :, None, None], float("-inf"))
+    refined = par(image01, probs, kernel, valid).masked_fill(~valid[:, :, None, None], float("-inf"))
     return _to_class_ids(refined, idx)
 
 

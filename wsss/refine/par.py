@@ -216,7 +216,8 @@ class PAR(nn.Module):
             maps = out
         return maps
 
-    def forward(self, image01: Tensor, maps: Tensor, kernel: Tensor | None = None) -> Tensor:
+    def forward(self, image01: Tensor, maps: Tensor, kernel: Tensor | None = None, valid: Tensor | None = None
+                ) -> Tensor:
         """Refine ``maps`` with the kernel of ``image01``.
 
         Args:
@@ -225,14 +226,36 @@ class PAR(nn.Module):
                 when the sizes differ (as the AFA code does).
             kernel: :meth:`kernel` of ``image01`` when the caller holds it (:class:`ImageKernel`);
                 None: computed for this call.
+            valid: (B, C) bool, the channels to refine; the others come out 0 without being propagated
+                (the padding channels of a batch's compact class stacks, zero maps that PAR keeps at
+                zero). None: every channel.
         Returns:
             (B, C, H, W) refined maps.
         """
         if maps.dim() != 4 or maps.shape[0] != image01.shape[0]:
             raise ValueError(f"maps must be (B, C, h, w) with B={image01.shape[0]}, got {tuple(maps.shape)}")
+        if valid is not None and tuple(valid.shape) != tuple(maps.shape[:2]):
+            raise ValueError(f"valid must be (B, C) = {tuple(maps.shape[:2])}, got {tuple(valid.shape)}")
         if maps.shape[-2:] != image01.shape[-2:]:
             maps = F.interpolate(maps, size=image01.shape[-2:], mode="bilinear", align_corners=True)
-        return self.propagate(self.kernel(image01) if kernel is None else kernel, maps)
+        kernel = self.kernel(image01) if kernel is None else kernel
+        if valid is None or bool(valid.all()):
+            return self.propagate(kernel, maps)
+        return self._propagate_valid(kernel, maps, valid.bool())
+
+    def _propagate_valid(self, kernel: Tensor, maps: Tensor, valid: Tensor) -> Tensor:
+        """:meth:`propagate` of the channels ``valid`` (B, C) marks, zeros elsewhere. Images with the same
+        channels go together: a loop over the distinct rows of ``valid`` (a batch's class counts), not
+        over images. Each channel's arithmetic is the same as in one call over all of them."""
+        out = torch.zeros_like(maps)
+        patterns, group = torch.unique(valid, dim=0, return_inverse=True)
+        for g, pattern in enumerate(patterns):
+            chans = pattern.nonzero().squeeze(1)
+            if chans.numel() == 0:
+                continue
+            rows = (group == g).nonzero()  # (n, 1): broadcasts against chans for the (n, c) selection
+            out[rows, chans] = self.propagate(kernel[rows.squeeze(1)], maps[rows, chans])
+        return out
 
 
 class ImageKernel:
