@@ -248,7 +248,7 @@ class PAR(nn.Module):
         channels go together: a loop over the distinct rows of ``valid`` (a batch's class counts), not
         over images. Each channel's arithmetic is the same as in one call over all of them."""
         out = torch.zeros_like(maps)
-        patterns, group = torch.unique(valid, dim=0, return_inverse=True)
+        patterns, group = torch.unique(valid.to(torch.uint8), dim=0, return_inverse=True)
         for g, pattern in enumerate(patterns):
             chans = pattern.nonzero().squeeze(1)
             if chans.numel() == 0:
