@@ -24,13 +24,14 @@ MAX_IMAGES_HELP = ("at most this many images, spread evenly over the split (spli
 def max_images_arg(text: str) -> int:
     """argparse type of ``--max-images``: a whole number >= 1 (leaving the option out means all images;
     0 would be a pass over nothing, so it is an error, the same in every command)."""
+    error = argparse.ArgumentTypeError(
+        f"must be a whole number >= 1 (leave it out for all images), got {text!r}")
     try:
         value = int(text)
     except ValueError:
-        value = 0
+        raise error from None
     if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number >= 1 (leave it out for all images), got {text!r}")
+        raise error
     return value
 
 
