@@ -1,4 +1,5 @@
-"""Command line: ``wsss train | evaluate | pseudo-labels | calibrate | predict | analyze | report | demo``."""
+"""Command line: ``wsss train | evaluate | pseudo-labels | vote-labels | calibrate | predict | analyze |
+report | demo``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,21 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     # each command is one module of wsss.commands: its sub-parser and the function that runs it
-    from wsss.commands import analyze, calibrate, demo, evaluate, predict, pseudo_labels, report, train
+    from wsss.commands import (
+        analyze,
+        calibrate,
+        demo,
+        evaluate,
+        predict,
+        pseudo_labels,
+        report,
+        train,
+        vote_labels,
+    )
 
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (train, evaluate, pseudo_labels, calibrate, predict, analyze, report, demo):
+    for command in (train, evaluate, pseudo_labels, vote_labels, calibrate, predict, analyze, report, demo):
         command.add_parser(sub)
     for command in sub.choices.values():
         command.add_argument(
