@@ -85,10 +85,13 @@ class Learning:
         return last / first
 
 
-def score(cfg: Any, net: Any, val_set: Any, map_name: str) -> dict[str, float]:
+def score(cfg: Any, net: Any, val_set: Any, map_name: str, pairs: bool = False) -> dict[str, float]:
     """mIoU of ``map_name`` of ``net`` on ``val_set`` as the final evaluation of ``train`` scores it (the
     config's eval scales, flip and image count), and ``best``: the mIoU of its (refined) CAM at the best
-    background threshold of the sweep."""
+    background threshold of the sweep. ``pairs`` (a method that learns an affinity): also ``pair_gap``,
+    its mean affinity on same-class token pairs minus that on different-class ones (``wsss analyze``'s
+    pair agreement with the ground truth)."""
+    from wsss.analysis.oracle import oracle_quality
     from wsss.methods import build_method
 
     method = build_method(cfg, net)
@@ -96,14 +99,20 @@ def score(cfg: Any, net: Any, val_set: Any, map_name: str) -> dict[str, float]:
                    scales=list(cfg.eval.scales), flip=bool(cfg.eval.flip), max_images=cfg.eval.max_images,
                    maps=[map_name], sweep=True)
     best = res.get("_sweep", {}).get("best_miou", float("nan"))
-    return {"miou": float(res[map_name]["miou"]), "best": float(best)}
+    out = {"miou": float(res[map_name]["miou"]), "best": float(best)}
+    if pairs:
+        agree = oracle_quality(method, net, val_set, int(cfg.data.num_classes), cfg.eval.max_images)["pairs"]
+        out["pair_gap"] = agree["mean_same_class"] - agree["mean_different_class"]
+    return out
 
 
 def run_learning(config: str, map_name: str, root: Path, out_dir: Path, iters: int, seed: int = 0,
-                 k: int | None = None, backbone: dict[str, Any] | None = None, **extra: Any) -> Learning:
+                 k: int | None = None, backbone: dict[str, Any] | None = None, pairs: bool = False,
+                 **extra: Any) -> Learning:
     """Evaluate the untrained network, train ``iters`` iterations, compare (``k``: records averaged at
     each end of a loss's history, a quarter of its records by default; ``backbone``: ``model.backbone``
-    and its ``backbone_kwargs`` replacing the config's, which a dotted override would merge)."""
+    and its ``backbone_kwargs`` replacing the config's, which a dotted override would merge; ``pairs``:
+    the learned affinity's ``pair_gap`` before and after, in ``maps``)."""
     from wsss.engine.runs import load_run
 
     t0 = time.time()
@@ -112,9 +121,9 @@ def run_learning(config: str, map_name: str, root: Path, out_dir: Path, iters: i
         cfg.model.backbone, cfg.model.backbone_kwargs = backbone["name"], backbone["kwargs"]
     cfg, _train_set, val_set = _datasets(cfg)
     seed_everything(int(cfg.seed), 0)  # the network train(cfg) starts from (as its _run seeds and builds it)
-    before = score(cfg, build_network(cfg, int(cfg.data.num_classes) - 1), val_set, map_name)
+    before = score(cfg, build_network(cfg, int(cfg.data.num_classes) - 1), val_set, map_name, pairs)
     train(cfg)
-    after = score(cfg, load_run(out_dir / "model")[0], val_set, map_name)
+    after = score(cfg, load_run(out_dir / "model")[0], val_set, map_name, pairs)
     history = [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines()]
     losses = {}
     for name in history[-1]:
@@ -124,17 +133,20 @@ def run_learning(config: str, map_name: str, root: Path, out_dir: Path, iters: i
         n = k or max(1, len(values) // 4)
         if len(values) >= 2 * n:
             losses[name] = (sum(values[:n]) / n, sum(values[-n:]) / n)
-    return Learning(map_name, before["miou"], after["miou"], losses, time.time() - t0,
-                    {"best_before": before["best"], "best_after": after["best"]})
+    maps = {f"{name}_{when}": v for when, res in (("before", before), ("after", after))
+            for name, v in res.items() if name != "miou"}
+    return Learning(map_name, before["miou"], after["miou"], losses, time.time() - t0, maps)
 
 
 def assert_learns(config: str, map_name: str, root: Path, out_dir: Path, iters: int, losses: dict[str, float],
-                  gain: float | None, best_gain: float | None = None, **extra: Any) -> Learning:
+                  gain: float | None, best_gain: float | None = None, pair_gain: float | None = None,
+                  **extra: Any) -> Learning:
     """Train ``config`` ``iters`` iterations (seed 0) and assert that every loss named in ``losses`` fell
     (mean of its last k records at most that fraction of the mean of its first k), and that the mIoU of
     ``map_name`` rose by at least ``gain`` over the untrained network's (``best_gain``: the same for the
-    mIoU of the CAM the method sweeps at its best background threshold; None: not asserted)."""
-    r = run_learning(config, map_name, root, out_dir, iters, 0, **extra)
+    mIoU of the CAM the method sweeps at its best background threshold; ``pair_gain``: the same for the
+    learned affinity's ``pair_gap`` on the validation images; None: not asserted)."""
+    r = run_learning(config, map_name, root, out_dir, iters, 0, pairs=pair_gain is not None, **extra)
     report = f"{config}: {r}"
     for name, ratio in losses.items():
         assert name in r.losses, f"no {name} loss logged: {report}"
@@ -144,6 +156,9 @@ def assert_learns(config: str, map_name: str, root: Path, out_dir: Path, iters: 
     if best_gain is not None:
         before, after = r.maps["best_before"], r.maps["best_after"]
         assert after >= before + best_gain, f"swept CAM mIoU did not rise by {best_gain}: {report}"
+    if pair_gain is not None:
+        before, after = r.maps["pair_gap_before"], r.maps["pair_gap_after"]
+        assert after >= before + pair_gain, f"affinity pair gap did not rise by {pair_gain}: {report}"
     return r
 
 
@@ -153,12 +168,14 @@ if __name__ == "__main__":  # python -m tests.methods._learning CONFIG MAP ITERS
     config, map_name, iters = sys.argv[1], sys.argv[2], int(sys.argv[3])
     seeds = [int(a) for a in sys.argv[4:] if "=" not in a]
     extra: dict[str, Any] = dict(a.split("=", 1) for a in sys.argv[4:] if "=" in a)
+    pairs = extra.pop("pairs", "0") == "1"  # pairs=1: the learned affinity's pair gap too
     if "backbone" in extra:  # backbone=vit_micro: the ViT micro of the ToCo config
         extra["backbone"] = VIT_MICRO
     with tempfile.TemporaryDirectory() as tmp:
         root = make_learning_set(Path(tmp) / "data")
         for seed in seeds:
-            r = run_learning(config, map_name, root, Path(tmp) / f"run{seed}", iters, seed, **extra)
+            r = run_learning(config, map_name, root, Path(tmp) / f"run{seed}", iters, seed, pairs=pairs,
+                             **extra)
             losses = " ".join(f"{n} {a:.3f}->{b:.3f} ({b / a:.2f})" for n, (a, b) in r.losses.items())
             print(f"{config} seed {seed}: {map_name} {r.before:.3f} -> {r.after:.3f} "
                   f"({r.after - r.before:+.3f}); {losses}; {r.seconds:.1f} s", flush=True)
