@@ -73,7 +73,8 @@ def test_the_vote_recovers_what_each_run_misses(tmp_path: Path, capsys) -> None:
     assert (load_mask(out / "a.png", 4) == 255).sum() > 0  # where the runs disagree: uncertain
 
 
-@pytest.mark.parametrize("case", ["classes", "missing", "size", "value", "out", "one", "min_votes"])
+@pytest.mark.parametrize("case", ["classes", "missing", "size", "value", "out", "one", "min_votes",
+                                  "mask_size", "mask_value"])
 def test_bad_input_is_an_error_before_any_output(tmp_path: Path, case: str, capsys) -> None:
     folders = _runs(tmp_path)
     extra: list[str] = []
@@ -92,6 +93,13 @@ def test_bad_input_is_an_error_before_any_output(tmp_path: Path, case: str, caps
         expect = rf"mask {bad / 'c.png'} has values \[9\] outside 0..3"
     elif case == "out":
         extra, expect = ["--overwrite"], "is one of the folders voted on"
+    elif case in ("mask_size", "mask_value"):
+        gt = _folder(tmp_path / "gt", _truth())
+        wrong = np.zeros((6, 9), np.uint8) if case == "mask_size" else np.full((6, 8), 7, np.uint8)
+        save_mask(gt / "c.png", wrong)
+        extra = ["--masks", str(gt)]
+        expect = (f"mask {gt / 'c.png'} is 6x9 but its labels are 6x8" if case == "mask_size"
+                  else rf"mask {gt / 'c.png'} has values \[7\] outside 0..3")
     elif case == "one":
         folders, expect = folders[:1], "needs at least 2 label folders"
     else:

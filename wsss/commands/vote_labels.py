@@ -81,6 +81,19 @@ def _read(folders: Sequence[Path], stem: str, k: int) -> np.ndarray:
     return np.stack(maps)
 
 
+def _truth(mask_dir: Path | None, stem: str, k: int, size: tuple[int, ...]) -> np.ndarray | None:
+    """The stem's ground truth in ``mask_dir`` (None: no folder, or no mask of this stem); a DataError
+    naming the mask when it is not ``size`` (its labels' HxW) or holds values outside the classes."""
+    path = None if mask_dir is None else mask_dir / f"{stem}.png"
+    if path is None or not path.is_file():
+        return None
+    gt = load_mask(path, k)
+    if gt.shape != size:
+        raise DataError(f"vote-labels: mask {path} is {gt.shape[0]}x{gt.shape[1]} but its labels are "
+                        f"{size[0]}x{size[1]} (HxW)")
+    return gt
+
+
 def run_vote_labels(folders: Sequence[str | Path], out: str | Path, min_votes: int = 1,
                     masks: str | Path | None = None, overwrite: bool = False, verbose: bool = True
                     ) -> dict[str, Any]:
@@ -96,8 +109,8 @@ def run_vote_labels(folders: Sequence[str | Path], out: str | Path, min_votes: i
     mask_dir = None if masks is None else Path(masks)
     if mask_dir is not None and not mask_dir.is_dir():
         raise DataError(f"vote-labels: --masks {mask_dir} is not a folder")
-    for stem in stems:  # every label readable, in range and of one size: checked before any output
-        _read(folders, stem, k)
+    for stem in stems:  # every label and mask readable, in range and of one size: before any output
+        _truth(mask_dir, stem, k, _read(folders, stem, k).shape[1:])
     manifest = {"inputs": [str(f.resolve()) for f in folders], "min_votes": int(min_votes)}
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, classes)
@@ -110,14 +123,10 @@ def run_vote_labels(folders: Sequence[str | Path], out: str | Path, min_votes: i
         lab = label.numpy().astype(np.uint8)
         atomic_write(out_dir / f"{stem}.png", lambda t, lab=lab: save_mask(t, lab))
         votes_hist += np.bincount(votes.reshape(-1).numpy(), minlength=len(folders) + 1)
-        gt_path = None if mask_dir is None else mask_dir / f"{stem}.png"
-        if gt_path is not None and gt_path.is_file():
-            gt = torch.from_numpy(load_mask(gt_path, k))
+        gt = _truth(mask_dir, stem, k, tuple(label.shape))
+        if gt is not None:
             for scorer, m in zip(scorers, [label, *maps]):
-                if m.shape != gt.shape:
-                    raise DataError(f"vote-labels: mask {gt_path} is {tuple(gt.shape)}, its labels "
-                                    f"{tuple(m.shape)} (HxW)")
-                scorer.update(m, gt)
+                scorer.update(m, torch.from_numpy(gt))
     summary = {
         "images": len(stems), "inputs": manifest["inputs"], "min_votes": int(min_votes),
         "class_names": classes, "ties": "the earliest folder given among the tied labels",
