@@ -31,7 +31,9 @@ def majority_vote(labels: Tensor, ignore_index: int = 255, min_votes: int = 1) -
     voted = lab != ignore_index
     if bool((lab[voted] < 0).any()):
         raise ValueError(f"labels must be >= 0 (or {ignore_index}), got {int(lab[voted].min())}")
-    bins = (int(lab[voted].max()) + 1 if bool(voted.any()) else 0) + 1  # the last bin holds abstentions
+    if not bool(voted.any()):
+        return torch.full_like(lab[0], ignore_index), torch.zeros_like(lab[0])
+    bins = int(lab[voted].max()) + 2  # the last bin holds the abstentions
     idx = torch.where(voted, lab, bins - 1)
     counts = torch.zeros((bins, *lab.shape[1:]), dtype=torch.long, device=lab.device)
     counts.scatter_add_(0, idx, torch.ones_like(idx))
@@ -39,9 +41,8 @@ def majority_vote(labels: Tensor, ignore_index: int = 255, min_votes: int = 1) -
     prio = torch.arange(n, 0, -1, device=lab.device).view(n, *[1] * (lab.dim() - 1)).expand_as(idx)
     first = torch.zeros_like(counts).scatter_reduce_(0, idx, prio, reduce="amax")
     score = counts * (n + 1) + first
-    score[-1] = -1  # an abstention never wins
+    score[-1] = -1  # an abstention never wins: where all abstain, a label bin with 0 votes does
     win = score.argmax(0)
     votes = counts.gather(0, win[None])[0]
-    votes = torch.where(win == bins - 1, torch.zeros_like(votes), votes)
     label = torch.where(votes >= min_votes, win, torch.full_like(win, ignore_index))
     return label, votes
