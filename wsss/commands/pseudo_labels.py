@@ -36,7 +36,7 @@ from wsss.commands.common import (
 )
 from wsss.data.io import load_mask, save_mask
 from wsss.engine.checkpoint import check_writable
-from wsss.engine.evaluate import label_and_scores
+from wsss.engine.evaluate import ensemble_label_and_scores, ensemble_maps, label_and_scores
 from wsss.engine.runs import check_classes, open_run
 from wsss.methods import all_map_names, config_sections
 
@@ -140,18 +140,24 @@ def _manifest(cfg: Any, net: torch.nn.Module, map_name: str, scales: list[float]
             "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
 
 
-def _label_and_write(method: Any, net: torch.nn.Module, dev: torch.device, batches: Iterable[dict[str, Any]],
-                     out_dir: Path, map_name: str, scales: list[float], flip: bool, logits: bool, stride: int,
-                     scorer: LabelScorer, progress: tuple[int, int] | None) -> tuple[int, np.ndarray]:
-    """Label each batch (``map_name``, with its scores when ``logits``), score the labels against the
-    batch's masks and write each image's files. ``progress`` (images done before, total): a line on
-    stderr every 50 images written (None: silent).
+def _label_and_write(members: list[tuple[Any, torch.nn.Module]], dev: torch.device,
+                     batches: Iterable[dict[str, Any]], out_dir: Path, map_name: str, scales: list[float],
+                     flip: bool, logits: bool, stride: int, scorer: LabelScorer,
+                     progress: tuple[int, int] | None) -> tuple[int, np.ndarray]:
+    """Label each batch (``map_name``, with its scores when ``logits``) by the model (method, net), or
+    by the ensemble of several (:func:`~wsss.engine.evaluate.ensemble_label_and_scores`), score the
+    labels against the batch's masks and write each image's files. ``progress`` (images done before,
+    total): a line on stderr every 50 images written (None: silent).
 
     Returns the number of images written and the pixel counts (256,) int64 of their labels by value."""
     written, counts = 0, np.zeros(256, dtype=np.int64)
     for batch in batches:
-        label_b, scores_b = label_and_scores(method, net, batch["image"].to(dev), batch["labels"].to(dev),
-                                              map_name, scales, flip, logits)
+        image, labels = batch["image"].to(dev), batch["labels"].to(dev)
+        if len(members) == 1:
+            label_b, scores_b = label_and_scores(*members[0], image, labels, map_name, scales, flip, logits)
+        else:
+            label_b, scores_b = ensemble_label_and_scores(members, image, labels, map_name, scales, flip,
+                                                          logits)
         scorer.update(label_b.cpu(), batch["mask"])
         for i, name in enumerate(batch["name"]):
             lab = _write_label(out_dir, name, label_b[i], scores_b[i] if logits else None, stride, map_name)
@@ -160,6 +166,26 @@ def _label_and_write(method: Any, net: torch.nn.Module, dev: torch.device, batch
             if progress is not None and written % 50 == 0:
                 print(f"pseudo-labels: {written + progress[0]}/{progress[1]}", file=sys.stderr)
     return written, counts
+
+
+def _open_ensemble(ensemble: Sequence[str | os.PathLike], method: Any, map_name: str, dataset: Any,
+                   split: str, device: str | None) -> list[tuple[Any, torch.nn.Module]]:
+    """The further models (method, net) of an ensemble, each from its own run config; every one must
+    know the dataset's classes and, for 'seg', have a seg head. Raises ValueError naming the
+    checkpoint (or the map an ensemble cannot make) before anything is written."""
+    if not ensemble:
+        return []
+    if map_name not in ensemble_maps(method):
+        raise ValueError(f"--ensemble averages the models' CAMs (or seg scores): --map {map_name} is not "
+                         f"one of {', '.join(ensemble_maps(method))}")
+    members = []
+    for ckpt in ensemble:
+        _, net, m, _, _ = open_run(None, ckpt, [], device)
+        check_classes(net, dataset, ckpt, split)
+        if map_name == "seg" and net.seg_head is None:
+            raise ValueError(f"--ensemble {ckpt}: this model has no segmentation head (--map seg)")
+        members.append((m, net))
+    return members
 
 
 def _settings_note(cfg: Any, config: str | os.PathLike | None, checkpoint: str | os.PathLike,
@@ -184,11 +210,14 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
                       logits: bool = False, logit_stride: int = 4, scales: Sequence[float] | None = None,
                       flip: bool | None = None, max_images: int | None = None, device: str | None = None,
                       verbose: bool = True, overwrite: bool = False, batch_size: int | None = None,
-                      num_workers: int | None = None) -> dict[str, Any]:
+                      num_workers: int | None = None, ensemble: Sequence[str | os.PathLike] = ()
+                      ) -> dict[str, Any]:
     """Write ``<out>/<name>.png`` for every image of ``split`` (resumable: labels of the same model and
     settings, per ``<out>/manifest.json``, are kept); returns the summary. ``overwrite``: write every
     label again, whatever the folder holds. batch_size / num_workers: images of one size per forward
-    and DataLoader workers (default: the config's eval.batch_size / eval.num_workers).
+    and DataLoader workers (default: the config's eval.batch_size / eval.num_workers). ``ensemble``:
+    further checkpoints whose CAMs (or seg scores) are averaged with this one's before the labels are
+    made by this run's method and settings (maps made from the CAM alone, and 'seg').
 
     Only ``map_name`` is computed. Where the split has ground-truth masks, the written labels (and
     those already present) are scored against them: uncertain pixels (255) left out, with the
@@ -209,8 +238,11 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     loading = loading_options(cfg.eval, batch_size, num_workers)
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
+    members = [(method, net), *_open_ensemble(ensemble, method, map_name, dataset, split, device)]
     out_dir = Path(out)
     manifest = _manifest(cfg, net, map_name, scales_l, flip_b, stride if logits else None)
+    if ensemble:
+        manifest["ensemble_sha256"] = [weights_digest(n) for _, n in members[1:]]
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
     indices = image_indices(dataset, max_images)
@@ -220,12 +252,13 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     skipped = len(indices) - len(pending)
     scorer.update_existing(dataset, sorted(set(indices) - set(pending)), out_dir)
     batches = same_size_batches(dataset, pending, loading["batch_size"], loading["num_workers"])
-    written, counts = _label_and_write(method, net, dev, batches, out_dir, map_name, scales_l, flip_b, logits,
+    written, counts = _label_and_write(members, dev, batches, out_dir, map_name, scales_l, flip_b, logits,
                                        stride, scorer, progress=(skipped, len(indices)) if verbose else None)
     summary = {
         "split": split, "map": map_name, "images": len(indices), "written": written,
         "skipped_existing": skipped, **_settings_note(cfg, config, checkpoint, overrides, map_name, scales_l,
                                                       flip_b, stride if logits else None),
+        "ensemble": [str(Path(c).resolve()) for c in ensemble],
         "class_names": list(dataset.class_names),
         "pixels_written": {str(i): int(c) for i, c in enumerate(counts) if c},
         "scores": scorer.compute(),
@@ -292,7 +325,7 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> int:
     run_pseudo_labels(args.config, args.checkpoint, args.overrides, args.split, args.out, map_name=args.map,
                       logits=args.logits, logit_stride=args.logit_stride, scales=args.scales, flip=args.flip,
                       max_images=args.max_images, device=args.device, overwrite=args.overwrite,
-                      batch_size=args.batch_size, num_workers=args.workers)
+                      batch_size=args.batch_size, num_workers=args.workers, ensemble=args.ensemble or ())
     return 0
 
 
@@ -306,6 +339,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--map", default="pseudo", choices=all_map_names(),
                    help="label map to write: pseudo (255 = uncertain), a method's own maps (its "
                         "PSEUDO_MAP: the refined CAM after PAR), cam_par, seg, ...")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="further checkpoints (e.g. the same config trained with other seeds): their CAMs "
+                        "(seg: softmax) are averaged with --checkpoint's, then labelled with its "
+                        "settings; maps cam, cam_par, pseudo (not a method's own) and seg")
     p.add_argument("--logits", action="store_true", help="also write <name>.npz with float16 scores")
     p.add_argument("--logit-stride", type=int, default=4, help="downscale factor of the saved scores")
     p.add_argument("--overwrite", action="store_true",

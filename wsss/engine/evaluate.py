@@ -24,7 +24,7 @@ from wsss.data.build import collate
 from wsss.data.transforms import image01_to_uint8
 from wsss.engine.distributed import all_reduce_sum
 from wsss.engine.metrics import ConfusionMatrix, SweepAccumulator
-from wsss.methods.base import Method
+from wsss.methods.base import MapInput, Method
 from wsss.model import WSSSNet
 
 _EVAL = EvalConfig()  # the ``eval`` section's defaults
@@ -262,6 +262,41 @@ def label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.T
     maps = predict_maps(method, net, image, labels, scales, flip, maps=[map_name])  # only this map
     scores = sweep_cam(method, net, image, labels, scales, flip) if want_scores else None
     return maps[map_name], scores
+
+
+def ensemble_maps(method: Method) -> tuple[str, ...]:
+    """The maps an ensemble led by ``method`` can make (:func:`ensemble_label_and_scores`): those made
+    from the CAM alone, and 'seg'; a method's own maps need that model's own forwards."""
+    return ("cam", "cam_par", *(() if method.OWN_PSEUDO else ("pseudo",)), "seg")
+
+
+@torch.no_grad()
+def ensemble_label_and_scores(members: Sequence[tuple[Method, WSSSNet]], image: Tensor, labels: Tensor,
+                              map_name: str, scales: list[float], flip: bool, want_scores: bool
+                              ) -> tuple[Tensor, Tensor | None]:
+    """Label maps (B, H, W) of ``map_name`` from the averaged scores of several models (method, net),
+    and those scores if asked, for [0, 1] images (B, 3, H, W) of one size.
+
+    'seg': the mean of the models' softmax over their multi-scale seg logits; its log (B, C, H, W) is
+    the score. The CAM maps ('cam', 'cam_par', 'pseudo'): the mean of the models' masked multi-scale
+    CAMs (B, K, H, W) (each model's evaluation forwards, its own CAM fusion), labelled by the first
+    model's method (its background score, PAR and thresholds). Every model sees the first one's padded
+    image (padded further where its backbone needs it, and its CAM cropped back). With one member the
+    maps equal :func:`label_and_scores`'s."""
+    method, net = members[0]
+    if map_name not in ensemble_maps(method):
+        raise ValueError(f"an ensemble makes {', '.join(ensemble_maps(method))}; not {map_name}")
+    if map_name == "seg":
+        probs = torch.stack([seg_logits(m, n, image, scales, flip).float().softmax(1) for m, n in members])
+        logits = probs.mean(0).clamp_min(1e-12).log()
+        return logits.argmax(1), (logits if want_scores else None)
+    x, (h, w) = net.pad(image)
+    size = x.shape[-2:]
+    cams = [m.eval_forwards(n, n.pad(x)[0], labels, scales, flip, {map_name}).cam[..., :size[0], :size[1]]
+            for m, n in members]
+    cam = torch.stack(cams).mean(0)
+    label = method.label_maps(net, MapInput(x, labels, cam, scales), {map_name})[map_name]
+    return label[:, :h, :w], (cam[..., :h, :w] if want_scores else None)
 
 
 def miou_table(results: dict[str, Any]) -> str:
