@@ -126,18 +126,33 @@ def _write_label(out_dir: Path, name: str, label: torch.Tensor, scores: torch.Te
     return lab
 
 
-def _manifest(cfg: Any, net: torch.nn.Module, map_name: str, scales: list[float], flip: bool,
+def _manifest(cfg: Any, nets: Sequence[torch.nn.Module], map_name: str, scales: list[float], flip: bool,
               logit_stride: int | None) -> dict[str, Any]:
-    """What makes the labels what they are (:func:`claim_out_dir`): the model's weights, the map, the
-    inference settings, the stride of the saved scores (None: no scores) and the config sections that
-    shape the label (method, CAM, PAR, the methods' own, the background scores)."""
+    """What makes the labels what they are (:func:`claim_out_dir`): the weights of the model (and of the
+    ensemble's further models, ``nets[1:]``), the map, the inference settings, the stride of the saved
+    scores (None: no scores) and the config sections that shape the label (method, CAM, PAR, the
+    methods' own, the background scores)."""
     from wsss.config import to_dict
 
     c = to_dict(cfg)
-    return {"weights_sha256": weights_digest(net), "map": map_name, "scales": scales, "flip": flip,
-            "logit_stride": logit_stride, "method": c["method"],
-            "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
-            "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+    manifest = {"weights_sha256": weights_digest(nets[0]), "map": map_name, "scales": scales, "flip": flip,
+                "logit_stride": logit_stride, "method": c["method"],
+                "settings": {k: c[k] for k in ("cam", "par", *sorted(config_sections()))},
+                "eval_bkg_score": c["eval"]["bkg_score"], "aff_bkg_score": c["eval"]["aff_bkg_score"]}
+    if len(nets) > 1:  # absent for one model: the folders written before ensembles stay valid
+        manifest["ensemble_sha256"] = [weights_digest(n) for n in nets[1:]]
+    return manifest
+
+
+def _check_request(method: Any, net: torch.nn.Module, map_name: str, logit_stride: int) -> int:
+    """The stride of the saved scores, after checking it and that the model makes ``map_name``
+    (ValueError naming the maps it makes)."""
+    if map_name not in method.map_names(net):
+        raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
+                         f"{', '.join(method.map_names(net))}")
+    if int(logit_stride) < 1:
+        raise ValueError(f"--logit-stride must be >= 1, got {int(logit_stride)}")
+    return int(logit_stride)
 
 
 def _label_and_write(members: list[tuple[Any, torch.nn.Module]], dev: torch.device,
@@ -227,22 +242,15 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     from wsss.engine.evaluate import image_indices, same_size_batches
 
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, device)
-    if map_name not in method.map_names(net):
-        raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
-                         f"{', '.join(method.map_names(net))}")
+    stride = _check_request(method, net, map_name, logit_stride)
     scales_l = [float(s) for s in (scales or cfg.eval.scales)]
     flip_b = bool(cfg.eval.flip if flip is None else flip)
-    stride = int(logit_stride)
-    if stride < 1:
-        raise ValueError(f"--logit-stride must be >= 1, got {stride}")
     loading = loading_options(cfg.eval, batch_size, num_workers)
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
     members = [(method, net), *_open_ensemble(ensemble, method, map_name, dataset, split, device)]
     out_dir = Path(out)
-    manifest = _manifest(cfg, net, map_name, scales_l, flip_b, stride if logits else None)
-    if ensemble:
-        manifest["ensemble_sha256"] = [weights_digest(n) for _, n in members[1:]]
+    manifest = _manifest(cfg, [n for _, n in members], map_name, scales_l, flip_b, stride if logits else None)
     claim_out_dir(out_dir, manifest, overwrite)
     write_json(out_dir / PSEUDO_CLASSES_FILE, list(dataset.class_names))  # what the PNGs' indices mean
     indices = image_indices(dataset, max_images)
