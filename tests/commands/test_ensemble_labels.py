@@ -97,13 +97,17 @@ def test_command_one_model_twice_is_that_model(releases: dict, tmp_path: Path) -
     twice = run_pseudo_labels(CFG, m0, over, "val", tmp_path / "two", map_name="cam_par", verbose=False,
                               ensemble=[m0])
     both = run_pseudo_labels(CFG, m0, over, "val", tmp_path / "both", map_name="cam_par", verbose=False,
-                             ensemble=[m1])
+                             ensemble=[m1], logits=True, logit_stride=1)
     assert single["written"] == twice["written"] == both["written"] == 3
     names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
     same = [np.array_equal(load_mask(tmp_path / "one" / n, 256), load_mask(tmp_path / "two" / n, 256))
             for n in names]
     assert all(same)  # (a + a) / 2 == a: the same labels, bit for bit
     assert both["ensemble"] == [str(Path(m1).resolve())]
+    with np.load(tmp_path / "both" / names[0].replace(".png", ".npz")) as z:  # the averaged CAM it labelled
+        cam = z["logits"]
+    assert cam.shape[1:] == load_mask(tmp_path / "both" / names[0], 256).shape
+    assert 0 <= cam.min() <= cam.max() <= 1
     # the manifest names the ensemble: a single model's labels cannot resume into its folder
     with pytest.raises(ValueError, match="other settings.*ensemble_sha256"):
         run_pseudo_labels(CFG, m0, over, "val", tmp_path / "both", map_name="cam_par", verbose=False)
