@@ -144,3 +144,29 @@ def test_max_images_below_one_is_an_error_in_every_command(command: str, value: 
     assert "--max-images" in err and f"got '{value}'" in err and "leave it out for all images" in err
     assert not out.exists()
     cli.build_parser().parse_args([command, "--checkpoint", "run", "--max-images", "1", *extra])  # 1 is fine
+
+
+def test_evaluate_refuses_maps_the_model_does_not_make(tiny_synthetic: Path, tmp_path: Path, capsys) -> None:
+    """``--maps`` is nargs='+': an override written after it was once taken for a map name and silently
+    ignored (the run's own background score was used). Now every unknown name is an error naming it,
+    before anything is written."""
+    import torch
+
+    from tests.conftest import tiny_overrides
+    from wsss.config import to_dict
+    from wsss.engine.checkpoint import export_model
+    from wsss.methods import build_network
+
+    over = tiny_overrides(tiny_synthetic, tmp_path / "r")
+    cfg = load_config("cam_mit_tiny_synthetic", over)
+    torch.manual_seed(0)
+    release = export_model(build_network(cfg, 5), {"config": to_dict(cfg), "num_classes": 6}, tmp_path / "m")
+    out = tmp_path / "eval.json"
+    base = ["evaluate", *over, "--checkpoint", str(release), "--out", str(out), "--maps"]
+    assert cli.main([*base, "cam_par", "eval.bkg_score=0.6"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.bkg_score=0.6" in err and "goes before the options" in err and not out.exists()
+    assert cli.main([*base, "aff_par"]) == 2
+    err = capsys.readouterr().err
+    assert "--maps aff_par" in err and "cam_par" in err and "goes before" not in err and not out.exists()
+    assert cli.main([*base, "cam_par", "pseudo_strict"]) == 0 and out.exists()

@@ -30,6 +30,19 @@ SWEEP_MOVED = ("the background sweep of `wsss evaluate` is now `wsss calibrate -
                "the images with masks and keeps the best values in the run, which `wsss evaluate` then uses")
 
 
+def _check_maps(maps: Sequence[str] | None, method: Any, net: Any) -> None:
+    """ValueError naming the ``--maps`` entries the model does not make (an override written after
+    ``--maps`` would otherwise be taken for a map name and silently ignored)."""
+    known = list(method.map_names(net))
+    known += ["pseudo_strict"] if "pseudo" in known else []
+    bad = [m for m in maps or () if m not in known]
+    if bad:
+        hint = ("; a dotted override goes before the options (`wsss evaluate key=value --checkpoint RUN "
+                "--maps ...`)" if any("=" in m for m in bad) else "")
+        raise ValueError(f"--maps {' '.join(bad)}: method {method.name} with this model makes "
+                         f"{', '.join(known)}{hint}")
+
+
 def run_evaluate(
     config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
     split: str | None = None, out: str | os.PathLike | None = None, **opts: Any,
@@ -49,6 +62,7 @@ def run_evaluate(
     if opts.get("sweep"):
         raise ValueError(f"--sweep: {SWEEP_MOVED.format(checkpoint=checkpoint)}")
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, opts.get("device"))
+    _check_maps(opts.get("maps"), method, net)
     ev = cfg.eval
     if ev.sweep:
         raise ValueError(f"eval.sweep=true: {SWEEP_MOVED.format(checkpoint=checkpoint)}; set it false")
