@@ -3,6 +3,7 @@ tabs) and config values (type and range of every key, method options included)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,8 @@ def test_evaluate_refuses_maps_the_model_does_not_make(tiny_synthetic: Path, tmp
     err = capsys.readouterr().err
     assert "--maps aff_par" in err and "cam_par" in err and "goes before" not in err and not out.exists()
     assert cli.main([*base, "cam_par", "pseudo_strict"]) == 0 and out.exists()
+    # an override given first (where a config could stand) is applied and recorded
+    assert cli.main(["evaluate", "eval.bkg_score=0.6", *over, "--checkpoint", str(release), "--out", str(out),
+                     "--maps", "cam"]) == 0
+    protocol = json.loads(out.read_text())["_protocol"]
+    assert protocol["bkg_score"] == 0.6 and "eval.bkg_score=0.6" in protocol["overrides"]

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,14 @@ def config_note(config: str | os.PathLike | None) -> str:
 
     named = split_config_arg(None if config is None else str(config), [])[0]
     return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
+
+
+def overrides_note(config: str | os.PathLike | None, overrides: Sequence[str]) -> list[str]:
+    """Every dotted override a command applied, for its JSON output: a first positional word with ``=``
+    is an override, not a config (:func:`wsss.config.split_config_arg`)."""
+    from wsss.config import split_config_arg
+
+    return split_config_arg(None if config is None else str(config), overrides)[1]
 
 
 def calibration_note(checkpoint: str | os.PathLike) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from wsss.commands.common import (
     crf_guard,
     loading_options,
     max_images_arg,
+    overrides_note,
     write_json,
 )
 from wsss.engine.runs import check_classes, open_run, run_dir_of
@@ -87,7 +88,7 @@ def run_evaluate(
     res["_protocol"].update({
         "split": split, "checkpoint": str(Path(checkpoint).resolve()),
         "config": config_note(config),
-        "overrides": list(overrides), "bkg_score": float(ev.bkg_score),
+        "overrides": overrides_note(config, overrides), "bkg_score": float(ev.bkg_score),
         "aff_bkg_score": float(ev.aff_bkg_score),
         "iou": "voc (mean over classes present in the ground truth)", "seconds": time.time() - t0,
         "image_labels": "ground truth (for the CAM / pseudo-label maps)", "class_names": class_names,

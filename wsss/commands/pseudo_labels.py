@@ -32,6 +32,7 @@ from wsss.commands.common import (
     crf_guard,
     loading_options,
     max_images_arg,
+    overrides_note,
     write_json,
 )
 from wsss.data.io import load_mask, save_mask
@@ -210,7 +211,7 @@ def _settings_note(cfg: Any, config: str | os.PathLike | None, checkpoint: str |
     settings, thresholds, calibration and the format of the saved scores (None: no scores)."""
     return {
         "checkpoint": str(Path(checkpoint).resolve()), "config": config_note(config),
-        "overrides": list(overrides),
+        "overrides": overrides_note(config, overrides),
         "scales": scales, "flip": flip, "image_labels": "ground truth", "ignore_value": 255,
         "bkg_score": float(cfg.eval.bkg_score), "high": float(cfg.cam.high), "low": float(cfg.cam.low),
         "calibration": calibration_note(checkpoint),
