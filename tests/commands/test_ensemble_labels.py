@@ -37,7 +37,10 @@ def releases(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         out.append(export_model(net, {"config": to_dict(cfg), "num_classes": 6}, tmp / f"m{seed}"))
     torch.manual_seed(3)
     other = export_model(build_network(cfg, 3), {"config": to_dict(cfg), "num_classes": 4}, tmp / "m3")
-    return {"models": out, "other": other, "over": over, "cfg": cfg}
+    names = ["background", *(f"c{i}" for i in range(5))]  # the same count, other classes
+    renamed = export_model(build_network(cfg, 5), {"config": to_dict(cfg), "num_classes": 6,
+                                                   "class_names": names}, tmp / "m4")
+    return {"models": out, "other": other, "renamed": renamed, "over": over, "cfg": cfg}
 
 
 def _members(paths: list[Path]) -> list[tuple[object, torch.nn.Module]]:
@@ -113,7 +116,7 @@ def test_command_one_model_twice_is_that_model(releases: dict, tmp_path: Path) -
         run_pseudo_labels(CFG, m0, over, "val", tmp_path / "both", map_name="cam_par", verbose=False)
 
 
-@pytest.mark.parametrize("case", ["own_map", "classes", "missing"])
+@pytest.mark.parametrize("case", ["own_map", "classes", "names", "missing"])
 def test_bad_ensembles_write_nothing(releases: dict, tmp_path: Path, capsys, case: str) -> None:
     m0 = releases["models"][0]
     out = tmp_path / "out"
@@ -128,6 +131,8 @@ def test_bad_ensembles_write_nothing(releases: dict, tmp_path: Path, capsys, cas
         args, match = [*args, str(afa)], "aff_par"
     elif case == "classes":
         args, match = [*args, str(releases["other"])], str(releases["other"])
+    elif case == "names":
+        args, match = [*args, str(releases["renamed"])], f"{releases['renamed']}: its classes"
     else:
         args, match = [*args, str(tmp_path / "nowhere")], "nowhere"
     assert cli.main(args) == 2

@@ -185,9 +185,10 @@ def _label_and_write(members: list[tuple[Any, torch.nn.Module]], dev: torch.devi
 
 
 def _open_ensemble(ensemble: Sequence[str | os.PathLike], method: Any, map_name: str, dataset: Any,
-                   split: str, device: str | None) -> list[tuple[Any, torch.nn.Module]]:
+                   split: str, device: str | None, names: Sequence[str]) -> list[tuple[Any, torch.nn.Module]]:
     """The further models (method, net) of an ensemble, each from its own run config; every one must
-    know the dataset's classes and, for 'seg', have a seg head. Raises ValueError naming the
+    predict the classes ``names`` of the first model, in its order (a CAM channel is averaged with the
+    same channel of the others), and, for 'seg', have a seg head. Raises ValueError naming the
     checkpoint (or the map an ensemble cannot make) before anything is written."""
     if not ensemble:
         return []
@@ -196,8 +197,11 @@ def _open_ensemble(ensemble: Sequence[str | os.PathLike], method: Any, map_name:
                          f"one of {', '.join(ensemble_maps(method))}")
     members = []
     for ckpt in ensemble:
-        _, net, m, _, _ = open_run(None, ckpt, [], device)
+        _, net, m, m_names, _ = open_run(None, ckpt, [], device)
         check_classes(net, dataset, ckpt, split)
+        if list(m_names) != list(names):
+            raise ValueError(f"--ensemble {ckpt}: its classes ({', '.join(m_names)}) are not those of "
+                             f"--checkpoint ({', '.join(names)}), in that order")
         if map_name == "seg" and net.seg_head is None:
             raise ValueError(f"--ensemble {ckpt}: this model has no segmentation head (--map seg)")
         members.append((m, net))
@@ -249,7 +253,7 @@ def run_pseudo_labels(config: str | os.PathLike | None, checkpoint: str | os.Pat
     loading = loading_options(cfg.eval, batch_size, num_workers)
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(net, dataset, checkpoint, split)
-    members = [(method, net), *_open_ensemble(ensemble, method, map_name, dataset, split, device)]
+    members = [(method, net), *_open_ensemble(ensemble, method, map_name, dataset, split, device, names)]
     out_dir = Path(out)
     manifest = _manifest(cfg, [n for _, n in members], map_name, scales_l, flip_b, stride if logits else None)
     claim_out_dir(out_dir, manifest, overwrite)
