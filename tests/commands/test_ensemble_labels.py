@@ -44,7 +44,12 @@ def releases(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _members(paths: list[Path]) -> list[tuple[object, torch.nn.Module]]:
-    return [open_run(None, p, [], "cpu")[2:0:-1] for p in paths]
+    """(method, net) of each release, as the command opens them."""
+    members = []
+    for p in paths:
+        _, net, method, _, _ = open_run(None, p, [], "cpu")
+        members.append((method, net))
+    return members
 
 
 def _batch(cfg: object) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ def test_the_vote_recovers_what_each_run_misses(tmp_path: Path, capsys) -> None:
     assert (load_mask(out / "a.png", 4) == 255).sum() > 0  # where the runs disagree: uncertain
 
 
-@pytest.mark.parametrize("case", ["classes", "missing", "size", "value", "out", "one", "min_votes",
+@pytest.mark.parametrize("case", ["classes", "no_classes", "missing", "size", "value", "out", "one", "min_votes",
                                   "mask_size", "mask_value"])
 def test_bad_input_is_an_error_before_any_output(tmp_path: Path, case: str, capsys) -> None:
     folders = _runs(tmp_path)
@@ -82,6 +82,9 @@ def test_bad_input_is_an_error_before_any_output(tmp_path: Path, case: str, caps
     if case == "classes":
         (bad / "class_names.json").write_text(json.dumps(["background", "cat", "dog", "horse"]))
         expect = f"{bad} labels the classes"
+    elif case == "no_classes":
+        (bad / "class_names.json").unlink()
+        expect = f"{bad} has no class_names.json"
     elif case == "missing":
         (bad / "b.png").unlink()
         expect = f"1 label PNGs missing in {bad}: b"

@@ -43,6 +43,20 @@ def config_note(config: str | os.PathLike | None) -> str:
     return "the run's config" + ("" if named is None else f" + {named} (all but data, model, method)")
 
 
+def check_map_names(maps: Sequence[str], method: Any, net: Any, option: str,
+                    also: Sequence[str] = ()) -> None:
+    """A ValueError naming the entries of ``maps`` (given with ``option``) that ``method`` does not make
+    for ``net`` nor are in ``also``. An option that takes several values swallows a dotted override
+    written after it: the error then says where overrides go."""
+    known = [*method.map_names(net), *also]
+    bad = [m for m in maps if m not in known]
+    if bad:
+        hint = ("; a dotted override goes before the options (`wsss COMMAND key=value --checkpoint RUN "
+                "...`)" if any("=" in m for m in bad) else "")
+        raise ValueError(f"{option} {' '.join(bad)}: method {method.name} with this model makes "
+                         f"{', '.join(known)}{hint}")
+
+
 def overrides_note(config: str | os.PathLike | None, overrides: Sequence[str]) -> list[str]:
     """Every dotted override a command applied, for its JSON output: a first positional word with ``=``
     is an override, not a config (:func:`wsss.config.split_config_arg`)."""

@@ -17,6 +17,7 @@ from wsss.commands.common import (
     add_checkpoint_args,
     add_loading_args,
     calibration_note,
+    check_map_names,
     config_note,
     crf_guard,
     loading_options,
@@ -29,19 +30,6 @@ from wsss.engine.runs import check_classes, open_run, run_dir_of
 SWEEP_MOVED = ("the background sweep of `wsss evaluate` is now `wsss calibrate --checkpoint {checkpoint} "
                "[--split S]`: it sweeps every map's background score (and the pseudo label's high / low) on "
                "the images with masks and keeps the best values in the run, which `wsss evaluate` then uses")
-
-
-def _check_maps(maps: Sequence[str] | None, method: Any, net: Any) -> None:
-    """ValueError naming the ``--maps`` entries the model does not make (an override written after
-    ``--maps`` would otherwise be taken for a map name and silently ignored)."""
-    known = list(method.map_names(net))
-    known += ["pseudo_strict"] if "pseudo" in known else []
-    bad = [m for m in maps or () if m not in known]
-    if bad:
-        hint = ("; a dotted override goes before the options (`wsss evaluate key=value --checkpoint RUN "
-                "--maps ...`)" if any("=" in m for m in bad) else "")
-        raise ValueError(f"--maps {' '.join(bad)}: method {method.name} with this model makes "
-                         f"{', '.join(known)}{hint}")
 
 
 def run_evaluate(
@@ -63,7 +51,9 @@ def run_evaluate(
     if opts.get("sweep"):
         raise ValueError(f"--sweep: {SWEEP_MOVED.format(checkpoint=checkpoint)}")
     cfg, net, method, names, dev = open_run(config, checkpoint, overrides, opts.get("device"))
-    _check_maps(opts.get("maps"), method, net)
+    if opts.get("maps"):  # 'pseudo_strict' is the 'pseudo' map scored another way
+        strict = ["pseudo_strict"] if "pseudo" in method.map_names(net) else []
+        check_map_names(opts["maps"], method, net, "--maps", strict)
     ev = cfg.eval
     if ev.sweep:
         raise ValueError(f"eval.sweep=true: {SWEEP_MOVED.format(checkpoint=checkpoint)}; set it false")

@@ -28,6 +28,7 @@ from wsss.commands.common import (
     add_loading_args,
     atomic_write,
     calibration_note,
+    check_map_names,
     config_note,
     crf_guard,
     loading_options,
@@ -37,7 +38,7 @@ from wsss.commands.common import (
 )
 from wsss.data.io import load_mask, save_mask
 from wsss.engine.checkpoint import check_writable
-from wsss.engine.evaluate import ensemble_label_and_scores, ensemble_maps, label_and_scores
+from wsss.engine.evaluate import check_ensemble_map, ensemble_label_and_scores, label_and_scores
 from wsss.engine.runs import check_classes, open_run
 from wsss.methods import all_map_names, config_sections
 
@@ -148,9 +149,7 @@ def _manifest(cfg: Any, nets: Sequence[torch.nn.Module], map_name: str, scales: 
 def _check_request(method: Any, net: torch.nn.Module, map_name: str, logit_stride: int) -> int:
     """The stride of the saved scores, after checking it and that the model makes ``map_name``
     (ValueError naming the maps it makes)."""
-    if map_name not in method.map_names(net):
-        raise ValueError(f"--map {map_name}: method {method.name} with this model produces "
-                         f"{', '.join(method.map_names(net))}")
+    check_map_names([map_name], method, net, "--map")
     if int(logit_stride) < 1:
         raise ValueError(f"--logit-stride must be >= 1, got {int(logit_stride)}")
     return int(logit_stride)
@@ -192,9 +191,7 @@ def _open_ensemble(ensemble: Sequence[str | os.PathLike], method: Any, map_name:
     checkpoint (or the map an ensemble cannot make) before anything is written."""
     if not ensemble:
         return []
-    if map_name not in ensemble_maps(method):
-        raise ValueError(f"--ensemble averages the models' CAMs (or seg scores): --map {map_name} is not "
-                         f"one of {', '.join(ensemble_maps(method))}")
+    check_ensemble_map(method, map_name)
     members = []
     for ckpt in ensemble:
         _, net, m, m_names, _ = open_run(None, ckpt, [], device)

@@ -14,7 +14,6 @@ second stage's ``data.pseudo_dir`` reads.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from wsss.commands.common import atomic_write, write_json
 from wsss.commands.pseudo_labels import LabelScorer, claim_out_dir, format_label_scores
 from wsss.data.base import list_stems, missing_error
-from wsss.data.build import PSEUDO_CLASSES_FILE
+from wsss.data.build import PSEUDO_CLASSES_FILE, read_pseudo_classes, same_classes
 from wsss.data.io import DataError, load_mask, save_mask
 from wsss.refine.vote import majority_vote
 
@@ -36,14 +35,13 @@ def _class_names(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise DataError(f"vote-labels: {folder} is not a folder")
     path = folder / PSEUDO_CLASSES_FILE
-    try:
-        names = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"vote-labels: cannot read {path} ({err}); the folders must be written by wsss "
-                        f"pseudo-labels") from err
-    if not isinstance(names, list) or len(names) < 2:
+    if not path.is_file():
+        raise DataError(f"vote-labels: {folder} has no {PSEUDO_CLASSES_FILE}; the folders must be written by "
+                        f"wsss pseudo-labels")
+    names = read_pseudo_classes(path, "vote-labels")
+    if len(names) < 2:
         raise DataError(f"vote-labels: {path} must be a list of at least 2 class names, got {names!r}")
-    return [str(n) for n in names]
+    return names
 
 
 def check_folders(folders: Sequence[Path], out: Path) -> tuple[list[str], list[str]]:
@@ -60,7 +58,7 @@ def check_folders(folders: Sequence[Path], out: Path) -> tuple[list[str], list[s
         raise DataError(f"vote-labels: {folders[0]} holds no PNG label")
     for folder in folders[1:]:
         other = _class_names(folder)
-        if [c.lower() for c in other] != [c.lower() for c in classes]:
+        if not same_classes(other, classes):
             raise DataError(f"vote-labels: {folder} labels the classes {other} but {folders[0]} labels "
                             f"{classes}")
         theirs = list_stems(folder, (".png",))

@@ -190,16 +190,31 @@ def use_pseudo_labels(dataset: SegmentationDataset, pseudo_dir: str | Path) -> S
     return dataset
 
 
-def _check_pseudo_classes(path: Path, classes: list[str]) -> None:
-    """A DataError naming ``path`` and both class lists when the pseudo labels' classes (a JSON list, or
-    a summary's ``"class_names"``) are not ``classes`` (background first)."""
+def read_pseudo_classes(path: Path, who: str) -> list[str]:
+    """The class list (background first) of a pseudo-label folder's ``class_names.json``, or of its
+    ``summary.json``'s ``"class_names"`` (an empty list where it has none); a DataError naming ``path``,
+    prefixed by ``who`` (the command or key reading it), when it cannot be read or is no list."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"data.pseudo_dir: cannot read {path}: {err}") from err
+        raise DataError(f"{who}: cannot read {path}: {err}") from err
     names = data.get("class_names") if isinstance(data, dict) else data
-    if names and [str(n).lower() for n in names] != [c.lower() for c in classes]:
-        raise DataError(f"data.pseudo_dir: {path} gives the pseudo labels {len(names)} classes {list(names)} "
+    if not isinstance(names, list | type(None)):
+        raise DataError(f"{who}: {path} must hold a list of class names, got {names!r}")
+    return [str(n) for n in names or []]
+
+
+def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists (background first) name the same classes in the same order, in any case."""
+    return [str(n).lower() for n in a] == [str(n).lower() for n in b]
+
+
+def _check_pseudo_classes(path: Path, classes: list[str]) -> None:
+    """A DataError naming ``path`` and both class lists when the pseudo labels' classes (a JSON list, or
+    a summary's ``"class_names"``) are not ``classes`` (background first)."""
+    names = read_pseudo_classes(path, "data.pseudo_dir")
+    if names and not same_classes(names, classes):
+        raise DataError(f"data.pseudo_dir: {path} gives the pseudo labels {len(names)} classes {names} "
                         f"but the dataset has {len(classes)}: {classes}; make the second stage's data "
                         f"(data.class_names, the labels file's class list) match the first stage's")
 

@@ -264,10 +264,14 @@ def label_and_scores(method: Any, net: Any, image: torch.Tensor, labels: torch.T
     return maps[map_name], scores
 
 
-def ensemble_maps(method: Method) -> tuple[str, ...]:
-    """The maps an ensemble led by ``method`` can make (:func:`ensemble_label_and_scores`): those made
-    from the CAM alone, and 'seg'; a method's own maps need that model's own forwards."""
-    return ("cam", "cam_par", *(() if method.OWN_PSEUDO else ("pseudo",)), "seg")
+def check_ensemble_map(method: Method, map_name: str) -> None:
+    """A ValueError unless an ensemble led by ``method`` can make ``map_name``
+    (:func:`ensemble_label_and_scores`): the maps made from the CAM alone, and 'seg'; a method's own
+    maps need each model's own forwards (its affinity, its attention)."""
+    maps = ("cam", "cam_par", *(() if method.OWN_PSEUDO else ("pseudo",)), "seg")
+    if map_name not in maps:
+        raise ValueError(f"an ensemble averages the models' CAMs (or seg scores): --map {map_name} is not "
+                         f"one of {', '.join(maps)}")
 
 
 @torch.no_grad()
@@ -284,8 +288,7 @@ def ensemble_label_and_scores(members: Sequence[tuple[Method, WSSSNet]], image: 
     image (padded further where its backbone needs it, and its CAM cropped back). With one member the
     maps equal :func:`label_and_scores`'s."""
     method, net = members[0]
-    if map_name not in ensemble_maps(method):
-        raise ValueError(f"an ensemble makes {', '.join(ensemble_maps(method))}; not {map_name}")
+    check_ensemble_map(method, map_name)
     if map_name == "seg":
         probs = torch.stack([seg_logits(m, n, image, scales, flip).float().softmax(1) for m, n in members])
         logits = probs.mean(0).clamp_min(1e-12).log()
