@@ -73,8 +73,8 @@ def test_the_vote_recovers_what_each_run_misses(tmp_path: Path, capsys) -> None:
     assert (load_mask(out / "a.png", 4) == 255).sum() > 0  # where the runs disagree: uncertain
 
 
-@pytest.mark.parametrize("case", ["classes", "no_classes", "missing", "size", "value", "out", "one", "min_votes",
-                                  "mask_size", "mask_value"])
+@pytest.mark.parametrize("case", ["classes", "no_classes", "missing", "size", "value", "out", "one",
+                                  "min_votes", "mask_size", "mask_value"])
 def test_bad_input_is_an_error_before_any_output(tmp_path: Path, case: str, capsys) -> None:
     folders = _runs(tmp_path)
     extra: list[str] = []
