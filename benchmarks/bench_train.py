@@ -299,8 +299,7 @@ def _pseudo_path(method: Any, net: Any, batch: dict, cfg: Any, cache: dict) -> f
         cam = cam * labels[..., None, None]
         par_label = method.pseudo_label(image01, cam, labels, box)
         size = tuple(x.shape[-2:])
-        high = method.propagate(cam, aff, grid, labels, method.high)  # upsampled by the refinement
-        low = method.propagate(cam, aff, grid, labels, method.low)
+        high, low = method.propagate(cam, aff, grid, labels, (method.high, method.low))  # upsampled next
         par_refine_scores_label(
             image01, high, low, labels, method.par, box, crop_to_box=bool(cfg.afa.crop_to_box)
         )

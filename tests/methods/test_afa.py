@@ -204,8 +204,9 @@ def _tiny_afa(radius: int = 1):
 
 
 def test_afa_propagate_and_aff_map_match_a_loop_over_token_pairs() -> None:
-    """AFAMethod.propagate (the method's window, power and leak) and the evaluation's 'aff' map (its
-    argmax over background + present classes) on a random CAM and affinity on a 3 x 4 grid."""
+    """AFAMethod.propagate (the method's window, power and leak; two background scores in one call; a
+    crop-size CAM resized to the grid) and the evaluation's 'aff' map (its argmax over background +
+    present classes) on a random CAM and affinity on a 3 x 4 grid."""
     from wsss.methods.base import MapInput
 
     torch.manual_seed(0)
@@ -217,8 +218,15 @@ def test_afa_propagate_and_aff_map_match_a_loop_over_token_pairs() -> None:
     bkg = float(cfg.eval.aff_bkg_score)
     args = (labels, bkg, int(cfg.afa.radius), float(cfg.afa.power), float(cfg.afa.norm_eps))
     ref = _ref_propagate(cam, aff, *args)
-    got = method.propagate(cam, aff, grid, labels, bkg)
+    got, got_low = method.propagate(cam, aff, grid, labels, (bkg, 0.6))
     torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_low, _ref_propagate(cam, aff, labels, 0.6, *args[2:]))
+    # a crop-size CAM is resized to the grid first (bilinear, half-pixel); its absent classes are
+    # masked, whatever they hold
+    big = torch.rand(2, k, 12, 16, dtype=torch.float64)
+    small = torch.nn.functional.interpolate(big, size=grid, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(method.propagate(big, aff, grid, labels, (bkg,))[0],
+                               _ref_propagate(small, aff, *args))
     # the reference can tell a transposed affinity (row normalisation instead of column) apart
     assert not torch.allclose(got, _ref_propagate(cam, aff, *args, transpose=True))
 

@@ -15,7 +15,7 @@ Loss: L_cls + 0.1 L_seg + 0.1 L_aff (+ lambda_reg L_reg).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from wsss.heads.affinity import AffinityHead
 from wsss.heads.base import MethodHead
 from wsss.methods.base import MapInput, Method, pass_mode, register_method, resize, with_background
 from wsss.model import NetOutput, WSSSNet, unwrap
+from wsss.ops.cam_fusion import resize_kept
 from wsss.ops.losses import affinity_loss, energy_loss, seg_loss_bg_fg
 from wsss.refine.labels import (
     SAMPLING,
@@ -42,7 +43,7 @@ from wsss.refine.labels import (
     token_labels,
 )
 from wsss.refine.par import ImageKernel
-from wsss.refine.propagation import AFF_NORM_EPS, AFF_POWER, propagate_affinity, window_mask
+from wsss.refine.propagation import AFF_NORM_EPS, AFF_POWER, propagate_affinity_scores, window_mask
 
 
 @dataclass
@@ -129,17 +130,18 @@ class AFAMethod(Method):
         return window_mask(grid[0], grid[1], int(self.a.radius), device=device, shape=str(self.a.window))
 
     def propagate(
-        self, cam: Tensor, aff: Tensor, grid: tuple[int, int], labels: Tensor, bkg: float
-    ) -> Tensor:
-        """Propagate a foreground CAM (B, K, H, W) with an affinity (B, N, N) on ``grid``.
+        self, cam: Tensor, aff: Tensor, grid: tuple[int, int], labels: Tensor, bkgs: Sequence[float]
+    ) -> list[Tensor]:
+        """Propagate a foreground CAM (B, K, H, W) with an affinity (B, N, N) on ``grid``, once per
+        background score of ``bkgs`` (the CAM's resize and the transition matrix are shared).
 
-        Returns scores (B, K+1, h, w) on the token grid (background channel first)."""
-        cam_g = resize(cam, grid)
-        return propagate_affinity(
+        Returns one score map (B, K+1, h, w) per score, on the token grid (background channel first)."""
+        cam_g = resize_kept(cam, grid, labels)  # absent classes are masked by the propagation anyway
+        return propagate_affinity_scores(
             cam_g,
             aff,
             labels,
-            bkg_score=bkg,
+            bkgs,
             window=self.window(grid, cam.device),
             power=float(self.a.power),
             eps=float(self.a.norm_eps),
@@ -182,8 +184,8 @@ class AFAMethod(Method):
         image01 = self.par_image(x)
         first = self.forward_rows(m, out)
         with torch.no_grad(), pass_mode(m, self.mode):
+            # keep=labels: the absent classes' maps are already 0 (no masking pass over the crop-size CAM)
             cam, aff_top, grid_top = self.cam_and_affinity(m, x, labels, first)
-            cam = cam * labels[..., None, None]
             # both labels refine on the half-size image: its PAR kernel is computed once (the
             # per-box refinement of crop_to_box works on each box's own image)
             held = ImageKernel(self.par, downscaled(image01, self.par_downscale))
@@ -192,8 +194,7 @@ class AFAMethod(Method):
             size = tuple(x.shape[-2:])
             # token-grid scores: par_refine_scores_label upsamples them (bilinear, as the official
             # caller) after keeping the present classes
-            high = self.propagate(cam, aff_top, grid_top, labels, self.high)
-            low = self.propagate(cam, aff_top, grid_top, labels, self.low)
+            high, low = self.propagate(cam, aff_top, grid_top, labels, (self.high, self.low))
             aff_label = par_refine_scores_label(
                 image01, high, low, labels, self.par, box, crop_to_box=crop_to_box,
                 downscale=self.par_downscale, kernel=None if crop_to_box else held,
@@ -244,10 +245,7 @@ class AFAMethod(Method):
             return maps
         kept = inp.kept.get(1.0)
         aff, grid = kept if kept is not None else self.affinity(net, x)[:2]
-        scores = resize(
-            self.propagate(cam, aff, grid, labels, self.aff_bkg_score),
-            tuple(x.shape[-2:]),
-        )
+        scores = resize(self.propagate(cam, aff, grid, labels, (self.aff_bkg_score,))[0], tuple(x.shape[-2:]))
         present = present_mask(labels)[..., None, None]
         if "aff" in want:
             maps["aff"] = channel_argmax(scores.masked_fill(~present, float("-inf")))
@@ -268,7 +266,7 @@ class AFAMethod(Method):
         kernel = ImageKernel(self.par, x)  # every map refines on x
         maps = {"cam_par": self.par_argmax(x, with_background(cam, bkg), labels, kernel)}
         for name, a in (("learned_par", aff), ("oracle_par", oracle_affinity(target).to(aff.dtype))):
-            scores = resize(self.propagate(cam, a, grid, labels, aff_bkg), tuple(x.shape[-2:]))
+            scores = resize(self.propagate(cam, a, grid, labels, (aff_bkg,))[0], tuple(x.shape[-2:]))
             maps[name] = self.par_argmax(x, scores, labels, kernel)
         background = token_labels(gt, grid, str(self.a.sampling)).flatten(1) == 0
         return maps, pair_agreement(aff, target, background)

@@ -1,4 +1,5 @@
-"""Refinement stage: PAR, affinity propagation, window masks and pseudo / affinity labels."""
+"""Refinement stage: PAR, affinity propagation, window masks, pseudo / affinity labels and the bilinear
+resize of token-grid maps."""
 
 from wsss.refine.labels import (
     affinity_labels,
@@ -15,7 +16,13 @@ from wsss.refine.labels import (
     present_index,
 )
 from wsss.refine.par import PAR, ImageKernel, neighbour_distances, neighbour_offsets
-from wsss.refine.propagation import propagate_affinity, propagate_affinity_plain, window_mask
+from wsss.refine.propagation import (
+    propagate_affinity,
+    propagate_affinity_plain,
+    propagate_affinity_scores,
+    window_mask,
+)
+from wsss.refine.resize import interpolation_matrix, resize_bilinear
 
 __all__ = [
     "PAR",
@@ -27,6 +34,7 @@ __all__ = [
     "channel_max",
     "combine_high_low",
     "downscaled",
+    "interpolation_matrix",
     "masked_softmax",
     "neighbour_distances",
     "neighbour_offsets",
@@ -36,5 +44,7 @@ __all__ = [
     "present_index",
     "propagate_affinity",
     "propagate_affinity_plain",
+    "propagate_affinity_scores",
+    "resize_bilinear",
     "window_mask",
 ]

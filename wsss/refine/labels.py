@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.refine.par import PAR, PAR_DOWNSCALE, ImageKernel
+from wsss.refine.resize import resize_bilinear
 
 # The official AFA recipe's background scores (the config's ``eval.bkg_score``, ``cam.high``, ``cam.low``)
 BKG_SCORE = 0.45  # a CAM at or below it is background (the validation-mode label)
@@ -267,7 +268,7 @@ def _present_score_stack(
     # gathered before the (per-channel) resize: absent classes are never resized
     stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
     if stack.shape[-2:] != size:
-        stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
+        stack = resize_bilinear(stack, size)
     return torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
 
 

@@ -13,10 +13,11 @@ centre excluded; ``dist`` is d for axis and d*sqrt(2) for diagonal neighbours) a
 ``num_iter`` times: X(p) <- sum_n K(p, n) X(n). Rows of K sum to w_rgb + w2 = 1.01 (not renormalised,
 as in the official code).
 
-Implementation notes: the input is padded once with the largest dilation (replicate padding of any
-width clamps to the same border values, so every neighbour is a shifted slice of that one padded
-tensor) and the weighted sum is accumulated neighbour by neighbour, so the (B, C, 48, H, W) gather of
-the official one-hot-convolution code is never materialised. Channels are independent, so any number
+Implementation notes: the maps live in a buffer padded with the largest dilation (replicate padding
+of any width clamps to the same border values, so every neighbour is a shifted view of that one
+padded buffer; two buffers take turns over the iterations, their views made once) and the weighted
+sum is accumulated neighbour by neighbour, so the (B, C, 48, H, W) gather of the official
+one-hot-convolution code is never materialised. Channels are independent, so any number
 of maps (several images' class subsets, the high/low background stacks) is refined in one call.
 
 A caller that refines several score maps of one image holds its kernel in an :class:`ImageKernel`
@@ -206,15 +207,38 @@ class PAR(nn.Module):
         return out
 
     def _propagate(self, kernel: Tensor, maps: Tensor) -> Tensor:
-        size = maps.shape[-2:]
+        b, c, h, w = maps.shape
+        p = self.pad
+        # Two padded buffers in turn: an iteration writes the interior of one from the 48 shifted views
+        # of the other, then fills its border. The views are made once (not 48 slices per iteration)
+        # and no padded copy is allocated per iteration; the arithmetic is the same, term by term.
+        bufs = [maps.new_empty(b, c, h + 2 * p, w + 2 * p) for _ in range(2)]
+        views = [self._shifted(buf, (h, w)) for buf in bufs]
+        inner = [buf[..., p : p + h, p : p + w] for buf in bufs]
+        inner[0].copy_(maps)
+        self._fill_border(bufs[0], (h, w))
         weights = kernel.unsqueeze(2).unbind(1)  # 48 x (B, 1, H, W)
+        src = 0
         for _ in range(self.num_iter):
-            shifted = self._shifted(self._pad(maps), size)
-            out = torch.mul(weights[0], shifted[0])  # the first term starts the sum: no zero-filled pass
-            for wn, xn in zip(weights[1:], shifted[1:]):
+            dst = 1 - src
+            out = inner[dst]
+            torch.mul(weights[0], views[src][0], out=out)  # the first term starts the sum
+            for wn, xn in zip(weights[1:], views[src][1:]):
                 out.addcmul_(wn, xn)
-            maps = out
-        return maps
+            self._fill_border(bufs[dst], (h, w))
+            src = dst
+        return inner[src].clone()
+
+    def _fill_border(self, buf: Tensor, size: tuple[int, int]) -> None:
+        """Replicate padding in place: the border of width ``pad`` of ``buf`` (.., H+2P, W+2P) copies the
+        nearest interior pixel (rows first, then whole columns, so the corners copy the corner pixel),
+        as ``F.pad(interior, [P] * 4, mode="replicate")``."""
+        h, w = size
+        p = self.pad
+        buf[..., :p, p : p + w] = buf[..., p : p + 1, p : p + w]
+        buf[..., p + h :, p : p + w] = buf[..., p + h - 1 : p + h, p : p + w]
+        buf[..., :, :p] = buf[..., :, p : p + 1]
+        buf[..., :, p + w :] = buf[..., :, p + w - 1 : p + w]
 
     def forward(self, image01: Tensor, maps: Tensor, kernel: Tensor | None = None, valid: Tensor | None = None
                 ) -> Tensor:

@@ -11,6 +11,7 @@ largest count in the batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -104,19 +105,37 @@ def propagate_affinity(
     Returns:
         (B, K+1, h, w): channel 0 background, channel k class k.
     """
+    return propagate_affinity_scores(cam, aff, labels, (bkg_score,), window, power, eps)[0]
+
+
+def propagate_affinity_scores(
+    cam: Tensor,
+    aff: Tensor,
+    labels: Tensor,
+    bkg_scores: Sequence[float],
+    window: Tensor | None = None,
+    power: float = AFF_POWER,
+    eps: float = AFF_NORM_EPS,
+) -> list[Tensor]:
+    """:func:`propagate_affinity` of the same CAM and affinity for each background score of
+    ``bkg_scores`` (AFA's high and low label scores): the transition matrix is built once. Returns
+    one (B, K+1, h, w) map per score, each equal to its own :func:`propagate_affinity` call."""
     _check(cam, aff)
     b, k, h, w = cam.shape
-    bkg = cam.new_full((b, 1, h, w), bkg_score)
-    probs = masked_softmax(torch.cat([bkg, cam], dim=1), labels, dim=1).reshape(b, k + 1, h * w)
-    probs = probs.to(torch.promote_types(probs.dtype, torch.float32))  # fp32 at least (bf16 autocast)
-    trans = _transition(aff, window, power, eps).to(probs.dtype)
+    dtype = torch.promote_types(cam.dtype, torch.float32)  # fp32 at least (bf16 autocast)
+    trans = _transition(aff, window, power, eps).to(dtype)
     # multiply only background + present classes (M <= K+1 rows); absent rows are exactly 0 anyway
     idx, _ = present_index(labels)
     gidx = idx[:, :, None].expand(-1, -1, h * w)
-    with torch.autocast(cam.device.type, enabled=False):  # the random walk stays in full precision
-        moved = torch.bmm(probs.gather(1, gidx), trans)
-    out = torch.zeros_like(probs).scatter_(1, gidx, moved)
-    return out.reshape(b, k + 1, h, w)
+    outs = []
+    for score in bkg_scores:
+        bkg = cam.new_full((b, 1, h, w), score)
+        probs = masked_softmax(torch.cat([bkg, cam], dim=1), labels, dim=1).reshape(b, k + 1, h * w)
+        probs = probs.to(dtype)
+        with torch.autocast(cam.device.type, enabled=False):  # the random walk stays in full precision
+            moved = torch.bmm(probs.gather(1, gidx), trans)
+        outs.append(torch.zeros_like(probs).scatter_(1, gidx, moved).reshape(b, k + 1, h, w))
+    return outs
 
 
 def propagate_affinity_plain(
