@@ -52,6 +52,7 @@ from wsss.refine.labels import (
     par_pseudo_label,
 )
 from wsss.refine.par import PAR, ImageKernel
+from wsss.refine.resize import resize_bilinear
 
 
 @dataclasses.dataclass
@@ -106,8 +107,12 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Maps (B, C, h, w) -> (B, C, H, W), align_corners False; ``x`` itself when the size is already
+    right. Bilinear from a token grid runs as two matrix products (:func:`resize_bilinear`)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if mode == "bilinear":
+        return resize_bilinear(x, size)
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 

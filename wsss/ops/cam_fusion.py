@@ -180,7 +180,7 @@ def fuse_multiscale_seg(segs: Sequence[Tensor], size: tuple[int, int], batch: in
             raise ValueError(f"seg batch {seg.shape[0]} is neither B={batch} nor 2B")
         if seg.shape[0] == 2 * batch:
             seg = (seg[:batch] + seg[batch:].flip(-1)) / 2
-        seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+        seg = resize_bilinear(seg, size)
         best = seg if best is None else torch.maximum(best, seg)
     if best is None:
         raise ValueError("fuse_multiscale_seg needs at least one map")
