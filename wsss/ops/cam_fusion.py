@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.refine.labels import kept_channels  # shared with the pseudo labels (refine is the lower layer)
+from wsss.refine.labels import (  # shared with the pseudo labels (refine is the lower layer)
+    gather_channels,
+    kept_channels,
+)
 from wsss.refine.resize import resize_bilinear
 
 FlipFuse = Literal["max", "sum"]
@@ -106,8 +109,7 @@ def _fused_dtype(dtype: torch.dtype) -> torch.dtype:
 def _take_kept(cam: Tensor, idx: Tensor) -> Tensor:
     """The channels ``idx`` (B, M) of each row of ``cam`` (n, K, h, w), n a multiple of B (a flipped
     half has the same rows): (n, M, h, w)."""
-    rows = idx if cam.shape[0] == idx.shape[0] else idx.repeat(cam.shape[0] // idx.shape[0], 1)
-    return cam.gather(1, rows[:, :, None, None].expand(-1, -1, *cam.shape[-2:]))
+    return gather_channels(cam, idx.repeat(cam.shape[0] // idx.shape[0], 1))
 
 
 def _put_kept(maps: Tensor, idx: Tensor, valid: Tensor, k: int) -> Tensor:
@@ -134,7 +136,8 @@ def resize_kept(cam: Tensor, size: tuple[int, int], keep: Tensor) -> Tensor:
     channels of ``cam`` (B, K, h, w); the others come out 0. Bilinear resizing is per channel, so a
     caller that ignores the other channels (a CAM masked by the labels) gets its maps for the work
     of the kept ones only: from a crop to a token grid, the full stack costs a layout copy of the
-    whole crop-size CAM (AFA's propagation, 2 x 25 ms per iteration at batch 8, 224 px)."""
+    whole crop-size CAM (AFA's propagation at batch 8, 224 px: 18.6 ms for 16 channels, 1.3 ms for
+    3, on one core)."""
     if keep.shape != cam.shape[:2]:
         raise ValueError(f"keep must be (B, K) = {tuple(cam.shape[:2])}, got {tuple(keep.shape)}")
     idx, valid = kept_channels(keep.bool())

@@ -86,8 +86,9 @@ def present_index(labels: Tensor) -> tuple[Tensor, Tensor]:
     return kept_channels(_keep_with_bkg(labels))
 
 
-def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, C, H, W), idx (B, M) -> (B, M, H, W)."""
+def gather_channels(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, C, H, W), idx (B, M) -> (B, M, H, W): the channels ``idx`` of each row (e.g. the compact
+    index of :func:`kept_channels` or :func:`present_index`)."""
     b, m = idx.shape
     return x.gather(1, idx.view(b, m, 1, 1).expand(b, m, *x.shape[-2:]))
 
@@ -235,7 +236,7 @@ def par_pseudo_label(
     idx, valid = present_index(labels)
     # compact foreground channels; idx[:, 0] is the background, so idx[:, 1:] >= 1. Gathered before the
     # (per-channel) resize: absent classes are never resized
-    fg = _gather_channels(cam, idx[:, 1:] - 1)
+    fg = gather_channels(cam, idx[:, 1:] - 1)
     # a batch of negatives only has no foreground channel: interpolate refuses an empty stack
     fg = F.interpolate(fg, size=size, mode="bilinear", align_corners=False) if fg.shape[1] else fg.new_zeros(
         b, 0, *size)
@@ -266,7 +267,7 @@ def _present_score_stack(
     # code scatters the refined present classes into a zero tensor
     stack = torch.cat([scores_high, scores_low], dim=0)
     # gathered before the (per-channel) resize: absent classes are never resized
-    stack = _gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
+    stack = gather_channels(stack, idx.repeat(2, 1)) * valid.repeat(2, 1)[:, :, None, None].to(stack.dtype)
     if stack.shape[-2:] != size:
         stack = resize_bilinear(stack, size)
     return torch.cat(stack.chunk(2, dim=0), dim=1)  # (B, 2M, H, W): high then low
@@ -367,7 +368,7 @@ def par_argmax_label(image01: Tensor, scores: Tensor, labels: Tensor, par: PAR, 
         (B, H, W) long class ids.
     """
     idx, valid = present_index(labels)
-    probs = _softmax_keep(_gather_channels(scores, idx), valid)
+    probs = _softmax_keep(gather_channels(scores, idx), valid)
     refined = par(image01, probs, kernel, valid).masked_fill(~valid[:, :, None, None], float("-inf"))
     return _to_class_ids(refined, idx)
 
