@@ -335,3 +335,22 @@ def test_window_filter_is_symmetric_linear():
     torch.testing.assert_close(kern, kern.T)
     ref = (kern @ x[0].detach().reshape(2, -1).T).T.reshape(2, 5, 7)
     torch.testing.assert_close(fn(x)[0].detach(), ref)
+
+
+def test_window_filter_in_image_blocks(monkeypatch):
+    """On CPU the filter runs on blocks of images that fit the caches: one image per block gives every
+    image's dense-reference result, as the whole batch in one block does."""
+    import wsss.ops.losses as losses_mod
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, 9, dtype=torch.float64)
+    rgb = torch.rand(3, 3, 6, 9, dtype=torch.float64) * 255
+    whole = window_bilateral_filter(x, rgb, 40.0, 4.0, 2, 2)
+    monkeypatch.setattr(losses_mod, "CPU_BLOCK_BYTES_PER_THREAD", 1)
+    assert losses_mod._image_block(x) == 1
+    blocked = window_bilateral_filter(x, rgb, 40.0, 4.0, 2, 2)
+    torch.testing.assert_close(blocked, whole)
+    for i in range(3):
+        kern = _dense_kernel(rgb[i], 40.0, 4.0, 2, 2)
+        ref = (kern @ x[i].reshape(4, -1).T).T.reshape(4, 6, 9)
+        torch.testing.assert_close(blocked[i], ref)

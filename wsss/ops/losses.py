@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.refine.par import CPU_BLOCK_BYTES_PER_THREAD
 from wsss.refine.resize import resize_bilinear
 
 
@@ -130,6 +131,16 @@ def exp_flushed(x: Tensor) -> Tensor:
     return torch.exp(x.clamp(min=floor)).mul_(x >= floor)
 
 
+def _image_block(x: Tensor) -> int:
+    """Images per block of :func:`_filter`: on CPU, as many as keep a block's maps within about
+    ``CPU_BLOCK_BYTES_PER_THREAD`` per thread (at least one), so the window's passes over them stay in
+    the cores' caches; elsewhere the whole batch."""
+    if x.device.type != "cpu":
+        return max(1, x.shape[0])
+    per_image = max(1, x[0].numel() * x.element_size())
+    return max(1, CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads() // per_image)
+
+
 def _filter(
     x: Tensor,
     rgb: Tensor,
@@ -138,22 +149,29 @@ def _filter(
     sigma_xy: float,
     cell: float,
 ) -> Tensor:
-    """W x for the truncated bilateral kernel (see :func:`window_bilateral_filter`), no autograd."""
+    """W x for the truncated bilateral kernel (see :func:`window_bilateral_filter`), no autograd.
+
+    Runs on blocks of images (:func:`_image_block`), each image's sum over the window the same: one
+    pass over the whole batch per offset would stream maps larger than the caches 121 times (measured
+    on one core, (8, 17, 112, 112) maps: 153 ms in blocks of one image against 332 ms)."""
     height, width = x.shape[-2:]
     reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    pad = (reach, reach, reach, reach)
     # Zero padding of x: neighbours outside the image contribute nothing, which keeps W symmetric.
-    xp = F.pad(x, pad)
-    rp = F.pad(rgb, pad)
+    xp = F.pad(x, (reach,) * 4)
+    rp = F.pad(rgb, (reach,) * 4)
     out = torch.zeros_like(x)
     inv_rgb = 1.0 / (2.0 * sigma_rgb**2)
-    for dy, dx in offsets:
-        rows = slice(reach + dy, reach + dy + height)
-        cols = slice(reach + dx, reach + dx + width)
-        dist_rgb = (rgb - rp[:, :, rows, cols]).square().sum(1, keepdim=True)
-        w = exp_flushed(-dist_rgb * inv_rgb - (dy * dy + dx * dx) / (2.0 * sigma_xy**2))
-        out.add_(w * xp[:, :, rows, cols])
-    return out * cell
+    step = _image_block(x)
+    for i in range(0, x.shape[0], step):
+        rows_i = slice(i, i + step)
+        block, x_pad, rgb_pad, rgb_i = out[rows_i], xp[rows_i], rp[rows_i], rgb[rows_i]
+        for dy, dx in offsets:
+            rows = slice(reach + dy, reach + dy + height)
+            cols = slice(reach + dx, reach + dx + width)
+            dist_rgb = torch.sum((rgb_i - rgb_pad[:, :, rows, cols]).square_(), 1, keepdim=True)
+            w = exp_flushed(dist_rgb.mul_(-inv_rgb).sub_((dy * dy + dx * dx) / (2.0 * sigma_xy**2)))
+            block.addcmul_(w, x_pad[:, :, rows, cols])
+    return out.mul_(cell)
 
 
 class _WindowFilter(torch.autograd.Function):
