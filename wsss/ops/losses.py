@@ -137,7 +137,7 @@ def _image_block(x: Tensor) -> int:
     the cores' caches; elsewhere the whole batch."""
     if x.device.type != "cpu":
         return max(1, x.shape[0])
-    per_image = max(1, x[0].numel() * x.element_size())
+    per_image = max(1, math.prod(x.shape[1:]) * x.element_size())
     return max(1, CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads() // per_image)
 
 
