@@ -341,12 +341,14 @@ def test_window_filter_in_image_blocks(monkeypatch):
     """On CPU the filter runs on blocks of images that fit the caches: one image per block gives every
     image's dense-reference result, as the whole batch in one block does."""
     import wsss.ops.losses as losses_mod
+    import wsss.refine.par as par_mod
 
     torch.manual_seed(1)
     x = torch.randn(3, 4, 6, 9, dtype=torch.float64)
     rgb = torch.rand(3, 3, 6, 9, dtype=torch.float64) * 255
+    assert losses_mod._image_block(x) >= 3  # the default: the whole (small) batch in one block
     whole = window_bilateral_filter(x, rgb, 40.0, 4.0, 2, 2)
-    monkeypatch.setattr(losses_mod, "CPU_BLOCK_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(par_mod, "CPU_BLOCK_BYTES_PER_THREAD", 1)
     assert losses_mod._image_block(x) == 1
     blocked = window_bilateral_filter(x, rgb, 40.0, 4.0, 2, 2)
     torch.testing.assert_close(blocked, whole)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.refine.par import CPU_BLOCK_BYTES_PER_THREAD
+from wsss.refine.par import cpu_block_bytes
 from wsss.refine.resize import resize_bilinear
 
 
@@ -132,13 +132,13 @@ def exp_flushed(x: Tensor) -> Tensor:
 
 
 def _image_block(x: Tensor) -> int:
-    """Images per block of :func:`_filter`: on CPU, as many as keep a block's maps within about
-    ``CPU_BLOCK_BYTES_PER_THREAD`` per thread (at least one), so the window's passes over them stay in
-    the cores' caches; elsewhere the whole batch."""
-    if x.device.type != "cpu":
+    """Images per block of :func:`_filter`: as many as fit PAR's CPU block (:func:`cpu_block_bytes`,
+    at least one), so the window's passes over them stay in the cores' caches; off the CPU the whole
+    batch."""
+    block = cpu_block_bytes(x)
+    if block is None:
         return max(1, x.shape[0])
-    per_image = max(1, math.prod(x.shape[1:]) * x.element_size())
-    return max(1, CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads() // per_image)
+    return max(1, block // max(1, math.prod(x.shape[1:]) * x.element_size()))
 
 
 def _filter(

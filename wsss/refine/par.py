@@ -40,6 +40,16 @@ from torch import Tensor, nn
 #: smallest (1.2 MB, best in one block); with 1 thread 512 KiB beat 1 MiB by 17-25% on the larger maps.
 CPU_BLOCK_BYTES_PER_THREAD = 512 * 1024
 
+
+def cpu_block_bytes(t: Tensor) -> int | None:
+    """Bytes of maps a blocked loop over ``t``'s images / channels should take at once on a CPU:
+    ``CPU_BLOCK_BYTES_PER_THREAD`` per intra-op thread, so each core's share stays in its L2. None
+    off the CPU (one block: the device has no such caches to fit)."""
+    if t.device.type != "cpu":
+        return None
+    return CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
+
+
 # The official AFA recipe's PAR (the config's ``par`` section defaults to these)
 PAR_DILATIONS = (1, 2, 4, 8, 12, 24)  # ring dilations: 8 neighbours each, 48 in all
 PAR_NUM_ITER = 10  # propagation iterations (VOC; the official COCO recipe uses 15)
@@ -191,8 +201,8 @@ class PAR(nn.Module):
         """
         b, c = maps.shape[:2]
         plane = maps.shape[-2] * maps.shape[-1] * maps.element_size()
-        block = CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
-        if maps.device.type != "cpu" or b * c * plane <= block:
+        block = cpu_block_bytes(maps)
+        if block is None or b * c * plane <= block:
             return self._propagate(kernel, maps)
         # On CPU the 48 x num_iter passes over the maps are bound by memory traffic: run them on blocks
         # of images and channels (all independent) small enough to stay in the cores' caches.
